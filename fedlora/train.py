@@ -1,0 +1,152 @@
+"""Local training and evaluation loops (one client, one round).
+
+Batches are dicts with ``input_ids``, ``attention_mask`` and ``labels``. Models return logits or an
+HF output with ``.logits``. ``device="auto"`` picks CUDA when present; on CUDA the forward runs
+under bf16 autocast (the adapters and the master base delta stay in float32), on CPU in float32.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fedlora.lora import trainable_parameters
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # adamw | sgd
+    lr: float = 5e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+
+    def build(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        if not params:
+            raise ValueError("no trainable parameters: inject LoRA (or name a trainable head) first")
+        if self.name == "adamw":
+            return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        if self.name == "sgd":
+            return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum,
+                                   weight_decay=self.weight_decay)
+        raise ValueError(f"optimizer name must be 'adamw' or 'sgd', got {self.name!r}")
+
+
+@dataclass
+class TrainResult:
+    loss: float  # mean training loss over the steps taken
+    num_examples: int  # examples seen (counting repeats)
+    steps: int
+    seconds: float
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    accuracy: float
+    num_examples: int
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` → ``cuda`` when available, else ``cpu``; anything else as given (validated)."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but CUDA is not available (use 'auto' or 'cpu')")
+    return dev
+
+
+def _logits(out) -> torch.Tensor:
+    return out.logits if hasattr(out, "logits") else out
+
+
+def _forward(model: nn.Module, batch: dict, device: torch.device) -> tuple[torch.Tensor, int]:
+    inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+    labels = batch["labels"].to(device)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        logits = _logits(model(**inputs))
+    return F.cross_entropy(logits.float(), labels), labels.shape[0]
+
+
+def _cycle(loader: Iterable) -> Iterator:
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("the training loader yielded no batch")
+
+
+def train_local(model: nn.Module, loader: Iterable[dict], steps: int | None = None,
+                epochs: int | None = None, optim: OptimConfig | None = None,
+                device: str | torch.device = "auto", grad_accum: int = 1,
+                optimizer: torch.optim.Optimizer | None = None) -> TrainResult:
+    """Train the trainable parameters for ``steps`` optimizer steps or ``epochs`` passes.
+
+    ``optimizer`` lets a caller pass one it built (Opacus' DPOptimizer); otherwise ``optim``
+    builds one over ``requires_grad`` parameters. Empty batches (Poisson sampling) are skipped.
+    """
+    if (steps is None) == (epochs is None):
+        raise ValueError("give exactly one of steps= or epochs=")
+    if grad_accum < 1:
+        raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
+    dev = resolve_device(device)
+    model.to(dev).train()
+    opt = optimizer or (optim or OptimConfig()).build(trainable_parameters(model))
+    t0 = time.perf_counter()
+    batches: Iterable = _cycle(loader) if steps is not None else (
+        b for _ in range(epochs) for b in loader)
+    total_loss, n_examples, n_steps, micro, n_loss = 0.0, 0, 0, 0, 0
+    opt.zero_grad(set_to_none=True)
+    for batch in batches:
+        if steps is not None and n_steps >= steps:
+            break
+        if batch["labels"].shape[0] == 0:
+            continue
+        loss, n = _forward(model, batch, dev)
+        (loss / grad_accum).backward()
+        total_loss += loss.item()
+        n_loss += 1
+        n_examples += n
+        micro += 1
+        if micro == grad_accum:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            micro = 0
+            n_steps += 1
+    if micro:  # an epoch ended inside an accumulation window
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        n_steps += 1
+    return TrainResult(total_loss / max(n_loss, 1), n_examples, n_steps,
+                       time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable[dict],
+             device: str | torch.device = "auto") -> EvalResult:
+    """Mean cross-entropy and accuracy over the loader."""
+    dev = resolve_device(device)
+    model.to(dev).eval()
+    total, correct, n = 0.0, 0, 0
+    for batch in loader:
+        if batch["labels"].shape[0] == 0:
+            continue
+        inputs = {k: v.to(dev) for k, v in batch.items() if k != "labels"}
+        labels = batch["labels"].to(dev)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            logits = _logits(model(**inputs)).float()
+        total += F.cross_entropy(logits, labels, reduction="sum").item()
+        correct += (logits.argmax(-1) == labels).sum().item()
+        n += labels.shape[0]
+    if n == 0:
+        raise ValueError("the evaluation loader yielded no example")
+    return EvalResult(total / n, correct / n, n)
