@@ -1,0 +1,230 @@
+"""Per-node cache: the node's current frozen base, kept on disk between ClientApp processes.
+
+In a Flower deployment a ClientApp process serves one message and exits, so a node keeps what it
+must not recompute or re-download every round in its ``cache-dir`` (node config):
+
+- ``weights.safetensors``: the pretrained weights ``W0`` of the model (built once from the model
+  registry, then memory-mapped on every later load: no rebuild, no copy until a page is touched);
+- ``base.safetensors``: the node's **base delta** ``{layer: D}`` (``LoRALinear.base_delta``: FedEx
+  residuals, FLoRA stacks, rank tails folded so far) and the **base version** it corresponds to.
+- ``state-<name>.safetensors``: other tensors a client must keep across processes (optional).
+
+Layout: ``<cache-dir>/<model key>/<file>``; the model key names the model (e.g. ``tiny-seed0``), so a
+node running two experiments on different models keeps two caches.
+
+Every file is written atomically: a temporary file in the same folder, ``fsync``, ``os.replace``,
+then ``fsync`` of the folder. A crash mid-write leaves the previous version intact. The base file
+carries its version, its model key and a SHA-256 of its tensor data in the safetensors metadata;
+a missing, truncated, foreign or corrupt file reads as **no cache** (``None``), and the client then
+reports base version 0 so the server sends the full delta since ``W0`` (a re-sync, no manual step).
+
+Usage (ClientApp)::
+
+    cache = NodeCache(context.node_config["cache-dir"])
+    state = cache.load_weights(key, lambda: build_model())       # W0, mmapped after the first time
+    hit = cache.load_base(key)                                    # (version, {layer: D}) or None
+    version, deltas = hit if hit else (0, {})
+    ... apply payload (fold deltas the server sent for version -> new_version) ...
+    cache.save_base(key, new_version, base_deltas(model))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+log = logging.getLogger(__name__)
+
+FORMAT = "fedlora-node-cache/1"
+BASE_FILE = "base.safetensors"
+WEIGHTS_FILE = "weights.safetensors"
+_KEY_RE = re.compile(r"[^A-Za-z0-9._+-]+")
+
+
+def _safe_key(model_key: str) -> str:
+    k = _KEY_RE.sub("_", str(model_key)).strip("._")
+    if not k:
+        raise ValueError(f"model key {model_key!r} gives an empty folder name")
+    return k
+
+
+def _digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes, in sorted name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_save_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
+                            metadata: Mapping[str, str] | None = None) -> Path:
+    """Write ``tensors`` to ``path`` atomically (tmp file + fsync + ``os.replace`` + dir fsync)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    try:
+        save_file(clean, str(tmp), metadata=dict(metadata or {}))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+    return path
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(tensors, metadata)``, memory-mapped (CPU). Raises on a missing or malformed file."""
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        meta = dict(f.metadata() or {})
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    return tensors, meta
+
+
+class NodeCache:
+    """The cache folder of one node (see the module docstring)."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root).expanduser().absolute()
+
+    def dir(self, model_key: str) -> Path:
+        return self.root / _safe_key(model_key)
+
+    # ---- base delta -----------------------------------------------------------------------------
+    def save_base(self, model_key: str, version: int, deltas: Mapping[str, torch.Tensor | None]
+                  ) -> Path:
+        """Store base ``version`` with its deltas ``{layer: D}`` (``None``/absent layers mean 0)."""
+        version = int(version)
+        if version < 0:
+            raise ValueError(f"base version must be >= 0, got {version}")
+        tensors = {k: v for k, v in deltas.items() if v is not None}
+        meta = {"format": FORMAT, "kind": "base", "model_key": str(model_key),
+                "version": str(version), "sha256": _digest(tensors), "time": f"{time.time():.3f}"}
+        return atomic_save_safetensors(self.dir(model_key) / BASE_FILE, tensors, meta)
+
+    def load_base(self, model_key: str, verify: bool = True
+                  ) -> tuple[int, dict[str, torch.Tensor]] | None:
+        """``(version, {layer: D})`` of the stored base, or ``None`` when missing or unusable."""
+        path = self.dir(model_key) / BASE_FILE
+        if not path.exists():
+            return None
+        try:
+            tensors, meta = read_safetensors(path)
+            if meta.get("format") != FORMAT or meta.get("kind") != "base":
+                raise ValueError(f"not a fedlora base cache (metadata {meta})")
+            if meta.get("model_key") != str(model_key):
+                raise ValueError(f"cache is for model {meta.get('model_key')!r}")
+            version = int(meta["version"])
+            if verify and _digest(tensors) != meta.get("sha256"):
+                raise ValueError("checksum mismatch")
+        except Exception as e:  # noqa: BLE001 - any damage means: no cache, resync
+            log.warning("node cache %s unusable (%s): starting from base version 0", path, e)
+            return None
+        return version, tensors
+
+    def base_version(self, model_key: str) -> int:
+        """The stored base version (0 when there is no usable cache)."""
+        hit = self.load_base(model_key)
+        return 0 if hit is None else hit[0]
+
+    # ---- pretrained weights W0 ----------------------------------------------------------------------
+    def load_weights(self, model_key: str, build_fn: Callable[[], object]) -> dict[str, torch.Tensor]:
+        """The model's ``W0`` state dict: memory-mapped from the cache, or built once and cached.
+
+        ``build_fn()`` returns an ``nn.Module`` or a state dict; it is called only on a miss (first
+        use, or an unreadable file). The returned tensors are read-only views of the file when
+        they come from the cache: load them with ``model.load_state_dict(state)`` (copies).
+        """
+        path = self.dir(model_key) / WEIGHTS_FILE
+        if path.exists():
+            try:
+                tensors, meta = read_safetensors(path)
+                if meta.get("format") != FORMAT or meta.get("model_key") != str(model_key):
+                    raise ValueError(f"foreign weights file (metadata {meta})")
+                return tensors
+            except Exception as e:  # noqa: BLE001
+                log.warning("cached weights %s unusable (%s): rebuilding", path, e)
+        built = build_fn()
+        state = built.state_dict() if hasattr(built, "state_dict") else dict(built)
+        state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+        atomic_save_safetensors(path, state, {"format": FORMAT, "kind": "weights",
+                                              "model_key": str(model_key)})
+        return state
+
+    # ---- other per-node tensors ---------------------------------------------------------------------
+    def save_state(self, model_key: str, name: str, tensors: Mapping[str, torch.Tensor],
+                   metadata: Mapping[str, str] | None = None) -> Path:
+        """Store named client tensors (e.g. FedSA's B and head) atomically, with a checksum."""
+        meta = {**(metadata or {}), "format": FORMAT, "kind": f"state:{name}",
+                "model_key": str(model_key), "sha256": _digest(tensors)}
+        return atomic_save_safetensors(self.dir(model_key) / f"state-{_safe_key(name)}.safetensors",
+                                       tensors, meta)
+
+    def load_state(self, model_key: str, name: str
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+        path = self.dir(model_key) / f"state-{_safe_key(name)}.safetensors"
+        if not path.exists():
+            return None
+        try:
+            tensors, meta = read_safetensors(path)
+            if meta.get("kind") != f"state:{name}" or meta.get("model_key") != str(model_key) \
+                    or _digest(tensors) != meta.get("sha256"):
+                raise ValueError("foreign or corrupt state file")
+        except Exception as e:  # noqa: BLE001
+            log.warning("node state %s unusable (%s)", path, e)
+            return None
+        return tensors, meta
+
+    def clear(self, model_key: str | None = None) -> None:
+        """Remove one model's cache (or all of it): the next load is a miss."""
+        import shutil
+
+        target = self.root if model_key is None else self.dir(model_key)
+        shutil.rmtree(target, ignore_errors=True)
+
+
+def base_deltas(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``{layer: D}`` of a model's adapted layers (layers with no delta are left out)."""
+    from fedlora.lora import lora_layers
+
+    return {n: m.base_delta.detach().cpu() for n, m in lora_layers(model).items()
+            if m.base_delta is not None}
+
+
+def set_base_deltas(model: torch.nn.Module, deltas: Mapping[str, torch.Tensor]) -> None:
+    """Set every adapted layer's ``D`` from ``deltas`` (absent layers back to ``W0``)."""
+    from fedlora.lora import lora_layers
+
+    layers = lora_layers(model)
+    unknown = set(deltas) - set(layers)
+    if unknown:
+        raise ValueError(f"base deltas name unknown layers: {sorted(unknown)}")
+    for n, m in layers.items():
+        m.set_base_delta_(deltas.get(n))

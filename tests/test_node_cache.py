@@ -1,0 +1,163 @@
+"""Node cache: atomic writes, version round trip, mmap load, corrupt/missing file -> None."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from fedlora import node_cache as nc
+from fedlora.lora import LoRAConfig, inject_lora, lora_layers
+from fedlora.models import get_model
+from fedlora.node_cache import NodeCache, base_deltas, set_base_deltas
+
+KEY = "tiny-seed0"
+
+
+def _deltas(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"layers.0.attn.q": torch.randn(32, 32, generator=g),
+            "layers.1.attn.v": torch.randn(32, 32, generator=g, dtype=torch.float64)}
+
+
+def test_version_round_trip(tmp_path):
+    cache = NodeCache(tmp_path)
+    assert cache.load_base(KEY) is None
+    assert cache.base_version(KEY) == 0
+    cache.save_base(KEY, 1, _deltas(1))
+    cache.save_base(KEY, 3, _deltas(3))
+    version, d = cache.load_base(KEY)
+    assert version == 3
+    ref = _deltas(3)
+    assert set(d) == set(ref)
+    for k in ref:
+        assert d[k].dtype == ref[k].dtype
+        assert torch.equal(d[k], ref[k])
+    assert cache.base_version(KEY) == 3
+    # another model's key does not see it
+    assert cache.load_base("other-model") is None
+    # an empty base (version 0, no deltas) round-trips too
+    cache.save_base("m2", 0, {})
+    assert cache.load_base("m2") == (0, {})
+
+
+def test_crash_mid_write_keeps_old_version(tmp_path, monkeypatch):
+    cache = NodeCache(tmp_path)
+    cache.save_base(KEY, 1, _deltas(1))
+
+    def boom(*a, **k):
+        raise OSError("simulated crash before rename")
+
+    monkeypatch.setattr(nc.os, "replace", boom)
+    with pytest.raises(OSError):
+        cache.save_base(KEY, 2, _deltas(2))
+    monkeypatch.undo()
+    version, d = cache.load_base(KEY)
+    assert version == 1 and torch.equal(d["layers.0.attn.q"], _deltas(1)["layers.0.attn.q"])
+    # no temporary file left behind
+    assert [p.name for p in cache.dir(KEY).iterdir()] == [nc.BASE_FILE]
+
+
+def test_killed_writer_leaves_old_version(tmp_path):
+    """A process killed mid-write (half a temp file on disk) does not touch the live file."""
+    cache = NodeCache(tmp_path)
+    cache.save_base(KEY, 4, _deltas(4))
+    partial = cache.dir(KEY) / f".{nc.BASE_FILE}.99999.tmp"
+    full = (cache.dir(KEY) / nc.BASE_FILE).read_bytes()
+    partial.write_bytes(full[: len(full) // 2])
+    assert cache.load_base(KEY)[0] == 4
+    cache.save_base(KEY, 5, _deltas(5))
+    assert cache.load_base(KEY)[0] == 5
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "flip", "empty"])
+def test_corrupt_file_reads_as_none(tmp_path, damage):
+    cache = NodeCache(tmp_path)
+    path = cache.save_base(KEY, 2, _deltas(2))
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) - 100]
+    elif damage == "garbage":
+        data = bytearray(os.urandom(len(data)))
+    elif damage == "flip":  # a flipped bit in the tensor data: only the checksum can see it
+        data[-5] ^= 0x01
+    else:
+        data = bytearray()
+    path.write_bytes(bytes(data))
+    assert cache.load_base(KEY) is None
+    assert cache.base_version(KEY) == 0
+    # the next save repairs it
+    cache.save_base(KEY, 3, _deltas(3))
+    assert cache.load_base(KEY)[0] == 3
+
+
+def test_foreign_model_key_in_file_is_rejected(tmp_path):
+    cache = NodeCache(tmp_path)
+    path = cache.save_base("a", 1, _deltas(1))
+    other = cache.dir("b") / nc.BASE_FILE
+    other.parent.mkdir(parents=True)
+    other.write_bytes(path.read_bytes())
+    assert cache.load_base("b") is None
+
+
+def test_weights_built_once_then_memory_mapped(tmp_path, monkeypatch):
+    cache = NodeCache(tmp_path)
+    calls = []
+
+    def build():
+        calls.append(1)
+        return get_model("tiny", seed=0)
+
+    s1 = cache.load_weights(KEY, build)
+    opened = []
+    real = nc.safe_open
+
+    def spy(*a, **k):
+        opened.append(a[0])
+        return real(*a, **k)
+
+    monkeypatch.setattr(nc, "safe_open", spy)
+    s2 = cache.load_weights(KEY, build)
+    assert calls == [1]  # the second load came from the cache ...
+    assert opened == [str(cache.dir(KEY) / nc.WEIGHTS_FILE)]  # ... through safe_open (mmap)
+    ref = get_model("tiny", seed=0).state_dict()
+    assert set(s1) == set(s2) == set(ref)
+    for k in ref:
+        assert torch.equal(s2[k], ref[k])
+    m = get_model("tiny", seed=123)
+    m.load_state_dict(s2)
+    assert all(torch.equal(m.state_dict()[k], ref[k]) for k in ref)
+    # a damaged weights file is rebuilt
+    (cache.dir(KEY) / nc.WEIGHTS_FILE).write_bytes(b"not safetensors")
+    cache.load_weights(KEY, build)
+    assert calls == [1, 1]
+
+
+def test_base_deltas_from_and_into_model(tmp_path):
+    model = get_model("tiny", seed=0)
+    inject_lora(model, LoRAConfig(targets=["attn.q", "attn.v"], rank=2))
+    layers = lora_layers(model)
+    name = next(iter(layers))
+    layers[name].fold_into_base_(torch.ones(32, 32))
+    cache = NodeCache(tmp_path)
+    cache.save_base(KEY, 7, base_deltas(model))
+    fresh = get_model("tiny", seed=0)
+    inject_lora(fresh, LoRAConfig(targets=["attn.q", "attn.v"], rank=2))
+    version, d = cache.load_base(KEY)
+    set_base_deltas(fresh, d)
+    assert version == 7
+    for n, m in lora_layers(fresh).items():
+        assert torch.equal(m.effective_weight(), layers[n].effective_weight())
+    with pytest.raises(ValueError, match="unknown layers"):
+        set_base_deltas(fresh, {"nope": torch.zeros(1)})
+
+
+def test_state_files(tmp_path):
+    cache = NodeCache(tmp_path)
+    assert cache.load_state(KEY, "fedsa") is None
+    cache.save_state(KEY, "fedsa", {"B": torch.ones(3, 2)}, {"round": "2"})
+    t, meta = cache.load_state(KEY, "fedsa")
+    assert torch.equal(t["B"], torch.ones(3, 2)) and meta["round"] == "2"
+    cache.clear(KEY)
+    assert cache.load_state(KEY, "fedsa") is None and cache.load_base(KEY) is None
