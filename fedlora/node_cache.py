@@ -228,3 +228,26 @@ def set_base_deltas(model: torch.nn.Module, deltas: Mapping[str, torch.Tensor]) 
         raise ValueError(f"base deltas name unknown layers: {sorted(unknown)}")
     for n, m in layers.items():
         m.set_base_delta_(deltas.get(n))
+
+
+_IMPORT_TIME = time.time()
+
+
+def process_age_s() -> float:
+    """Seconds since this process started (Linux: from /proc; elsewhere: since this module's import).
+
+    A deployed ClientApp calls it on entry to its handler: that is the process-start part of the
+    per-round client overhead (interpreter start + imports), which the SuperNode pays per message.
+    """
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        start_ticks = int(fields[19])  # field 22 (starttime), counted after "pid (comm)"
+        with open("/proc/stat") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        age = time.time() - (btime + start_ticks / os.sysconf("SC_CLK_TCK"))
+        if 0 <= age < 86400 * 365:
+            return age
+    except (OSError, ValueError, IndexError, StopIteration):
+        pass
+    return time.time() - _IMPORT_TIME

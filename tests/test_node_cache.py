@@ -161,3 +161,15 @@ def test_state_files(tmp_path):
     assert torch.equal(t["B"], torch.ones(3, 2)) and meta["round"] == "2"
     cache.clear(KEY)
     assert cache.load_state(KEY, "fedsa") is None and cache.load_base(KEY) is None
+
+
+def test_process_age_is_plausible():
+    import subprocess
+    import sys
+
+    age = nc.process_age_s()
+    assert 0 < age < 3600
+    out = subprocess.run([sys.executable, "-c", "import time; time.sleep(0.3); "
+                          "from fedlora.node_cache import process_age_s; print(process_age_s())"],
+                         capture_output=True, text=True, check=True).stdout
+    assert 0.25 < float(out) < 30
