@@ -173,3 +173,23 @@ def test_process_age_is_plausible():
                           "from fedlora.node_cache import process_age_s; print(process_age_s())"],
                          capture_output=True, text=True, check=True).stdout
     assert 0.25 < float(out) < 30
+
+
+def test_load_model_meta_skeleton_and_copy_on_write(tmp_path):
+    cache = NodeCache(tmp_path)
+    ref = get_model("tiny", seed=0)
+    m1 = cache.load_model(KEY, lambda: get_model("tiny", seed=0))  # miss: built and cached
+    m2 = cache.load_model(KEY, lambda: get_model("tiny", seed=99))  # hit: weights from the cache
+    for k, v in ref.state_dict().items():
+        assert torch.equal(m1.state_dict()[k], v) and torch.equal(m2.state_dict()[k], v)
+        assert not m2.state_dict()[k].is_meta
+    # training writes do not reach the cache file (copy-on-write mapping)
+    with torch.no_grad():
+        m2.head.weight.add_(1.0)
+    m3 = cache.load_model(KEY, lambda: get_model("tiny", seed=0))
+    assert torch.equal(m3.head.weight, ref.head.weight)
+    x = torch.randint(0, 64, (2, 8))
+    assert torch.allclose(m3(x), ref(x))
+    # LoRA injection on top works as on a normally built model
+    inject_lora(m3, LoRAConfig(targets=["attn.q"], rank=2))
+    assert m3(x).shape == (2, 2)
