@@ -1,10 +1,11 @@
 """Loopback deployments on Flower's real engine: SuperLink + SuperNodes on 127.0.0.1, TLS + node auth.
 
 - ``test_launcher_tls_auth_teardown``: the launcher itself, against a throw-away two-file app: TLS,
-  node authentication (an unregistered key is refused), node config reaches the ClientApp, a fresh
-  ClientApp process per message, and nothing is left running afterwards.
-- ``test_deployment_fedex_matches_simulation`` (in test_deploy_fedlora.py style, below): the real
-  fedlora apps.
+  node authentication (an unregistered key is refused), node config reaches the ClientApp, and
+  nothing is left running afterwards (~35 s).
+- ``test_deployment_fedex_matches_simulation`` and the slow ``test_node_killed_and_resynced``: the
+  real fedlora apps (skipped until ``server/app.py`` and ``clients/app.py`` exist); see
+  ``APP_CONTRACT`` below for what they rely on.
 """
 
 from __future__ import annotations
@@ -12,15 +13,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
 from fedlora.deploy import LocalDeployment, ManagedProcess, NodeSpec, free_port
 
-pytestmark = pytest.mark.skipif(shutil.which("flower-superlink") is None and not os.path.exists(
-    os.path.join(os.path.dirname(os.sys.executable), "flower-superlink")),
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.skipif(
+    shutil.which("flower-superlink") is None and not (BIN / "flower-superlink").exists(),
     reason="flwr deployment binaries not installed")
 
 TRIVIAL_PYPROJECT = """
@@ -142,7 +147,7 @@ def test_launcher_tls_auth_teardown(tmp_path):
 
         rogue_key, _ = make_node_key(tmp_path / "rogue")
         rogue = ManagedProcess("rogue", [
-            os.path.join(os.path.dirname(os.sys.executable), "flower-supernode"),
+            str(BIN / "flower-supernode"),
             "--superlink", dep.address, "--root-certificates", str(dep.certs.ca_cert),
             "--auth-supernode-private-key", str(rogue_key), "--port", str(free_port()),
             "--max-retries", "1", "--node-config", "rank=4"], dep.env, dep.logs / "rogue.log", tmp_path)
@@ -169,3 +174,149 @@ def test_launcher_tls_auth_teardown(tmp_path):
         dep.stop()
     _assert_all_gone(pgids)
     assert not any(p.alive() for p in dep.supernodes.values()) and not dep.superlink.alive()
+
+
+# ---- the real fedlora apps ------------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+#: What these tests rely on from server/app.py, clients/app.py and `fedlora simulate`:
+APP_CONTRACT = """
+- run config keys (declared in [tool.flwr.app.config], settable with `flwr run -c` and
+  `fedlora simulate --set`): strategy, num-server-rounds, seed, run-dir (absolute output folder;
+  empty = runs/<name>), round-timeout (seconds a round waits for replies), min-nodes;
+- node config keys: rank, device, partition-id, num-partitions, cache-dir (the ClientApp keeps its
+  base in fedlora.node_cache.NodeCache(cache-dir));
+- at the end of a run the ServerApp writes <run-dir>/global_delta.safetensors ({layer: W - W0})
+  and <run-dir>/metrics.jsonl (one line per round, per-client rows under "clients" carrying the
+  ClientApp metrics overhead-process-s, overhead-load-s, overhead-apply-s, train-time-s).
+"""
+HAVE_APPS = (ROOT / "server" / "app.py").exists() and (ROOT / "clients" / "app.py").exists()
+needs_apps = pytest.mark.skipif(not HAVE_APPS, reason="server/app.py + clients/app.py not built yet")
+RANKS = (2, 4, 8)
+RUN = {"strategy": "fedex", "num-server-rounds": 2, "seed": 0, "min-nodes": 3}
+
+
+def _nodes(cache_root: Path) -> list[NodeSpec]:
+    return [NodeSpec({"rank": r, "device": "cpu", "partition-id": i, "num-partitions": len(RANKS),
+                      "cache-dir": str(cache_root / f"node{i}")}) for i, r in enumerate(RANKS)]
+
+
+def _global_delta(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "global_delta.safetensors"))
+
+
+def _simulate(tmp_path: Path, run: dict) -> Path:
+    """The same run through `fedlora simulate` (Flower's simulation engine)."""
+    run_dir = tmp_path / "sim-run"
+    sets = [f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in
+            {**run, "run-dir": str(run_dir), "num-clients": len(RANKS),
+             "ranks": "[" + ",".join(map(str, RANKS)) + "]"}.items()]
+    cmd = [str(BIN / "fedlora"), "simulate", str(ROOT / "simulations" / "smoke.toml")]
+    for kv in sets:
+        cmd += ["--set", kv]
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "sim-flwr-home"), "FLWR_TELEMETRY_ENABLED": "0",
+           "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return run_dir
+
+
+def _overhead_table(run_dir: Path) -> str:
+    rows = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        for c in rec.get("clients", []):
+            m = c.get("metrics", c)
+            rows.append((rec.get("round"), c.get("rank", m.get("rank")),
+                         *(float(m.get(k, float("nan"))) for k in (
+                             "overhead-process-s", "overhead-load-s", "overhead-apply-s", "train-time-s"))))
+    lines = ["round rank process_s load_s apply_s train_s overhead/train"]
+    for r in rows:
+        over = r[2] + r[3] + r[4]
+        lines.append(f"{r[0]} {r[1]} {r[2]:.2f} {r[3]:.3f} {r[4]:.3f} {r[5]:.2f} {over / r[5]:.2f}")
+    return "\n".join(lines)
+
+
+def _dump_logs(dep: LocalDeployment) -> None:
+    for name, text in dep.logs_text().items():
+        print(f"--- {name} ---\n{text[-4000:]}")
+
+
+@needs_apps
+def test_deployment_fedex_matches_simulation(tmp_path):
+    """SuperLink + 3 SuperNodes (ranks 2/4/8), TLS + node auth, 2 rounds of fedex on the tiny model:
+    the final global delta equals the simulation's for the same seed and partitions."""
+    import torch
+
+    run_dir = tmp_path / "deploy-run"
+    dep = LocalDeployment(tmp_path / "dep", _nodes(tmp_path / "cache"), tls=True, node_auth=True)
+    try:
+        dep.start(timeout=90)
+        res = dep.run(ROOT, {**RUN, "run-dir": str(run_dir)}, timeout=240)
+        assert res.returncode == 0, res.output[-4000:]
+        print(f"\n[deploy] start {dep.timings['start_s']:.1f} s, run {res.wall_s:.1f} s "
+              f"(2 rounds, 3 nodes)\n{_overhead_table(run_dir)}")
+    except Exception:
+        _dump_logs(dep)
+        raise
+    finally:
+        dep.stop()
+    deployed = _global_delta(run_dir)
+    simulated = _global_delta(_simulate(tmp_path, RUN))
+    assert set(deployed) == set(simulated) and deployed
+    for k in deployed:
+        torch.testing.assert_close(deployed[k], simulated[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def _wait_for(path: Path, text: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text(errors="replace"):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{text!r} not in {path} after {timeout:.0f} s")
+
+
+@pytest.mark.slow
+@needs_apps
+def test_node_killed_and_resynced(tmp_path):
+    """Node 2 is SIGKILLed while training in round 1: round 1 completes with the other two after the
+    round timeout; node 2 restarts with an EMPTY cache before round 2, re-syncs from base version 0,
+    and ends round 2 with the same base (version and delta) as the other nodes."""
+    import torch
+
+    from fedlora.node_cache import read_safetensors
+
+    cache = tmp_path / "cache"
+    run_dir = tmp_path / "deploy-run"
+    dep = LocalDeployment(tmp_path / "dep", _nodes(cache), tls=True, node_auth=True)
+    try:
+        dep.start(timeout=90)
+        run = dep.run(ROOT, {**RUN, "run-dir": str(run_dir), "round-timeout": 30, "min-nodes": 2},
+                      background=True)
+        node2_log = dep.logs / "node2.log"
+        _wait_for(node2_log, "Receiving: train message", 180)
+        dep.kill_node(2)  # mid round 1: SuperNode and its ClientApp die, no reply
+        shutil.rmtree(cache / "node2", ignore_errors=True)  # and it comes back with nothing
+        dep.start_node(2)
+        res = dep.wait_run(run, timeout=300)
+        assert res.returncode == 0, res.output[-4000:]
+    except Exception:
+        _dump_logs(dep)
+        raise
+    finally:
+        dep.stop()
+    rounds = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [len(r["clients"]) for r in rounds] == [2, 3]
+    bases = []
+    for i in range(len(RANKS)):
+        files = sorted((cache / f"node{i}").glob("*/base.safetensors"))
+        assert files, f"node{i} has no cached base"
+        tensors, meta = read_safetensors(files[0])
+        bases.append((int(meta["version"]), tensors))
+    assert len({v for v, _ in bases}) == 1, [v for v, _ in bases]
+    for _, t in bases[1:]:
+        assert set(t) == set(bases[0][1])
+        for k in t:
+            torch.testing.assert_close(t[k], bases[0][1][k], rtol=0, atol=1e-6)
