@@ -175,7 +175,7 @@ def test_process_age_is_plausible():
     assert 0.25 < float(out) < 30
 
 
-def test_load_model_meta_skeleton_and_copy_on_write(tmp_path):
+def test_load_model_fast_skeleton_and_copy_on_write(tmp_path):
     cache = NodeCache(tmp_path)
     ref = get_model("tiny", seed=0)
     m1 = cache.load_model(KEY, lambda: get_model("tiny", seed=0))  # miss: built and cached
