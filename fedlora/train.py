@@ -8,7 +8,7 @@ under bf16 autocast (the adapters and the master base delta stay in float32), on
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -88,11 +88,15 @@ def _cycle(loader: Iterable) -> Iterator:
 def train_local(model: nn.Module, loader: Iterable[dict], steps: int | None = None,
                 epochs: int | None = None, optim: OptimConfig | None = None,
                 device: str | torch.device = "auto", grad_accum: int = 1,
-                optimizer: torch.optim.Optimizer | None = None) -> TrainResult:
+                optimizer: torch.optim.Optimizer | None = None,
+                on_empty_batch: Callable[[], None] | None = None) -> TrainResult:
     """Train the trainable parameters for ``steps`` optimizer steps or ``epochs`` passes.
 
     ``optimizer`` lets a caller pass one it built (Opacus' DPOptimizer); otherwise ``optim``
-    builds one over ``requires_grad`` parameters. Empty batches (Poisson sampling) are skipped.
+    builds one over ``requires_grad`` parameters. Empty batches (Poisson sampling) are skipped,
+    unless ``on_empty_batch`` is given: then it is called instead of the forward/backward pass and
+    the batch still counts as a micro-batch, so the optimizer step is taken and counted (with
+    Opacus: a noise-only step, which is what its accountant assumes for an empty Poisson draw).
     """
     if (steps is None) == (epochs is None):
         raise ValueError("give exactly one of steps= or epochs=")
@@ -110,12 +114,15 @@ def train_local(model: nn.Module, loader: Iterable[dict], steps: int | None = No
         if steps is not None and n_steps >= steps:
             break
         if batch["labels"].shape[0] == 0:
-            continue
-        loss, n = _forward(model, batch, dev)
-        (loss / grad_accum).backward()
-        total_loss += loss.item()
-        n_loss += 1
-        n_examples += n
+            if on_empty_batch is None:
+                continue
+            on_empty_batch()
+        else:
+            loss, n = _forward(model, batch, dev)
+            (loss / grad_accum).backward()
+            total_loss += loss.item()
+            n_loss += 1
+            n_examples += n
         micro += 1
         if micro == grad_accum:
             opt.step()
