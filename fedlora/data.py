@@ -288,7 +288,9 @@ def partition_indices(labels: Sequence[int] | np.ndarray | torch.Tensor, num_par
     - ``iid``: ``IidPartitioner`` (equal sizes ±1; the sizes sum to the total);
     - ``dirichlet``: ``DirichletPartitioner(alpha)`` over the labels, every partition holding at
       least ``min_partition_size`` rows (default ``min(10, n // (2·num_partitions))``, ≥ 1); when
-      flwr-datasets gives up after its 10 draws, it is re-run with a derived seed (up to 5 times);
+      flwr-datasets gives up after its 10 draws, it is re-run with a derived seed (up to 5 times,
+      then 5 more with the default minimum relaxed to 1 row), then ``ValueError``: with very
+      small α and few classes most clients would hold nothing, which no redraw fixes;
     - ``shards``: ``ShardPartitioner`` — rows sorted by label, cut into
       ``num_partitions × shards_per_partition`` equal shards, each partition getting
       ``shards_per_partition`` random shards. As in flwr-datasets (and McMahan et al.) the
@@ -326,9 +328,14 @@ def partition_indices(labels: Sequence[int] | np.ndarray | torch.Tensor, num_par
             raise ValueError(f"Dirichlet alpha must be > 0, got {alpha}")
         mps = min_partition_size if min_partition_size is not None else max(
             1, min(10, n // (2 * num_partitions)))
+        if mps < 1:
+            raise ValueError(f"min_partition_size must be >= 1, got {mps}")
+        # the default minimum relaxes to 1 row before giving up (tiny alpha, few classes)
+        sizes = [mps] * 5 + ([1] * 5 if min_partition_size is None and mps > 1 else [])
         parts = [DirichletPartitioner(num_partitions, "label", float(alpha),
-                                      min_partition_size=mps, self_balancing=False,
-                                      shuffle=True, seed=seed + 7919 * k) for k in range(5)]
+                                      min_partition_size=m, self_balancing=False,
+                                      shuffle=True, seed=seed + 7919 * k)
+                 for k, m in enumerate(sizes)]
     else:
         if not isinstance(shards_per_partition, int) or shards_per_partition < 1:
             raise ValueError(f"shards_per_partition must be an integer >= 1, got "

