@@ -97,6 +97,20 @@ class PrivacyConfig:
     poisson_sampling: bool = True
     grad_sample_mode: str = "hooks"
 
+    @classmethod
+    def from_dict(cls, d: Mapping | None) -> PrivacyConfig:
+        """From a flat mapping (a TOML ``[privacy]`` table or Flower run config): keys are the field
+        names, ``-`` or ``_``; a missing key keeps the default (run configs cannot hold None).
+        Unknown keys raise ``ValueError``. Not validated here: call ``validate``."""
+        names = set(cls.__dataclass_fields__)
+        kw = {}
+        for k, v in dict(d or {}).items():
+            name = str(k).replace("-", "_")
+            if name not in names:
+                raise ValueError(f"unknown privacy setting {k!r}; known: {sorted(names)}")
+            kw[name] = v
+        return cls(**kw)
+
     def validate(self, num_examples: int | None = None) -> None:
         """Raise ``ValueError`` naming the offending field; ``num_examples`` (n_i) checks δ < 1/n_i."""
         if not self.enabled:
@@ -387,8 +401,9 @@ def train_private(model: nn.Module, dataset: Dataset, *, cfg: PrivacyConfig, sta
 
     - ``batch_size``: the expected Poisson batch size; the sample rate is ``q = batch_size / n``.
     - ``steps``: optimizer steps this round (empty Poisson batches are noise-only steps and count).
-    - ``planned_total_steps``: planned rounds × local steps, for calibrating σ to
-      ``cfg.target_epsilon`` (used on the first round only; σ is then kept in the state).
+    - ``planned_total_steps``: planned rounds × local steps — the most this client could train in
+      the run — for calibrating σ to ``cfg.target_epsilon`` (used on the client's first round
+      only; σ is then kept in the state).
     - ``state``: the persisted ``PrivacyState`` (``PrivacyState()`` on the first round); not
       modified — the new one is in the result.
     - ``collate_fn``: builds dict batches (``input_ids``, ``attention_mask``, ``labels``) from
@@ -398,7 +413,9 @@ def train_private(model: nn.Module, dataset: Dataset, *, cfg: PrivacyConfig, sta
 
     Raises ``ValueError`` for a bad config or a model Opacus cannot handle (before any training),
     and ``RuntimeError`` when steps were taken but no trainable parameter changed, or when the
-    accountant did not record exactly the steps taken.
+    accountant did not record exactly the steps taken. On any error during training the trainable
+    parameters are put back as they were, so steps missing from the returned history never reach
+    the model.
     """
     from opacus import PrivacyEngine
     from opacus.data_loader import DPDataLoader
@@ -469,22 +486,32 @@ def train_private(model: nn.Module, dataset: Dataset, *, cfg: PrivacyConfig, sta
 
             res = train_local(model, _EmptyAware(loader), steps=steps, optimizer=dp_opt,
                               device=dev, on_empty_batch=noise_only_step)
+            new_history = [(float(s), float(r), int(k)) for s, r, k in engine.accountant.history]
+            taken = sum(k for _, _, k in new_history) - state.total_steps
+            if taken != res.steps:
+                raise RuntimeError(
+                    f"the accountant recorded {taken} steps but {res.steps} optimizer steps were "
+                    "taken: the DP optimizer is not the one that stepped, or the privacy engine "
+                    "is attached twice")
+            if res.steps >= 1 and all(torch.equal(b, p.detach()) for b, p in zip(before, params)):
+                raise RuntimeError(
+                    f"DP training took {res.steps} steps but no trainable parameter changed "
+                    "(opacus#820 / peft#3409): the optimizer does not update the parameters the "
+                    "model uses — usually the model was moved to another device or re-wrapped "
+                    "after the optimizer/privacy engine was built, or it was wrapped twice. Build "
+                    "the model on its device first, then call train_private on the plain "
+                    "(unwrapped) model")
+        except BaseException:
+            # Steps that will not reach the persisted history must not reach the model either.
+            with torch.no_grad():
+                for b, p in zip(before, params):
+                    p.copy_(b)
+            raise
         finally:
             if hooks is not None:
                 hooks.cleanup()
-    new_history = [(float(s), float(r), int(k)) for s, r, k in engine.accountant.history]
-    taken = sum(k for _, _, k in new_history) - state.total_steps
-    if taken != res.steps:
-        raise RuntimeError(f"the accountant recorded {taken} steps but {res.steps} optimizer steps "
-                           "were taken: the DP optimizer is not the one that stepped, or the "
-                           "privacy engine is attached twice")
-    if res.steps >= 1 and all(torch.equal(b, p.detach()) for b, p in zip(before, params)):
-        raise RuntimeError(
-            f"DP training took {res.steps} steps but no trainable parameter changed "
-            "(opacus#820 / peft#3409): the optimizer does not update the parameters the model "
-            "uses — usually the model was moved to another device or re-wrapped after the "
-            "optimizer/privacy engine was built, or it was wrapped twice. Build the model on its "
-            "device first, then call train_private on the plain (unwrapped) model")
+            for p in params:
+                p.grad = None
     new_state = PrivacyState(new_history, sigma)
     return PrivateTrainResult(res, epsilon(new_history, delta, cfg.accountant), delta, new_state,
                               False, None, sigma, q)

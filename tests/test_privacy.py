@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-from flwr.app import ConfigRecord
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.optimizers import DPOptimizer
 
@@ -52,6 +51,8 @@ def _cfg(**kw) -> PrivacyConfig:
 
 def _via_config_record(state: PrivacyState) -> PrivacyState:
     """What a Flower client does between rounds: context.state ConfigRecord and back."""
+    from flwr.app import ConfigRecord
+
     return PrivacyState.from_dict(dict(ConfigRecord(state.to_dict())))
 
 
@@ -237,28 +238,40 @@ def test_empty_poisson_batches_are_counted_noise_only_steps(monkeypatch):
 
 # ---- learning under DP --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("mode", ["lora", "sb"])
-def test_dp_run_at_epsilon_8_learns(mode):
+def _learns_at_epsilon_8(mode: str, device: str) -> None:
     model = _adapted(mode)
     train, test = TASK.generate(1000, seed=1), make_loader(TASK.generate(400, seed=2), 200, False)
-    before_acc = evaluate(model, test, device="cpu").accuracy
+    before_acc = evaluate(model, test, device=device).accuracy
     frozen0 = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     cfg, state = _cfg(target_epsilon=8.0), PrivacyState()
     for rnd in range(2):
         res = train_private(model, train, cfg=cfg, state=state, batch_size=50, steps=50,
-                            planned_total_steps=100, optim=OptimConfig(lr=2e-2), device="cpu",
+                            planned_total_steps=100, optim=OptimConfig(lr=2e-2), device=device,
                             seed=rnd)
         assert not res.declined
         state = res.state
     assert 7.5 < res.epsilon <= 8.0
-    acc = evaluate(model, test, device="cpu").accuracy
+    acc = evaluate(model, test, device=device).accuracy
     assert acc > 0.8 and acc > before_acc + 0.2, (before_acc, acc)
     for n, p in model.named_parameters():
+        assert p.device.type == torch.device(device).type
         if not p.requires_grad:
             assert torch.equal(p, frozen0[n]), f"frozen {n} moved under DP"
     if mode == "sb":  # R moved, the frozen orthonormal factors did not
         assert all(layer.lora_r.weight.abs().sum() > 0 for layer in lora_layers(model).values())
     assert all(not k.startswith("_module.") for k in model.state_dict())
+
+
+@pytest.mark.parametrize("mode", ["lora", "sb"])
+def test_dp_run_at_epsilon_8_learns(mode):
+    _learns_at_epsilon_8(mode, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["lora", "sb"])
+def test_dp_on_cuda_with_bf16_autocast_learns(mode):
+    _learns_at_epsilon_8(mode, "cuda")
 
 
 # ---- guards -------------------------------------------------------------------------------------
@@ -346,3 +359,43 @@ def test_tensor_dict_dataset_batches_and_rates():
                         device="cpu", seed=0)
     assert res.state.history == [(1.0, 2 / 186, 1)] and res.sample_rate == 2 / 186
     assert math.isfinite(res.epsilon) and res.metrics()["epsilon"] == res.epsilon
+
+
+def test_config_from_a_flat_mapping():
+    cfg = PrivacyConfig.from_dict({"enabled": True, "target-epsilon": 3.0, "max_grad_norm": 0.5,
+                                   "accountant": "prv"})
+    assert cfg == PrivacyConfig(enabled=True, target_epsilon=3.0, max_grad_norm=0.5,
+                                accountant="prv")
+    assert PrivacyConfig.from_dict({}) == PrivacyConfig()
+    with pytest.raises(ValueError, match="unknown privacy setting 'epsilon'"):
+        PrivacyConfig.from_dict({"epsilon": 3.0})
+
+
+def test_shuffled_batches_without_poisson_sampling():
+    res = train_private(_adapted(), TASK.generate(100, seed=1),
+                        cfg=_cfg(noise_multiplier=1.0, poisson_sampling=False),
+                        state=PrivacyState(), batch_size=10, steps=12, planned_total_steps=12,
+                        optim=OptimConfig(), device="cpu", seed=0)
+    assert res.train.steps == 12 and res.train.num_examples == 120
+    assert res.state.history == [(1.0, 0.1, 12)]
+
+
+def test_an_error_mid_round_leaves_the_model_as_it_was(monkeypatch):
+    model = _adapted()
+    before = _snapshot(model)
+    calls = {"n": 0}
+    step0 = DPOptimizer.step
+
+    def step(self, closure=None):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("boom")
+        return step0(self, closure)
+
+    monkeypatch.setattr(DPOptimizer, "step", step)
+    with pytest.raises(RuntimeError, match="boom"):
+        train_private(model, TASK.generate(100, seed=1), cfg=_cfg(noise_multiplier=1.0),
+                      state=PrivacyState(), batch_size=10, steps=5, planned_total_steps=5,
+                      optim=OptimConfig(lr=1e-2), device="cpu", seed=0)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert not hasattr(model, "autograd_grad_sample_hooks")
