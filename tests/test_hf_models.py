@@ -93,14 +93,26 @@ def test_default_targets_and_forward_contract(minilm2, tokenizer):
     assert default_targets("minilm", minilm2) == (["attention.self.query", "attention.self.value"],
                                                   ["classifier"])
     assert tokenizer.is_fast and "token_type_ids" in tokenizer.model_input_names
+    # MiniLM is a sentence-transformers model trained with mean pooling: mean-pooling head
+    assert isinstance(minilm2, hf_models.MeanPoolingClassifier)
+    assert not any("pooler" in n for n, _ in minilm2.named_parameters())
     b = _batch(tokenizer, 4)
     minilm2.eval()
     with torch.no_grad():
         out = minilm2(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                       token_type_ids=b["token_type_ids"])
         out2 = minilm2(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-    assert out.logits.shape == (4, 2)
-    torch.testing.assert_close(out.logits, out2.logits)  # single segment: type ids are all 0
+        n = int(b["attention_mask"][0].sum())  # padding does not change a row's logits
+        alone = minilm2(input_ids=b["input_ids"][:1, :n], attention_mask=b["attention_mask"][:1, :n])
+    assert out.shape == (4, 2)
+    torch.testing.assert_close(out, out2)  # single segment: type ids are all 0
+    torch.testing.assert_close(alone, out[:1], atol=1e-5, rtol=1e-4)
+    # the checkpoint's own head on request: BertForSequenceClassification, output with .logits
+    cls = get_model("minilm", num_layers=1, seed=0, pooling="model").eval()
+    with torch.no_grad():
+        assert cls(**{k: v for k, v in b.items() if k != "labels"}).logits.shape == (4, 2)
+    assert default_targets("minilm", cls) == (["attention.self.query", "attention.self.value"],
+                                              ["classifier"])
 
 
 @needs_minilm
@@ -141,6 +153,28 @@ def test_minilm_step_time_32x64():
     dt = (time.perf_counter() - t0) / 3
     print(f"\nMiniLM-L6 LoRA step (q,v rank 8, 32x64, {torch.get_num_threads()} threads): "
           f"{dt:.2f} s")
+
+
+@pytest.mark.slow
+@needs_minilm
+def test_minilm_learns_sst2(tokenizer):
+    """2 layers, LoRA q/v rank 8, 1 epoch over 1,000 SST-2 sentences: well above chance."""
+    from fedlora import data
+    from fedlora.train import evaluate
+
+    root = data.resolve_data_root()
+    if not (root / "sst2" / "train.tsv").is_file():
+        pytest.skip(f"{root}/sst2 is absent (see shared/data/SOURCE.md)")
+    tr = data.tokenize(data.load_known("sst2", "train", limit=1000), tokenizer, 64)
+    te = data.tokenize(data.load_known("sst2", "test"), tokenizer, 64)
+    model = get_model("minilm", num_layers=2, seed=0)
+    inject_lora(model, LoRAConfig(targets=["attention.self.query", "attention.self.value"], rank=8,
+                                  alpha=16, trainable=["classifier"]))
+    train_local(model, data.make_text_loader(tr, 32, True, 0), epochs=1,
+                optim=OptimConfig(lr=1e-2), device="cpu")
+    acc = evaluate(model, data.make_text_loader(te, 128, False), device="cpu").accuracy
+    print(f"\nSST-2 test accuracy after 1 epoch (2 layers): {acc:.3f}")
+    assert acc > 0.68
 
 
 # ---- hf:<path> and errors --------------------------------------------------------------------------
