@@ -1,0 +1,110 @@
+"""FedEx-LoRA: FedAvg of the factors plus the exact residual folded into the frozen base.
+
+Round t, accepted clients i with weights p_i, ranks r_i ≤ r_max::
+
+    B̄, Ā      per-rank-component weighted means (as FedAvg), at r_max
+    ΔW_res    = Σ p_i (base_i − base_g) + s·(Σ p_i B_i A_i − B̄ Ā)
+    base_g   ← base_g + ΔW_res            (nn.Linear orientation d×k: no transpose)
+    W_g(new)  = base_g + s·B̄Ā = Σ p_i W_i  (exact)
+
+A client of rank r < r_max trains the leading slice (B̄[:, :r], Ā[:r]); for Sync its base is
+``base_g + tail_r`` with ``tail_r = s·B̄[:, r:]·Ā[r:, :]`` (the dropped components), so
+``base_i − base_g = tail_{r_i}`` above. The server sends each client exactly what moves its base
+from ``(v, tail_r(v))`` to ``(cur, tail_r(cur))``: the residuals it missed and the tail change, as
+factors, or one dense full delta when that is fewer numbers.
+
+Residual transport: ``U = s·[p_1B_1 … p_KB_K, −B̄, P_r·B̄_old[:, r:] …]``,
+``V = [A_1; …; A_K; Ā; Ā_old[r:] …]`` (ρ columns) when ``ρ(d+k) < d·k``, else dense ``U·V``.
+The server keeps ``base_g − W0`` dense in its own dtype (float32 or better).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedlora.strategies.base import BaseDelta, ClientPayload, ClientUpdate, factored_or_dense
+from fedlora.strategies.fedavg import FedAvg
+from fedlora.strategies.history import BaseHistory
+
+Tensor = torch.Tensor
+
+
+class FedEx(FedAvg):
+    name = "fedex"
+
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.base = BaseHistory(self.layers, self.dtype, self.history)
+        # global factors per version, for the tails of clients that skipped rounds
+        self.factors_at: dict[int, tuple[dict[str, Tensor], dict[str, Tensor]]] = {
+            0: (dict(self.A), dict(self.B))}
+
+    def _tail(self, A: Tensor, B: Tensor, r: int) -> tuple[Tensor, Tensor] | None:
+        if r >= self.r_max:
+            return None
+        return self.scale * B[:, r:], A[r:]
+
+    def _payload(self, client_id: str, rank: int, base_version: int) -> ClientPayload:
+        cur, v = self.version, base_version
+        tails_now = None  # the client's tail at the current version, dense (for a full reset)
+        if rank < self.r_max:
+            tails_now = {n: self.scale * self.B[n][:, rank:] @ self.A[n][rank:] for n in self.layers}
+        if v > cur or (0 < v < cur and v not in self.factors_at):
+            deltas = [self._full_reset(tails_now)]  # a base we cannot reconstruct: resync
+        else:
+            extra = None
+            if rank < self.r_max and 0 < v < cur:  # tail(cur, r) − tail(v, r), factored
+                A_v, B_v = self.factors_at[v]
+                extra = BaseDelta(cur, {n: (
+                    torch.cat([self.scale * self.B[n][:, rank:], -self.scale * B_v[n][:, rank:]], 1),
+                    torch.cat([self.A[n][rank:], A_v[n][rank:]], 0)) for n in self.layers})
+            deltas = self.base.choose(v, cur, extra, tails_now)
+        factors = {n: {"A": self.A[n][:rank].clone(), "B": self.B[n][:, :rank].clone()}
+                   for n in self.layers}
+        return ClientPayload(client_id, rank, factors, deltas, cur)
+
+    def _full_reset(self, extra: dict[str, Tensor] | None) -> BaseDelta:
+        return BaseDelta(self.version, {n: self.base.cum[n] + (extra[n] if extra else 0)
+                                        for n in self.layers}, reset=True)
+
+    def _aggregate(self, updates: list[ClientUpdate], p: list[float]) -> None:
+        A_old, B_old = dict(self.A), dict(self.B)
+        self._average(updates, p)
+        tail_w: dict[int, float] = {}
+        for u, pi in zip(updates, p):
+            if u.rank < self.r_max:
+                tail_w[u.rank] = tail_w.get(u.rank, 0.0) + pi
+        transport, dense = {}, {}
+        s = self.scale
+        for n in self.layers:
+            Us = [u.factors[n]["B"] * (s * pi) for u, pi in zip(updates, p)] + [-s * self.B[n]]
+            Vs = [u.factors[n]["A"] for u in updates] + [self.A[n]]
+            for r, w in tail_w.items():
+                Us.append(B_old[n][:, r:] * (s * w))
+                Vs.append(A_old[n][r:])
+            transport[n], dense[n] = factored_or_dense(torch.cat(Us, 1), torch.cat(Vs, 0))
+        self.base.push(self.version + 1, transport, dense)
+        self.factors_at[self.version + 1] = (dict(self.A), dict(self.B))
+        for old in [v for v in self.factors_at if v <= self.version + 1 - self.history]:
+            del self.factors_at[old]
+
+    def _client_delta(self, u: ClientUpdate, layer: str) -> Tensor:
+        d = self.base.cum[layer] + self.scale * u.factors[layer]["B"] @ u.factors[layer]["A"]
+        if u.rank < self.r_max:
+            d = d + self.scale * self.B[layer][:, u.rank:] @ self.A[layer][u.rank:]
+        return d
+
+    def global_delta(self, layer: str) -> Tensor:
+        return self.base.cum[layer] + self.scale * self.B[layer] @ self.A[layer]
+
+    def _state(self) -> dict:
+        return {"A": self.A, "B": self.B, "base": self.base.state(),
+                "factors_at": {str(v): {"A": a, "B": b} for v, (a, b) in self.factors_at.items()}}
+
+    def _load_state(self, st: dict) -> None:
+        super()._load_state(st)
+        self.base.load(st["base"])
+        self.factors_at = {
+            int(v): ({n: t.to(self.dtype) for n, t in f["A"].items()},
+                     {n: t.to(self.dtype) for n, t in f["B"].items()})
+            for v, f in st["factors_at"].items()}

@@ -1,0 +1,131 @@
+"""Fed-SB (LoRA-SB): frozen, shared B and A; clients train only the r×r matrix R.
+
+    ΔW = s·B·R·A,   B ∈ R^{d×r}, A ∈ R^{r×k} frozen;   R ∈ R^{r×r} trained
+
+Initialisation (``initialize``), once per run at the server, from the accumulated weight gradient G
+(d×k) of each target layer: ``U = −η·sign(G)``, truncated SVD ``Uᵀ ≈ P S Qᵀ`` at rank r_max;
+``A = Pᵀ``, ``B = Q``, ``R₀ = S``. B and A go to each client once (counted in bytes).
+
+Round (heterogeneous ranks: client i trains the leading r_i×r_i block)::
+
+    R̄ = R + Σ p_i·pad(R_i − R[:r_i, :r_i])          (only this round's updates)
+    W_g = W0 + s·B·R̄·A = Σ p_i W_i                     (exact: ΔW is linear in R)
+
+For Sync, a client of rank r holds ``W0 + tail_r`` with ``tail_r = s·B·(R − pad(R[:r,:r]))·A``, the
+entries it does not train; the server sends the change of that tail as factors
+``(s·B·(M_cur − M_v), A)``. Communication per round: r_i² up and down per layer (plus tails for
+clients below r_max), independent of the number of clients.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedlora.strategies.base import BaseDelta, ClientPayload, ClientUpdate, Strategy
+
+Tensor = torch.Tensor
+
+
+class FedSB(Strategy):
+    name = "fedsb"
+    upload_keys = frozenset({"R"})
+
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.initialized = False
+        self.A: dict[str, Tensor] = {}
+        self.B: dict[str, Tensor] = {}
+        self.R: dict[str, Tensor] = {}
+        self.R_at: dict[int, dict[str, Tensor]] = {}
+
+    def initialize(self, gradients: dict[str, Tensor], eta: float = 1.0) -> None:
+        """LoRA-SB init from ``{layer: accumulated d×k weight gradient}`` (see module docstring)."""
+        if set(gradients) != set(self.layers):
+            raise ValueError(f"gradients must cover exactly the layers {sorted(self.layers)}; got "
+                             f"{sorted(gradients)}")
+        for n, spec in self.layers.items():
+            G = gradients[n]
+            if tuple(G.shape) != (spec.d_out, spec.d_in):
+                raise ValueError(f"gradient of {n!r} has shape {tuple(G.shape)}, expected "
+                                 f"({spec.d_out}, {spec.d_in})")
+            if not torch.isfinite(G).all():
+                raise ValueError(f"gradient of {n!r} has non-finite values")
+            Ut = (-eta * torch.sign(G.double())).T  # k×d
+            P, S, Qh = torch.linalg.svd(Ut, full_matrices=False)
+            r = self.r_max
+            self.A[n] = P[:, :r].T.contiguous().to(self.dtype)
+            self.B[n] = Qh[:r].T.contiguous().to(self.dtype)
+            self.R[n] = torch.diag(S[:r]).to(self.dtype)
+        self.initialized = True
+        self.R_at = {self.version: dict(self.R)}
+
+    def _require_init(self) -> None:
+        if not self.initialized:
+            raise RuntimeError("fedsb needs its initialisation first: call strategy.initialize("
+                               "gradients) with each layer's accumulated weight gradient")
+
+    def _masked(self, R: Tensor, r: int) -> Tensor:
+        """``R − pad(R[:r, :r])``: the entries a rank-r client does not train."""
+        M = R.clone()
+        M[:r, :r] = 0
+        return M
+
+    def _payload(self, client_id: str, rank: int, base_version: int) -> ClientPayload:
+        self._require_init()
+        cur, v, s = self.version, base_version, self.scale
+        factors = {n: {"R": self.R[n][:rank, :rank].clone()} for n in self.layers}
+        deltas: list[BaseDelta] = []
+        fresh = v == 0 or v > cur or v not in self.R_at
+        if fresh:  # the client holds W0: frozen factors once, and its tail as a reset delta
+            for n in self.layers:
+                factors[n]["A"] = self.A[n][:rank].clone()
+                factors[n]["B"] = self.B[n][:, :rank].clone()
+            if rank < self.r_max:
+                deltas = [BaseDelta(cur, {n: (s * self.B[n] @ self._masked(self.R[n], rank), self.A[n])
+                                          for n in self.layers}, reset=True)]
+            elif v != 0:
+                deltas = [BaseDelta(cur, {n: torch.zeros(sp.d_out, sp.d_in, dtype=self.dtype)
+                                          for n, sp in self.layers.items()}, reset=True)]
+        elif v != cur and rank < self.r_max:
+            R_v = self.R_at[v]
+            deltas = [BaseDelta(cur, {n: (s * self.B[n] @ (self._masked(self.R[n], rank)
+                                                          - self._masked(R_v[n], rank)), self.A[n])
+                                      for n in self.layers})]
+        return ClientPayload(client_id, rank, factors, deltas, cur,
+                             meta={"frozen_sent": fresh})
+
+    def aggregate(self, updates):
+        self._require_init()
+        return super().aggregate(updates)
+
+    def _aggregate(self, updates: list[ClientUpdate], p: list[float]) -> None:
+        for n in self.layers:
+            R = self.R[n]
+            new = R.clone()
+            for u, pi in zip(updates, p):
+                r = u.rank
+                new[:r, :r].add_(u.factors[n]["R"] - R[:r, :r], alpha=pi)
+            self.R[n] = new
+        self.R_at[self.version + 1] = dict(self.R)
+        for old in [v for v in self.R_at if v <= self.version + 1 - self.history]:
+            del self.R_at[old]
+
+    def _client_delta(self, u: ClientUpdate, layer: str) -> Tensor:
+        r = u.rank
+        M = self._masked(self.R[layer], r)
+        M[:r, :r] = u.factors[layer]["R"]
+        return self.scale * self.B[layer] @ M @ self.A[layer]
+
+    def global_delta(self, layer: str) -> Tensor:
+        self._require_init()
+        return self.scale * self.B[layer] @ self.R[layer] @ self.A[layer]
+
+    def _state(self) -> dict:
+        return {"initialized": self.initialized, "A": self.A, "B": self.B, "R": self.R,
+                "R_at": {str(v): R for v, R in self.R_at.items()}}
+
+    def _load_state(self, st: dict) -> None:
+        self.initialized = bool(st["initialized"])
+        cast = lambda d: {n: t.to(self.dtype).clone() for n, t in d.items()}  # noqa: E731
+        self.A, self.B, self.R = cast(st["A"]), cast(st["B"]), cast(st["R"])
+        self.R_at = {int(v): cast(R) for v, R in st["R_at"].items()}

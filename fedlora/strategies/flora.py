@@ -1,0 +1,66 @@
+"""FLoRA: stack the clients' factors, merge the stack into the frozen base, re-initialise.
+
+Every round each client starts a fresh adapter at its own rank r_i: ``B = 0``,
+``A = kaiming(r_max, k; seed_t,layer)[:r_i]`` (sent explicitly). The server stacks::
+
+    A_stack = [p_1 A_1; …; p_K A_K]   (Σr_i × k)      B_stack = [B_1, …, B_K]   (d × Σr_i)
+    s·B_stack·A_stack = s·Σ p_i B_i A_i
+    base_g ← base_g + s·B_stack·A_stack,       W_g(new) = base_g = Σ p_i W_i   (exact)
+
+Heterogeneous ranks are native. Every client, also one that skipped rounds, folds every stack it
+missed, in order (``base_version``), or one dense full delta when cheaper. Transport is the stack
+(factored) when ``Σr_i (d+k) < d·k``, else dense.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedlora.lora import kaiming_a
+from fedlora.strategies.base import BaseDelta, ClientPayload, ClientUpdate, Strategy, factored_or_dense
+from fedlora.strategies.history import BaseHistory
+
+Tensor = torch.Tensor
+
+
+class FLoRA(Strategy):
+    name = "flora"
+
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.base = BaseHistory(self.layers, self.dtype, self.history)
+
+    def round_seed(self, layer_index: int) -> int:
+        """Seed of the fresh A for the coming round (same for every client: leading-slice draw)."""
+        return (self.seed * 1_000_003 + self.round * 10_007 + layer_index) % (2**63 - 1)
+
+    def _payload(self, client_id: str, rank: int, base_version: int) -> ClientPayload:
+        cur, v = self.version, base_version
+        if v > cur:
+            deltas = [BaseDelta(cur, {n: self.base.cum[n].clone() for n in self.layers}, reset=True)]
+        else:
+            deltas = self.base.choose(v, cur, None, None)
+        factors = {n: {"A": kaiming_a(rank, s.d_in, self.round_seed(i), self.dtype)}
+                   for i, (n, s) in enumerate(self.layers.items())}
+        return ClientPayload(client_id, rank, factors, deltas, cur, reset=True,
+                             seed=self.round_seed(0), meta={"round": self.round})
+
+    def _aggregate(self, updates: list[ClientUpdate], p: list[float]) -> None:
+        transport, dense = {}, {}
+        for n in self.layers:
+            U = torch.cat([u.factors[n]["B"] * self.scale for u in updates], 1)
+            V = torch.cat([u.factors[n]["A"] * pi for u, pi in zip(updates, p)], 0)
+            transport[n], dense[n] = factored_or_dense(U, V)
+        self.base.push(self.version + 1, transport, dense)
+
+    def _client_delta(self, u: ClientUpdate, layer: str) -> Tensor:
+        return self.base.cum[layer] + self.scale * u.factors[layer]["B"] @ u.factors[layer]["A"]
+
+    def global_delta(self, layer: str) -> Tensor:
+        return self.base.cum[layer].clone()
+
+    def _state(self) -> dict:
+        return {"base": self.base.state()}
+
+    def _load_state(self, st: dict) -> None:
+        self.base.load(st["base"])
