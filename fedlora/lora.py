@@ -162,10 +162,12 @@ class LoRALinear(nn.Module):
             return B @ self.lora_r.weight.to(md) @ A
         return B @ A
 
+    @torch.no_grad()
     def delta_weight(self) -> Tensor:
         """The adapter's effective update ``s·B·A`` (or ``s·B·R·A``), d×k, master precision."""
         return self.scale * self.adapter_product()
 
+    @torch.no_grad()
     def effective_weight(self) -> Tensor:
         """``W0 + D + s·B·A`` in master precision (what the layer computes, minus the bias)."""
         md = _master_dtype(self.base.weight.dtype)
