@@ -179,6 +179,9 @@ class LoRALinear(nn.Module):
     def _weight(self) -> Tensor:
         if self.base_delta is None:
             return self.base.weight
+        w0 = self.base.weight
+        if w0.requires_grad:  # a gradient through the frozen weight is wanted (Fed-SB init): no cache
+            return (w0.to(self.base_delta.dtype) + self.base_delta).to(w0.dtype)
         if self._w_eff is None:
             w0 = self.base.weight.detach()
             self._w_eff = (w0.to(self.base_delta.dtype) + self.base_delta).to(w0.dtype)

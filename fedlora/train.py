@@ -157,3 +157,48 @@ def evaluate(model: nn.Module, loader: Iterable[dict],
     if n == 0:
         raise ValueError("the evaluation loader yielded no example")
     return EvalResult(total / n, correct / n, n)
+
+
+def accumulate_weight_gradients(model: nn.Module, loader: Iterable[dict], layer_names: list[str],
+                                batches: int = 2, device: str | torch.device = "auto",
+                                ) -> dict[str, torch.Tensor]:
+    """Σ over ``batches`` mini-batches of ∇_W (mean loss) for the frozen weight of each named layer.
+
+    The Fed-SB (LoRA-SB) initialisation input. Adapters are bypassed (merged state untouched: the
+    gradient is taken at ``W0 + D``, the layer's current frozen weight); nothing is updated.
+    """
+    from fedlora.lora import lora_layers
+
+    dev = resolve_device(device)
+    model.to(dev).train()
+    layers = lora_layers(model)
+    missing = [n for n in layer_names if n not in layers]
+    if missing:
+        raise ValueError(f"layers {missing} are not adapted layers of the model")
+    saved = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for n in layer_names:
+        layers[n].base.weight.requires_grad_(True)
+        layers[n].base.weight.grad = None
+        layers[n]._w_eff = None
+    seen = 0
+    try:
+        for batch in loader:
+            if seen >= batches:
+                break
+            if batch["labels"].shape[0] == 0:
+                continue
+            loss, _ = _forward(model, batch, dev)
+            loss.backward()
+            seen += 1
+        if seen == 0:
+            raise ValueError("the loader yielded no batch for the gradient accumulation")
+        return {n: layers[n].base.weight.grad.detach().float().cpu().clone() for n in layer_names}
+    finally:
+        for n in layer_names:
+            layers[n].base.weight.grad = None
+            layers[n].base.weight.requires_grad_(False)
+            layers[n]._w_eff = None
+        for n, p in model.named_parameters():
+            p.requires_grad_(saved[n])
