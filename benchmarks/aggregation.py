@@ -1,0 +1,98 @@
+"""Time ``aggregate`` per strategy on BERT-base-sized layers against a floor measured in the same run.
+
+24 layers of 768×768, r_max 16, client ranks cycling {4, 8, 16}, K ∈ {8, 32, 128}, float32,
+``check_exactness=False`` (the dense diagnostic is not part of the rule). Floors:
+- fedex / flora: one GEMM with the same FLOPs as the dense residual/stack product (d×ρ·ρ×k per
+  layer, ρ the residual's column count);
+- fedavg / fedsa / fedsb: one pass over the uploaded factor bytes (a weighted sum of the clients'
+  tensors, already stacked in memory).
+
+    python benchmarks/aggregation.py [--clients 8,32,128] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from fedlora.strategies import ClientUpdate, LayerSpec, create_strategy
+
+LAYERS = {f"encoder.{i}.{p}": LayerSpec(768, 768) for i in range(12) for p in ("query", "value")}
+RANKS = (4, 8, 16)
+R_MAX = 16
+
+
+def _updates(name: str, k: int, version: int, gen: torch.Generator) -> list[ClientUpdate]:
+    ups = []
+    for i in range(k):
+        r = RANKS[i % len(RANKS)]
+        if name == "fedsb":
+            f = {n: {"R": torch.randn(r, r, generator=gen)} for n in LAYERS}
+        elif name == "fedsa":
+            f = {n: {"A": torch.randn(r, 768, generator=gen)} for n in LAYERS}
+        else:
+            f = {n: {"A": torch.randn(r, 768, generator=gen), "B": torch.randn(768, r, generator=gen)}
+                 for n in LAYERS}
+        ups.append(ClientUpdate(f"c{i}", r, 100 + i, version, f))
+    return ups
+
+
+def _best(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def time_strategy(name: str, k: int, repeats: int) -> tuple[float, float, str]:
+    gen = torch.Generator().manual_seed(0)
+    times = []
+    rho = 0
+    for _ in range(repeats):
+        s = create_strategy(name, layers=LAYERS, r_max=R_MAX, scale=2.0, check_exactness=False)
+        if name == "fedsb":
+            s.initialize({n: torch.randn(768, 768, generator=gen) for n in LAYERS})
+        ups = _updates(name, k, s.version, gen)
+        t0 = time.perf_counter()
+        s.aggregate(ups)
+        times.append(time.perf_counter() - t0)
+    t = min(times)
+    ranks = [u.rank for u in ups]
+    if name in ("fedex", "flora"):
+        rho = sum(ranks) + (R_MAX + sum(R_MAX - r for r in set(ranks) if r < R_MAX)
+                            if name == "fedex" else 0)
+        U, V = torch.randn(768, rho), torch.randn(rho, 768)
+        floor = _best(lambda: [U @ V for _ in LAYERS], repeats)
+        what = f"GEMM 768x{rho}x768 x{len(LAYERS)}"
+    else:
+        per = {"fedsb": lambda r: r * r, "fedsa": lambda r: r * 768,
+               "fedavg": lambda r: 2 * r * 768}[name]
+        numel = sum(per(r) for r in ranks)
+        X = torch.randn(k, numel // k + 1)
+        w = torch.rand(k, 1)
+        floor = _best(lambda: [(X * w).sum(0) for _ in LAYERS], repeats)
+        what = f"weighted sum of {numel * 4 * len(LAYERS) / 2**20:.0f} MiB"
+    return t, floor, what
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--clients", default="8,32,128")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, float32, "
+          f"{len(LAYERS)} layers 768x768, r_max {R_MAX}, ranks {RANKS}")
+    print(f"{'strategy':8} {'K':>4} {'aggregate s':>12} {'floor s':>9} {'ratio':>6}  floor")
+    for k in [int(x) for x in args.clients.split(",")]:
+        for name in ("fedavg", "fedex", "flora", "fedsb", "fedsa"):
+            t, floor, what = time_strategy(name, k, args.repeats)
+            print(f"{name:8} {k:>4} {t:>12.4f} {floor:>9.4f} {t / floor:>6.2f}  {what}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
