@@ -1,0 +1,161 @@
+"""Reports from run directories: ``metrics.jsonl`` (+ ``summary.json``) → Markdown table and PNG plots.
+
+One run directory per strategy. Each ``metrics.jsonl`` line is one round with at least ``round``
+and, when the run evaluated that round, ``accuracy``; communication comes from ``bytes_up`` /
+``bytes_down`` (round totals) or the per-client rows under ``clients`` (``bytes_up`` /
+``bytes_down`` each). ``epsilon`` per client (DP runs) is read from the client rows.
+
+    fedlora report runs/compare-x/fedavg runs/compare-x/fedex ... --out runs/compare-x
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MB = 1_000_000
+
+
+@dataclass
+class RunSeries:
+    name: str
+    strategy: str
+    rounds: list[int] = field(default_factory=list)
+    accuracy: list[float | None] = field(default_factory=list)
+    bytes_up: list[int] = field(default_factory=list)
+    bytes_down: list[int] = field(default_factory=list)
+    epsilon: float | None = None
+    delta: float | None = None
+    wall_seconds: float | None = None
+    num_clients: int = 0
+
+    @property
+    def cum_mb(self) -> list[float]:
+        out, tot = [], 0
+        for u, d in zip(self.bytes_up, self.bytes_down):
+            tot += u + d
+            out.append(tot / MB)
+        return out
+
+    def evaluated(self) -> list[tuple[int, float, float]]:
+        """``(round, accuracy, cumulative MB)`` for the rounds that were evaluated."""
+        return [(r, a, mb) for r, a, mb in zip(self.rounds, self.accuracy, self.cum_mb) if a is not None]
+
+
+def _round_bytes(row: dict, key: str) -> int:
+    if isinstance(row.get(key), int | float):
+        return int(row[key])
+    clients = row.get("clients") or []
+    return int(sum(c.get(key, 0) or 0 for c in clients))
+
+
+def load_run(run_dir: str | Path) -> RunSeries:
+    run_dir = Path(run_dir)
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: is {run_dir} a fedlora run directory?")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "round" in r]
+    summary = {}
+    if (run_dir / "summary.json").exists():
+        summary = json.loads((run_dir / "summary.json").read_text())
+    strategy = summary.get("strategy") or (rows[0].get("strategy") if rows else "") or run_dir.name
+    s = RunSeries(run_dir.name, strategy)
+    eps: list[float] = []
+    clients: set[str] = set()
+    for r in rows:
+        s.rounds.append(int(r["round"]))
+        acc = r.get("accuracy")
+        s.accuracy.append(None if acc is None or (isinstance(acc, float) and math.isnan(acc)) else
+                          float(acc))
+        s.bytes_up.append(_round_bytes(r, "bytes_up"))
+        s.bytes_down.append(_round_bytes(r, "bytes_down"))
+        for c in r.get("clients") or []:
+            clients.add(str(c.get("id", c.get("client_id", ""))))
+            if c.get("epsilon") is not None:
+                eps.append(float(c["epsilon"]))
+            if c.get("delta") is not None:
+                s.delta = float(c["delta"])
+    s.num_clients = len(clients - {""}) or int(summary.get("num_clients", 0) or 0)
+    s.epsilon = max(eps) if eps else summary.get("max_epsilon")
+    s.delta = s.delta if s.delta is not None else summary.get("delta")
+    s.wall_seconds = summary.get("wall_seconds")
+    return s
+
+
+def rounds_to_target(s: RunSeries, target: float) -> int | None:
+    for r, a, _ in s.evaluated():
+        if a >= target:
+            return r
+    return None
+
+
+def table(runs: list[RunSeries], target: float | None = None) -> str:
+    """The comparison table (Markdown)."""
+    head = ["strategy", "final acc", "best acc"]
+    if target is not None:
+        head.append(f"rounds to {target:.2f}")
+    head += ["MB up", "MB down", "MB / client", "wall s", "ε (max) / δ"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in runs:
+        ev = s.evaluated()
+        final = f"{ev[-1][1]:.4f}" if ev else "–"
+        best = f"{max(a for _, a, _ in ev):.4f}" if ev else "–"
+        up, down = sum(s.bytes_up) / MB, sum(s.bytes_down) / MB
+        per = (up + down) / s.num_clients if s.num_clients else float("nan")
+        row = [s.strategy, final, best]
+        if target is not None:
+            rt = rounds_to_target(s, target)
+            row.append(str(rt) if rt is not None else "not reached")
+        eps = "–" if s.epsilon is None else f"{s.epsilon:.2f} / {s.delta:.1e}" if s.delta else \
+            f"{s.epsilon:.2f}"
+        row += [f"{up:.3f}", f"{down:.3f}", f"{per:.3f}",
+                "–" if s.wall_seconds is None else f"{s.wall_seconds:.1f}", eps]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(runs: list[RunSeries], out_dir: str | Path) -> list[Path]:
+    """``accuracy_vs_round.png`` and ``accuracy_vs_mb.png`` (log x) in ``out_dir``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for fname, xlabel, xi, logx in (("accuracy_vs_round.png", "round", 0, False),
+                                    ("accuracy_vs_mb.png", "cumulative MB communicated (up + down)",
+                                     2, True)):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+        for s in runs:
+            ev = s.evaluated()
+            if ev:
+                ax.plot([e[xi] for e in ev], [e[1] for e in ev], marker="o", ms=3, label=s.strategy)
+        if logx:
+            ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out_dir / fname)
+        plt.close(fig)
+        paths.append(out_dir / fname)
+    return paths
+
+
+def write_report(run_dirs: list[str | Path], out_dir: str | Path, title: str = "fedlora comparison",
+                 target: float | None = None, notes: str = "") -> Path:
+    runs = [load_run(d) for d in run_dirs]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pngs = plots(runs, out_dir)
+    body = [f"# {title}\n", notes + "\n" if notes else "", table(runs, target), ""]
+    body += [f"![{p.stem}]({p.name})\n" for p in pngs]
+    report = out_dir / "report.md"
+    report.write_text("\n".join(body))
+    return report
