@@ -1,0 +1,36 @@
+"""report.md and plots from metrics.jsonl files: numbers in the table equal the files'."""
+
+from __future__ import annotations
+
+import json
+
+from fedlora.report import load_run, write_report
+
+
+def _run(tmp_path, name, accs, up, down, eps=None):
+    d = tmp_path / name
+    d.mkdir()
+    with open(d / "metrics.jsonl", "w") as f:
+        for i, a in enumerate(accs):
+            clients = [{"id": f"c{j}", "bytes_up": up, "bytes_down": down,
+                        **({"epsilon": eps[i] + j, "delta": 1e-5} if eps else {})} for j in range(2)]
+            f.write(json.dumps({"round": i + 1, "strategy": name, "accuracy": a, "clients": clients}) + "\n")
+    (d / "summary.json").write_text(json.dumps({"strategy": name, "wall_seconds": 12.5}))
+    return d
+
+
+def test_report_table_and_plots_match_metrics(tmp_path):
+    a = _run(tmp_path, "fedavg", [0.5, 0.7, 0.6], 1_000_000, 2_000_000)
+    b = _run(tmp_path, "fedex", [0.55, 0.8, 0.9], 1_500_000, 500_000, eps=[1.0, 2.0, 3.0])
+    report = write_report([a, b], tmp_path / "out", target=0.75)
+    text = report.read_text()
+    assert (tmp_path / "out" / "accuracy_vs_round.png").stat().st_size > 1000
+    assert (tmp_path / "out" / "accuracy_vs_mb.png").stat().st_size > 1000
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in text.splitlines() if line.startswith("| fed")}
+    # final, best, rounds-to-target, MB up, MB down, MB/client, wall, eps
+    assert rows["fedavg"][:6] == ["0.6000", "0.7000", "not reached", "6.000", "12.000", "9.000"]
+    assert rows["fedex"][:6] == ["0.9000", "0.9000", "2", "9.000", "3.000", "6.000"]
+    assert rows["fedex"][7].startswith("4.00")  # max ε over clients and rounds (3.0 + 1)
+    s = load_run(b)
+    assert s.cum_mb == [4.0, 8.0, 12.0]
