@@ -1,0 +1,268 @@
+"""fedlora's Flower ClientApp: apply the payload, train locally, reply with the update + metrics.
+
+Node config (``flower-supernode --node-config``; in simulation Flower sets the partition keys):
+
+- ``partition-id`` / ``num-partitions``: which share of the data this node trains on;
+- ``rank``: its LoRA rank (default ``clients.ranks[partition-id % len(ranks)]`` from the run);
+- ``device``: ``auto`` / ``cpu`` / ``cuda:N`` (default: the run's ``clients.device``);
+- ``cache-dir``: deployment: the node keeps ``W0`` (memory-mapped) and its base delta / client
+  state in ``fedlora.node_cache.NodeCache(cache-dir)``, because a deployed ClientApp process serves
+  one message and exits. Without it (simulation) the state lives in ``context.state``;
+- ``fail-at-round``: fault injection for tests (the client raises in that round).
+
+Everything about the run (model, LoRA, data, training, seed) comes inside the message (the
+``fedlora.run`` record): a client never reads the server's files.
+
+The model is built once per process and cached (keyed by the model spec); virtual clients served by
+the same process share it and its frozen ``W0`` read-only. Before a payload is applied the cached
+model is put back into THIS client's state: its base delta ``D`` per adapted layer, its adapter
+factors (Fed-SB's frozen B/A, FedSA's personal B), its head — or the pretrained ones for a new
+client — so nothing leaks from one client to the next. The payload's base deltas start at
+``from_version``: 0 means "from W0" (the client drops its D first); any other value must equal the
+version the client holds, else the client refuses and the server re-syncs it from 0 next time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import resource
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedlora import flower_io, rundata
+from fedlora.client import apply_payload, head_state, make_update
+from fedlora.lora import adapter_state, lora_layers
+from fedlora.node_cache import NodeCache, base_deltas, process_age_s
+from fedlora.train import OptimConfig, evaluate, resolve_device, train_local
+
+app = ClientApp()
+
+STATE_ARRAYS, STATE_META, STATE_PRIVACY = "fedlora.client", "fedlora.client.meta", "fedlora.privacy"
+
+
+@dataclass
+class ModelEntry:
+    model: nn.Module
+    head_names: list[str]
+    head0: dict[str, torch.Tensor]  # the pretrained head, for clients with no head of their own
+    model_key: str
+
+
+@dataclass
+class ClientState:
+    version: int = 0
+    rank: int = 0
+    deltas: dict[str, torch.Tensor] = field(default_factory=dict)
+    factors: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    head: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+_MODELS: dict[str, ModelEntry] = {}
+
+
+def _model_key(spec: dict) -> str:
+    m = spec["model"]
+    name = m["name"].replace("hf:", "hf-").replace("/", "_")
+    digest = hashlib.sha256(rundata.spec_key(spec, "model", "data").encode()).hexdigest()[:10]
+    return f"{name}-seed{spec['seed']}-{digest}"
+
+
+def get_model_entry(spec: dict, cache_dir: str | None = None) -> tuple[ModelEntry, float]:
+    """The process's cached model for this spec (built or loaded once); ``(entry, load seconds)``."""
+    key = rundata.spec_key(spec, "model", "lora", "seed", "strategy", "scale", "data") + f"|{cache_dir}"
+    if key in _MODELS:
+        return _MODELS[key], 0.0
+    t0 = time.perf_counter()
+    mkey = _model_key(spec)
+    if cache_dir:
+        base = NodeCache(cache_dir).load_model(mkey, lambda: rundata.build_base(spec))
+    else:
+        base = rundata.build_base(spec)
+    _, head_names = rundata.inject(spec, base, max(1, int(spec["r_max"])))
+    entry = ModelEntry(base, head_names, head_state(base, head_names), mkey)
+    _MODELS.clear()  # one model per process: a new run spec replaces the old one
+    _MODELS[key] = entry
+    return entry, time.perf_counter() - t0
+
+
+# ---- per-client state ---------------------------------------------------------------------------
+
+def _flat(st: ClientState) -> dict[str, torch.Tensor]:
+    out = {f"D::{n}": d for n, d in st.deltas.items()}
+    out |= {f"F::{n}::{k}": t for n, f in st.factors.items() for k, t in f.items()}
+    out |= {f"H::{k}": t for k, t in st.head.items()}
+    return out
+
+
+def _unflat(tensors: dict[str, torch.Tensor], version: int, rank: int) -> ClientState:
+    st = ClientState(version, rank)
+    for key, t in tensors.items():
+        kind, _, rest = key.partition("::")
+        if kind == "D":
+            st.deltas[rest] = t
+        elif kind == "F":
+            n, _, k = rest.rpartition("::")
+            st.factors.setdefault(n, {})[k] = t
+        elif kind == "H":
+            st.head[rest] = t
+    return st
+
+
+def load_state(context: Context, entry: ModelEntry) -> ClientState | None:
+    cache_dir = context.node_config.get("cache-dir")
+    if cache_dir:
+        cache = NodeCache(str(cache_dir))
+        hit = cache.load_base(entry.model_key)
+        if hit is None:
+            return None
+        version, deltas = hit
+        other = cache.load_state(entry.model_key, "client")
+        st = ClientState(version, 0, dict(deltas))
+        if other is not None and int(other[1].get("version", -1)) == version:
+            extra = _unflat(other[0], version, int(other[1].get("rank", 0)))
+            st.factors, st.head, st.rank = extra.factors, extra.head, extra.rank
+        return st
+    if STATE_META not in context.state.config_records:
+        return None
+    meta = context.state.config_records[STATE_META]
+    tensors = flower_io.record_to_tensors(context.state.array_records[STATE_ARRAYS])
+    return _unflat(tensors, int(meta["version"]), int(meta["rank"]))
+
+
+def save_state(context: Context, entry: ModelEntry, st: ClientState) -> None:
+    cache_dir = context.node_config.get("cache-dir")
+    if cache_dir:
+        cache = NodeCache(str(cache_dir))
+        cache.save_base(entry.model_key, st.version, st.deltas)
+        rest = ClientState(st.version, st.rank, {}, st.factors, st.head)
+        cache.save_state(entry.model_key, "client", _flat(rest),
+                         {"version": str(st.version), "rank": str(st.rank)})
+        return
+    context.state[STATE_ARRAYS] = flower_io.tensors_to_record(_flat(st))
+    context.state[STATE_META] = ConfigRecord({"version": st.version, "rank": st.rank})
+
+
+def restore(entry: ModelEntry, st: ClientState | None, rank: int, seed: int) -> None:
+    """Put this client's D, adapter and head into the shared model (pretrained ones if new)."""
+    model = entry.model
+    with torch.no_grad():
+        for i, (n, layer) in enumerate(lora_layers(model).items()):
+            layer.set_base_delta_(st.deltas.get(n) if st else None)
+            layer.reset_(rank, seed + i)
+            f = st.factors.get(n) if st and st.rank == rank else None
+            if f:
+                layer.set_factors_(f.get("A"), f.get("B"), f.get("R"))
+        head = st.head if st and st.head else entry.head0
+        for pname, t in head.items():
+            model.get_parameter(pname).copy_(t)
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+
+def _node(context: Context, spec: dict) -> tuple[int, int, int, str]:
+    nc = context.node_config
+    pid = int(nc.get("partition-id", 0))
+    nparts = int(nc.get("num-partitions", max(pid + 1, 1)))
+    ranks = spec.get("ranks") or [int(spec["r_max"])]
+    rank = int(nc.get("rank", ranks[pid % len(ranks)]))
+    device = str(nc.get("device", spec.get("device", "cpu")))
+    return pid, nparts, rank, device
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+
+
+# ---- handlers -----------------------------------------------------------------------------------
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Capabilities: rank, device, partition, num_examples (the server asks once per node)."""
+    spec, _, _ = flower_io.payload_context(msg.content)
+    pid, nparts, rank, device = _node(context, spec)
+    train, _ = rundata.client_data(spec, pid, nparts)
+    caps = MetricRecord({"rank": rank, "partition-id": pid, "num-partitions": nparts,
+                         "num-examples": len(train),
+                         "cuda": int(resolve_device(device).type == "cuda")})
+    return Message(RecordDict({"caps": caps, "caps.config": ConfigRecord({"device": device})}),
+                   reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    age = process_age_s()
+    t_enter = time.perf_counter()
+    spec, rnd, from_version = flower_io.payload_context(msg.content)
+    payload = flower_io.record_to_payload(msg.content)
+    pid, nparts, rank, device_name = _node(context, spec)
+    if int(context.node_config.get("fail-at-round", -1)) == rnd:
+        raise RuntimeError(f"fault injection: client {pid} fails in round {rnd} (node config fail-at-round)")
+    if payload.rank != rank:
+        raise ValueError(f"payload is for rank {payload.rank} but this node has rank {rank}")
+    device = resolve_device(device_name)
+    entry, load_s = get_model_entry(spec, context.node_config.get("cache-dir"))
+    t_apply = time.perf_counter()
+    st = load_state(context, entry)
+    held = st.version if st else 0
+    if from_version == 0:
+        if st:
+            st.deltas = {}
+    elif from_version != held:
+        raise ValueError(f"base version mismatch: this client holds version {held} but the payload's "
+                         f"deltas start at version {from_version}; the server re-syncs it from 0")
+    restore(entry, st, rank, int(spec["seed"]))
+    model = entry.model
+    apply_payload(model, payload)
+    apply_s = time.perf_counter() - t_apply
+
+    train_ds, val_ds = rundata.client_data(spec, pid, nparts)
+    tr = spec["train"]
+    optim = OptimConfig(tr["optimizer"], tr["lr"], tr["weight_decay"], tr["momentum"])
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    metrics: dict[str, float | int] = {}
+    privacy = spec.get("privacy") or {}
+    if privacy.get("enabled"):
+        res, pmetrics = _train_private(context, spec, model, train_ds, optim, device, rnd, pid)
+        metrics |= pmetrics
+    else:
+        loader = rundata.loader(spec, train_ds, tr["batch_size"], True, int(spec["seed"]) + rnd - 1)
+        res = train_local(model, loader, steps=tr["local_steps"], optim=optim, device=device)
+    model.to("cpu")
+    metrics |= {"loss": res.loss, "train-time-s": res.seconds, "steps": res.steps,
+                "peak-memory-bytes": peak_memory_bytes(device), "rank": rank, "partition-id": pid,
+                "overhead-process-s": age, "overhead-load-s": load_s, "overhead-apply-s": apply_s,
+                "base-version": payload.base_version}
+    if spec["strategy"] == "fedsa" and val_ds is not None and len(val_ds):
+        ev = evaluate(model, rundata.loader(spec, val_ds, spec["eval"]["batch_size"], False, 0), device="cpu")
+        metrics |= {"eval-accuracy": ev.accuracy, "eval-loss": ev.loss, "eval-examples": ev.num_examples}
+    update = make_update(model, payload.client_id, len(train_ds), payload.base_version, spec["strategy"],
+                         head_names=entry.head_names)
+    save_state(context, entry, ClientState(payload.base_version, rank, base_deltas(model),
+                                           adapter_state(model), head_state(model, entry.head_names)))
+    metrics["client-time-s"] = time.perf_counter() - t_enter
+    return Message(flower_io.update_to_record(update, metrics), reply_to=msg)
+
+
+def _train_private(context: Context, spec: dict, model: nn.Module, train_ds, optim: OptimConfig,
+                   device: torch.device, rnd: int, pid: int):
+    """DP-SGD through fedlora.privacy; the accountant history persists in context.state."""
+    from fedlora.privacy import PrivacyConfig, PrivacyState, train_private
+
+    cfg = PrivacyConfig.from_dict(spec["privacy"])
+    cfg.validate(len(train_ds))
+    rec = context.state.config_records.get(STATE_PRIVACY)
+    state = PrivacyState.from_dict(dict(rec) if rec is not None else None)
+    tr = spec["train"]
+    res = train_private(model, train_ds, cfg=cfg, state=state, batch_size=tr["batch_size"],
+                        steps=tr["local_steps"], planned_total_steps=int(spec["rounds"]) * tr["local_steps"],
+                        optim=optim, device=device, collate_fn=rundata.collate_fn(spec), seed=None)
+    context.state[STATE_PRIVACY] = ConfigRecord(res.state.to_dict())
+    return res.train, res.metrics()

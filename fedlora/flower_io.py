@@ -1,0 +1,182 @@
+"""The one bridge between fedlora payloads/updates and Flower records.
+
+Message layout (a ``RecordDict``):
+
+- payload (server → client, TRAIN): ``"fedlora.factors"`` ArrayRecord ``{layer}::{A|B|R}``;
+  ``"fedlora.deltas"`` ArrayRecord ``{i}::{layer}::{D|U|V}`` (``i`` = position in
+  ``base_deltas``; ``D`` dense, ``U``/``V`` factored ``U @ V``); ``"fedlora.head"`` ArrayRecord
+  (when the payload carries a head); ``"fedlora.payload"`` ConfigRecord (client id, rank, versions,
+  reset flags, seed, meta as JSON, ``from_version``: the base version the deltas start from);
+  ``"fedlora.run"`` ConfigRecord (``spec``: the run's client spec as JSON, ``round``).
+- update (client → server, TRAIN reply): ``"fedlora.update"`` ArrayRecord ``{layer}::{key}`` and
+  ``head::{param}``; ``"fedlora.update.meta"`` ConfigRecord (client id, rank, base version);
+  ``"metrics"`` MetricRecord (``num-examples`` plus numbers such as loss and train time).
+
+Bytes are counted from what is actually serialised: the sum of ``len(Array.data)`` over every
+ArrayRecord in the RecordDict (``record_bytes``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from fedlora.strategies import BaseDelta, ClientPayload, ClientUpdate
+
+SEP = "::"
+FACTORS, DELTAS, HEAD, PAYLOAD, RUN = ("fedlora.factors", "fedlora.deltas", "fedlora.head",
+                                       "fedlora.payload", "fedlora.run")
+UPDATE, UPDATE_META, METRICS = "fedlora.update", "fedlora.update.meta", "metrics"
+
+
+def _arr(t: torch.Tensor) -> Array:
+    return Array(t.detach().cpu().contiguous().numpy())
+
+
+def _tensor(a: Array) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a.numpy()))
+
+
+def _record(items: dict[str, torch.Tensor]) -> ArrayRecord:
+    return ArrayRecord(OrderedDict((k, _arr(v)) for k, v in items.items()))
+
+
+def record_bytes(rd: RecordDict) -> int:
+    """Serialised array bytes in a RecordDict (every ``Array.data`` of every ArrayRecord)."""
+    return sum(len(a.data) for rec in rd.array_records.values() for a in rec.values())
+
+
+def _split(key: str, n: int, what: str) -> list[str]:
+    parts = key.split(SEP)
+    if len(parts) != n:
+        raise ValueError(f"malformed {what} key {key!r} (expected {n} parts joined by {SEP!r})")
+    return parts
+
+
+# ---- payloads -----------------------------------------------------------------------------------
+
+def payload_to_record(p: ClientPayload, spec: dict | None = None, round: int = 0,
+                      from_version: int = 0) -> RecordDict:
+    """A payload (+ the run spec for the client) as a RecordDict; see the module docstring."""
+    factors = {f"{layer}{SEP}{k}": t for layer, f in p.factors.items() for k, t in f.items()}
+    deltas: dict[str, torch.Tensor] = {}
+    for i, bd in enumerate(p.base_deltas):
+        for layer, d in bd.layers.items():
+            if isinstance(d, tuple):
+                deltas[f"{i}{SEP}{layer}{SEP}U"], deltas[f"{i}{SEP}{layer}{SEP}V"] = d
+            else:
+                deltas[f"{i}{SEP}{layer}{SEP}D"] = d
+    rd = RecordDict({FACTORS: _record(factors), DELTAS: _record(deltas)})
+    if p.head is not None:
+        rd[HEAD] = _record(p.head)
+    if p.frozen:
+        rd["fedlora.frozen"] = _record({f"{layer}{SEP}{k}": t for layer, f in p.frozen.items()
+                                        for k, t in f.items()})
+    rd[PAYLOAD] = ConfigRecord({
+        "client_id": p.client_id, "rank": int(p.rank), "base_version": int(p.base_version),
+        "reset": bool(p.reset), "seed": -1 if p.seed is None else int(p.seed),
+        "delta_versions": [int(bd.version) for bd in p.base_deltas] or [0],
+        "delta_resets": [bool(bd.reset) for bd in p.base_deltas] or [False],
+        "num_deltas": len(p.base_deltas), "meta": json.dumps(p.meta, default=str),
+        "bytes_down": int(p.bytes_down), "from_version": int(from_version)})
+    rd[RUN] = ConfigRecord({"spec": json.dumps(spec or {}), "round": int(round)})
+    return rd
+
+
+def _nested(rec: ArrayRecord) -> dict[str, dict[str, torch.Tensor]]:
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, a in rec.items():
+        layer, k = _split(key, 2, "factor")
+        out.setdefault(layer, {})[k] = _tensor(a)
+    return out
+
+
+def record_to_payload(rd: RecordDict) -> ClientPayload:
+    if PAYLOAD not in rd.config_records or FACTORS not in rd.array_records:
+        raise ValueError("message carries no fedlora payload (records 'fedlora.payload' and "
+                         "'fedlora.factors' are missing)")
+    c = rd.config_records[PAYLOAD]
+    n = int(c["num_deltas"])
+    versions, resets = list(c["delta_versions"]), list(c["delta_resets"])
+    per: list[dict[str, dict[str, torch.Tensor]]] = [{} for _ in range(n)]
+    for key, a in (rd.array_records.get(DELTAS) or {}).items():
+        i, layer, k = _split(key, 3, "delta")
+        per[int(i)].setdefault(layer, {})[k] = _tensor(a)
+    deltas = []
+    for i in range(n):
+        layers = {layer: (d["U"], d["V"]) if "U" in d else d["D"] for layer, d in per[i].items()}
+        deltas.append(BaseDelta(int(versions[i]), layers, bool(resets[i])))
+    head = None
+    if HEAD in rd.array_records:
+        head = {k: _tensor(a) for k, a in rd.array_records[HEAD].items()}
+    frozen = _nested(rd.array_records["fedlora.frozen"]) if "fedlora.frozen" in rd.array_records else None
+    seed = int(c["seed"])
+    return ClientPayload(str(c["client_id"]), int(c["rank"]), _nested(rd.array_records[FACTORS]), deltas,
+                         int(c["base_version"]), bool(c["reset"]), None if seed < 0 else seed, head,
+                         frozen, json.loads(str(c["meta"])), int(c["bytes_down"]))
+
+
+def payload_context(rd: RecordDict) -> tuple[dict, int, int]:
+    """``(spec, round, from_version)`` carried next to the payload."""
+    run = rd.config_records.get(RUN)
+    spec = json.loads(str(run["spec"])) if run is not None else {}
+    rnd = int(run["round"]) if run is not None else 0
+    from_version = int(rd.config_records[PAYLOAD]["from_version"]) if PAYLOAD in rd.config_records else 0
+    return spec, rnd, from_version
+
+
+# ---- updates ------------------------------------------------------------------------------------
+
+def _metric_value(k: str, v):
+    if isinstance(v, bool):
+        return int(v)
+    if isinstance(v, int | float):
+        return v
+    raise ValueError(f"metric {k!r} must be a number, got {v!r}")
+
+
+def update_to_record(u: ClientUpdate, metrics: dict | None = None) -> RecordDict:
+    """An update as a RecordDict; ``metrics`` (numbers) go to the MetricRecord with ``num-examples``."""
+    arrays = {f"{layer}{SEP}{k}": t for layer, f in u.factors.items() for k, t in f.items()}
+    for k, t in (u.head or {}).items():
+        arrays[f"head{SEP}{k}"] = t
+    m = {k: _metric_value(k, v) for k, v in {**u.metrics, **(metrics or {})}.items()}
+    m["num-examples"] = int(u.num_examples)
+    return RecordDict({
+        UPDATE: _record(arrays),
+        UPDATE_META: ConfigRecord({"client_id": u.client_id, "rank": int(u.rank),
+                                   "base_version": int(u.base_version)}),
+        METRICS: MetricRecord(m)})
+
+
+def record_to_update(rd: RecordDict) -> ClientUpdate:
+    if UPDATE not in rd.array_records or UPDATE_META not in rd.config_records:
+        raise ValueError("reply carries no fedlora update (records 'fedlora.update' and "
+                         "'fedlora.update.meta' are missing)")
+    meta = rd.config_records[UPDATE_META]
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    head: dict[str, torch.Tensor] = {}
+    for key, a in rd.array_records[UPDATE].items():
+        first, k = _split(key, 2, "update")
+        if first == "head":
+            head[k] = _tensor(a)
+        else:
+            factors.setdefault(first, {})[k] = _tensor(a)
+    metrics = dict(rd.metric_records[METRICS]) if METRICS in rd.metric_records else {}
+    n = int(metrics.get("num-examples", 0))
+    return ClientUpdate(str(meta["client_id"]), int(meta["rank"]), n, int(meta["base_version"]),
+                        factors, head or None, metrics)
+
+
+# ---- state records (client side: context.state) ---------------------------------------------------
+
+def tensors_to_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
+    return _record(tensors)
+
+
+def record_to_tensors(rec: ArrayRecord) -> dict[str, torch.Tensor]:
+    return {k: _tensor(a) for k, a in rec.items()}

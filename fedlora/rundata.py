@@ -1,0 +1,176 @@
+"""The model and data of a run, built from the client spec (``RunConfig.client_spec()``).
+
+Shared by the ServerApp (server-held splits, the model's adapted layer shapes) and the ClientApp
+(a client's partition), so both sides build exactly the same thing from the same spec.
+
+Synthetic data (``data.name = "synthetic"``), partition ``iid``: client ``i`` draws its own
+``examples_per_client`` examples with seed ``seed·1000 + i`` (the in-process harness's draw, so a
+Flower run and ``fedlora.testing.run_inprocess`` train on the same data), and its validation shard
+with seed ``seed·1000 + i + 500000``. Other partitions split one pooled draw with
+``fedlora.data.partition``. The server's held-out split is seed ``seed + 10000``; Fed-SB's init
+split is seed ``seed + 20000``. Real data (``sst2``/``agnews``/``rte`` or a CSV/TSV path): the
+training file is partitioned with flwr-datasets' partitioners, each partition split into train/val,
+tokenised with the model's tokenizer (cached), batched with dynamic padding; the server evaluates on
+the test file (capped at ``data.server_examples`` rows).
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset
+
+from fedlora.lora import LoRAConfig, inject_lora
+from fedlora.models import default_targets, get_model
+from fedlora.synthetic import SyntheticTask, make_loader
+
+VAL_SEED_OFFSET = 500_000
+
+
+def mode_for(strategy: str) -> str:
+    return "sb" if strategy == "fedsb" else "lora"
+
+
+def spec_key(spec: dict, *parts: str) -> str:
+    return json.dumps({p: spec.get(p) for p in parts}, sort_keys=True, default=str)
+
+
+def num_classes(spec: dict) -> int:
+    d = spec["data"]
+    if d["name"] == "synthetic":
+        return SyntheticTask().num_classes
+    from fedlora import data as fdata
+
+    if d["name"] in fdata.KNOWN_DATASETS:
+        return fdata.KNOWN_DATASETS[d["name"]].num_classes
+    return len(_real_train_pool(json.dumps(spec, sort_keys=True)).features["label"].names)
+
+
+def build_base(spec: dict) -> nn.Module:
+    """The pretrained model (no adapters), seeded by the run seed."""
+    m = spec["model"]
+    return get_model(m["name"], seed=spec["seed"], num_classes=num_classes(spec), **m.get("kwargs", {}))
+
+
+def lora_config(spec: dict, model: nn.Module, rank: int) -> tuple[LoRAConfig, list[str]]:
+    lo = spec["lora"]
+    targets, head = default_targets(spec["model"]["name"], model)
+    head = list(lo.get("head") or head)
+    cfg = LoRAConfig(targets=list(lo.get("targets") or targets), rank=rank, alpha=lo["alpha"],
+                     dropout=lo["dropout"], rslora=lo["rslora"], mode=mode_for(spec["strategy"]),
+                     scale=float(spec["scale"]), trainable=head, seed=spec["seed"])
+    return cfg, head
+
+
+def inject(spec: dict, model: nn.Module, rank: int) -> tuple[list[str], list[str]]:
+    """Put adapters of ``rank`` into ``model``; ``(adapted layer names, head module names)``."""
+    cfg, head = lora_config(spec, model, rank)
+    return inject_lora(model, cfg), head
+
+
+# ---- data --------------------------------------------------------------------------------------
+
+def _is_text(spec: dict) -> bool:
+    return spec["data"]["name"] != "synthetic"
+
+
+@lru_cache(maxsize=4)
+def _real_train_pool(spec_json: str):
+    from fedlora import data as fdata
+
+    spec = json.loads(spec_json)
+    d = spec["data"]
+    limit = d["limit"] or None
+    if d["name"] in fdata.KNOWN_DATASETS:
+        return fdata.load_known(d["name"], "train", root=d["root"] or None, limit=limit, seed=spec["seed"])
+    return fdata.load_text_classification(d["name"], d["text_col"], d["label_col"], limit=limit,
+                                          seed=spec["seed"])
+
+
+def _tokenize(spec: dict, ds):
+    from fedlora import data as fdata
+    from fedlora.hf_models import get_tokenizer
+
+    name = spec["model"]["name"]
+    if not (name == "minilm" or name.startswith("hf:")):
+        raise ValueError(f"data.name={spec['data']['name']!r} is text: use a pretrained model with a "
+                         f"tokenizer (model.name = 'minilm' or 'hf:<path>'), not {name!r}")
+    spec_d = fdata.KNOWN_DATASETS.get(spec["data"]["name"])
+    max_len = spec["data"]["max_length"] or (spec_d.max_length if spec_d else 64)
+    return fdata.tokenize(ds, get_tokenizer(name), max_length=max_len)
+
+
+_CLIENT_DATA: dict[tuple, tuple[Dataset, Dataset | None]] = {}
+
+
+def client_data(spec: dict, partition_id: int, num_partitions: int) -> tuple[Dataset, Dataset | None]:
+    """``(train, val)`` of one client (cached per process)."""
+    d, seed = spec["data"], spec["seed"]
+    key = (spec_key(spec, "data", "seed", "model"), partition_id, num_partitions)
+    if key in _CLIENT_DATA:
+        return _CLIENT_DATA[key]
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition-id {partition_id} outside 0..num-partitions-1={num_partitions - 1}")
+    task = SyntheticTask()
+    n_val = max(1, round(d["examples_per_client"] * d["val_fraction"])) if d["val_fraction"] > 0 else 0
+    if d["name"] == "synthetic" and d["partition"] == "iid":
+        train = task.generate(d["examples_per_client"], seed=seed * 1000 + partition_id)
+        val = task.generate(n_val, seed=seed * 1000 + partition_id + VAL_SEED_OFFSET) if n_val else None
+    else:
+        from fedlora import data as fdata
+
+        if d["name"] == "synthetic":
+            pool = task.generate(d["examples_per_client"] * num_partitions, seed=seed)
+        else:
+            pool = _real_train_pool(json.dumps(spec, sort_keys=True))
+        part = fdata.partition(pool, num_partitions, d["partition"], alpha=d["alpha"],
+                               shards_per_partition=d["shards_per_partition"], seed=seed)[partition_id]
+        train, val = fdata.train_val_split(part, d["val_fraction"], seed=seed + partition_id)
+        if d["val_fraction"] == 0:
+            val = None
+        if _is_text(spec):
+            train = _tokenize(spec, train)
+            val = _tokenize(spec, val) if val is not None else None
+    _CLIENT_DATA[key] = (train, val)
+    return train, val
+
+
+def server_eval_data(spec: dict) -> Dataset:
+    d = spec["data"]
+    if d["name"] == "synthetic":
+        return SyntheticTask().generate(d["server_examples"], seed=spec["seed"] + 10_000)
+    from fedlora import data as fdata
+
+    if d["name"] in fdata.KNOWN_DATASETS:
+        test = fdata.load_known(d["name"], "test", root=d["root"] or None, limit=d["server_examples"],
+                                seed=spec["seed"])
+    else:
+        _, test = fdata.train_val_split(_real_train_pool(json.dumps(spec, sort_keys=True)), 0.1,
+                                        seed=spec["seed"] + 10_000)
+    return _tokenize(spec, test)
+
+
+def fedsb_init_data(spec: dict, examples: int) -> Dataset:
+    """The server-held split for Fed-SB's init gradients (public data, not a client's)."""
+    if spec["data"]["name"] == "synthetic":
+        return SyntheticTask().generate(examples, seed=spec["seed"] + 20_000)
+    ds = server_eval_data(spec)
+    return ds.subset(list(range(min(examples, len(ds)))))
+
+
+def loader(spec: dict, ds: Dataset, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
+    if _is_text(spec):
+        from fedlora.data import make_text_loader
+
+        return make_text_loader(ds, batch_size, shuffle=shuffle, seed=seed)
+    return make_loader(ds, batch_size, shuffle=shuffle, seed=seed)
+
+
+def collate_fn(spec: dict):
+    if _is_text(spec):
+        from fedlora.data import TextCollator
+
+        return TextCollator(0)
+    return None
