@@ -1,0 +1,248 @@
+"""Checkpoints and adapter exports in the versioned schema of ``proto/fedlora/v1/checkpoint.proto``.
+
+- ``save_checkpoint`` / ``load_checkpoint``: the server state after a round (strategy state,
+  round, ranks, scale, base version, config, metrics, RNG), written atomically (temp file in the
+  same folder, fsync, ``os.replace``) so a crash never leaves a half-written checkpoint.
+  A strategy's ``state_dict`` (nested dicts / lists / tuples of tensors and scalars) is flattened:
+  tensors go to ``Checkpoint.tensors`` under their path, the skeleton to ``state_json`` with
+  ``{"__tensor__": path}`` and ``{"__tuple__": [...]}`` placeholders, so loading gives back the
+  same structure, dtypes, shapes and values.
+- ``export_peft_adapter``: the global adapter as PEFT files (``adapter_model.safetensors`` +
+  ``adapter_config.json``), the exact strategies' folded base deltas beside them, and the
+  canonical ``fedlora_adapter.pb``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import random
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from google.protobuf.message import DecodeError
+
+import fedlora
+from fedlora.proto.fedlora.v1 import checkpoint_pb2 as pb
+
+SCHEMA_VERSION = 1
+_DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16,
+           "float16": torch.float16, "int64": torch.int64, "int32": torch.int32,
+           "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+# ---- tensors ------------------------------------------------------------------------------------
+
+def tensor_to_pb(t: torch.Tensor) -> pb.Tensor:
+    if t.dtype not in _NAMES:
+        raise TypeError(f"dtype {t.dtype} cannot be stored; use one of {sorted(_DTYPES)}")
+    t = t.detach().cpu().contiguous()
+    raw = t.view(torch.int16) if t.dtype == torch.bfloat16 else t  # numpy has no bfloat16
+    return pb.Tensor(shape=list(t.shape), dtype=_NAMES[t.dtype], data=raw.numpy().tobytes())
+
+
+def tensor_from_pb(m: pb.Tensor) -> torch.Tensor:
+    if m.dtype not in _DTYPES:
+        raise ValueError(f"unknown tensor dtype {m.dtype!r} in checkpoint")
+    dt = _DTYPES[m.dtype]
+    carrier = torch.int16 if dt == torch.bfloat16 else dt
+    np_dt = torch.empty(0, dtype=carrier).numpy().dtype
+    arr = np.frombuffer(m.data, dtype=np_dt).copy().reshape(tuple(m.shape))
+    t = torch.from_numpy(arr)
+    return t.view(torch.bfloat16) if dt == torch.bfloat16 else t
+
+
+# ---- nested state <-> (skeleton, tensors) -----------------------------------------------------------
+
+def flatten(obj: Any, tensors: dict[str, torch.Tensor], path: str = "") -> Any:
+    if isinstance(obj, torch.Tensor):
+        tensors[path] = obj
+        return {"__tensor__": path}
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            if not isinstance(k, str):
+                raise TypeError(f"state key {k!r} at {path or '<root>'} is not a string")
+            out[k] = flatten(v, tensors, f"{path}/{k}" if path else k)
+        return out
+    if isinstance(obj, tuple):
+        return {"__tuple__": [flatten(v, tensors, f"{path}/{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [flatten(v, tensors, f"{path}/{i}") for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    raise TypeError(f"state value at {path or '<root>'} has unsupported type {type(obj).__name__}")
+
+
+def unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {"__tensor__"}:
+            return tensors[obj["__tensor__"]]
+        if set(obj) == {"__tuple__"}:
+            return tuple(unflatten(v, tensors) for v in obj["__tuple__"])
+        return {k: unflatten(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [unflatten(v, tensors) for v in obj]
+    return obj
+
+
+# ---- files ----------------------------------------------------------------------------------------
+
+def _atomic_write(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+@dataclass
+class Checkpoint:
+    strategy: str
+    round: int
+    state: dict
+    scale: float
+    r_max: int
+    ranks: dict[str, int] = field(default_factory=dict)
+    base_version: int = 0
+    config: dict | None = None
+    metrics: list[dict] = field(default_factory=list)
+    rng_state: bytes = b""
+    schema_version: int = SCHEMA_VERSION
+    created_at: str = ""
+    fedlora_version: str = ""
+
+
+def save_checkpoint(path: str | os.PathLike, *, strategy: str, round: int, state: dict, scale: float,
+                    r_max: int, ranks: dict[str, int] | None = None, base_version: int = 0,
+                    config: dict | None = None, metrics: list[dict] | None = None,
+                    rng_state: bytes | None = None) -> Path:
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = flatten(state, tensors)
+    msg = pb.Checkpoint(
+        schema_version=SCHEMA_VERSION, strategy=strategy, round=int(round), scale=float(scale),
+        r_max=int(r_max), ranks={str(k): int(v) for k, v in (ranks or {}).items()},
+        base_version=int(base_version), state_json=json.dumps(skeleton),
+        config_json=json.dumps(config or {}), metrics_json=json.dumps(metrics or []),
+        rng_state=rng_state or b"", created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        fedlora_version=fedlora.__version__)
+    for k, t in tensors.items():
+        msg.tensors[k].CopyFrom(tensor_to_pb(t))
+    return _atomic_write(Path(path), msg.SerializeToString())
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    path = Path(path)
+    msg = pb.Checkpoint()
+    try:
+        msg.ParseFromString(path.read_bytes())
+        state_skeleton = json.loads(msg.state_json) if msg.state_json else None
+    except (DecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"checkpoint {path} is corrupt or truncated: {e}") from e
+    if msg.schema_version > SCHEMA_VERSION:
+        raise ValueError(f"checkpoint {path} has schema version {msg.schema_version}; this fedlora "
+                         f"reads up to {SCHEMA_VERSION}: upgrade fedlora")
+    if msg.schema_version == 0 or state_skeleton is None:
+        raise ValueError(f"checkpoint {path} is corrupt or truncated (no schema version or state)")
+    tensors = {k: tensor_from_pb(v) for k, v in msg.tensors.items()}
+    return Checkpoint(msg.strategy, int(msg.round), unflatten(state_skeleton, tensors), msg.scale,
+                      int(msg.r_max), dict(msg.ranks), int(msg.base_version),
+                      json.loads(msg.config_json or "{}"), json.loads(msg.metrics_json or "[]"),
+                      bytes(msg.rng_state), int(msg.schema_version), msg.created_at,
+                      msg.fedlora_version)
+
+
+def checkpoint_path(run_dir: str | os.PathLike, round: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"round-{int(round):04d}.ckpt"
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    files = [(int(m.group(1)), p) for p in (Path(run_dir) / "checkpoints").glob("round-*.ckpt")
+             if (m := re.fullmatch(r"round-(\d+)\.ckpt", p.name))]
+    return max(files)[1] if files else None
+
+
+def rng_snapshot() -> bytes:
+    """Python, numpy and torch (CPU) RNG states."""
+    buf = io.BytesIO()
+    pickle.dump({"python": random.getstate(), "numpy": np.random.get_state(),
+                 "torch": torch.get_rng_state().numpy().tobytes()}, buf)
+    return buf.getvalue()
+
+
+def rng_restore(b: bytes) -> None:
+    if not b:
+        return
+    st = pickle.loads(b)  # noqa: S301 - our own checkpoint, written by rng_snapshot
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(torch.frombuffer(bytearray(st["torch"]), dtype=torch.uint8))
+
+
+# ---- adapter export -------------------------------------------------------------------------------
+
+def export_peft_adapter(out_dir: str | os.PathLike, *, factors: dict[str, dict[str, torch.Tensor]],
+                        scale: float, target_modules: list[str], base_model: str,
+                        base_deltas: dict[str, torch.Tensor] | None = None,
+                        head: dict[str, torch.Tensor] | None = None, strategy: str = "",
+                        round: int = 0) -> Path:
+    """Write the global adapter as PEFT files + ``fedlora_adapter.pb``; returns ``out_dir``.
+
+    PEFT computes ``W0 + (lora_alpha/r)·B·A``: ``r`` is the largest rank and ``lora_alpha =
+    scale·r``. LoRA-SB factors are exported with ``B·R`` as ``lora_B``. The exact strategies' folded
+    residuals (``base_deltas``, ``W_g − W0 − s·B·A`` per layer) are not expressible as a LoRA
+    adapter: they go to ``base_deltas.safetensors`` (add them to the base weights, nn.Linear
+    orientation).
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    peft: dict[str, torch.Tensor] = {}
+    msg = pb.AdapterExport(schema_version=SCHEMA_VERSION, strategy=strategy, round=int(round),
+                           scale=float(scale), target_modules=list(target_modules))
+    r_max = 1
+    for layer, f in factors.items():
+        A, B = f["A"].detach().float().cpu(), f["B"].detach().float().cpu()
+        if "R" in f:
+            B = B @ f["R"].detach().float().cpu()
+        r_max = max(r_max, A.shape[0])
+        peft[f"base_model.model.{layer}.lora_A.weight"] = A.contiguous()
+        peft[f"base_model.model.{layer}.lora_B.weight"] = B.contiguous()
+        for k, t in f.items():
+            msg.tensors[f"{layer}/{k}"].CopyFrom(tensor_to_pb(t))
+    for name, t in (head or {}).items():
+        peft[f"base_model.model.{name}"] = t.detach().float().cpu().contiguous()
+        msg.tensors[f"head/{name}"].CopyFrom(tensor_to_pb(t))
+    save_file(peft, str(out / "adapter_model.safetensors"))
+    if base_deltas:
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in base_deltas.items()},
+                  str(out / "base_deltas.safetensors"))
+        for k, t in base_deltas.items():
+            msg.tensors[f"base_delta/{k}"].CopyFrom(tensor_to_pb(t))
+    config = {"peft_type": "LORA", "task_type": "SEQ_CLS", "r": r_max, "lora_alpha": scale * r_max,
+              "target_modules": list(target_modules), "base_model_name_or_path": base_model,
+              "lora_dropout": 0.0, "bias": "none",
+              "modules_to_save": sorted({n.rsplit(".", 1)[0] for n in (head or {})}) or None,
+              "fedlora": {"strategy": strategy, "round": int(round), "scale": scale,
+                          "lora_sb_R_folded_into_B": any("R" in f for f in factors.values()),
+                          "base_deltas": "base_deltas.safetensors" if base_deltas else None}}
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    msg.meta_json = json.dumps(config["fedlora"])
+    _atomic_write(out / "fedlora_adapter.pb", msg.SerializeToString())
+    return out

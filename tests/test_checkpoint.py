@@ -1,0 +1,156 @@
+"""Checkpoint schema: exact round trips, atomic writes, RNG, PEFT export, generated code up to date."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedlora.checkpoint import (
+    SCHEMA_VERSION,
+    checkpoint_path,
+    export_peft_adapter,
+    latest_checkpoint,
+    load_checkpoint,
+    rng_restore,
+    rng_snapshot,
+    save_checkpoint,
+)
+from fedlora.proto.fedlora.v1 import checkpoint_pb2 as pb
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _same(a, b):
+    assert type(a) is type(b), (a, b)
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            _same(a[k], b[k])
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _same(x, y)
+    else:
+        assert a == b
+
+
+def test_nested_state_roundtrip_exact(tmp_path):
+    state = {"A": {"l.q": torch.randn(3, 5, dtype=torch.float64)},
+             "bf": torch.randn(4, 2).to(torch.bfloat16), "idx": torch.arange(5),
+             "deltas": {"3": {"l.q": (torch.randn(5, 2), torch.randn(2, 4))}},
+             "lst": [1, 2.5, "x", None, True, []], "empty": {}, "n": 7, "name": "fedex"}
+    p = save_checkpoint(tmp_path / "c.ckpt", strategy="fedex", round=3, state=state, scale=2.0,
+                        r_max=8, ranks={"a": 2}, base_version=3, config={"k": 1},
+                        metrics=[{"round": 1}])
+    ck = load_checkpoint(p)
+    _same(ck.state, state)
+    assert (ck.strategy, ck.round, ck.scale, ck.r_max, ck.ranks, ck.base_version) == \
+        ("fedex", 3, 2.0, 8, {"a": 2}, 3)
+    assert ck.config == {"k": 1} and ck.metrics == [{"round": 1}]
+    with pytest.raises(TypeError, match="deltas/x"):
+        save_checkpoint(tmp_path / "bad.ckpt", strategy="s", round=0, state={"deltas": {"x": object()}},
+                        scale=1.0, r_max=1)
+
+
+def test_real_strategy_state_restores(tmp_path):
+    from strategy_helpers import Multi, apply_payload, layer_specs, make_update, train_randomly
+
+    from fedlora.strategies import create_strategy
+
+    s = create_strategy("fedex", layers=layer_specs(), r_max=4, scale=1.5, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    ups = []
+    for i, r in enumerate([2, 4]):
+        m = Multi(0, r, 1.5, "lora")
+        apply_payload(m, s.payload(f"c{i}", r, 0))
+        train_randomly(m, gen, "fedex")
+        ups.append(make_update(m, f"c{i}", 5, 0, "fedex"))
+    s.aggregate(ups)
+    save_checkpoint(checkpoint_path(tmp_path, 1), strategy=s.name, round=1, state=s.state_dict(),
+                    scale=s.scale, r_max=4)
+    fresh = create_strategy("fedex", layers=layer_specs(), r_max=4, scale=1.5, dtype=torch.float64)
+    fresh.load_state_dict(load_checkpoint(latest_checkpoint(tmp_path)).state)
+    for n in layer_specs():
+        assert torch.equal(fresh.global_delta(n), s.global_delta(n))
+    assert fresh.payload("late", 2, 0).base_deltas[0].reset
+
+
+def test_atomic_write_keeps_previous_on_failure(tmp_path, monkeypatch):
+    p = tmp_path / "c.ckpt"
+    save_checkpoint(p, strategy="a", round=1, state={"x": torch.ones(2)}, scale=1.0, r_max=1)
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError):
+        save_checkpoint(p, strategy="a", round=2, state={"x": torch.zeros(2)}, scale=1.0, r_max=1)
+    monkeypatch.undo()
+    assert load_checkpoint(p).round == 1 and [f.name for f in tmp_path.iterdir()] == ["c.ckpt"]
+
+
+def test_corrupt_and_newer_schema_are_clear_errors(tmp_path):
+    p = save_checkpoint(tmp_path / "c.ckpt", strategy="a", round=1, state={"x": torch.ones(9)},
+                        scale=1.0, r_max=1)
+    p.write_bytes(p.read_bytes()[:20])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        load_checkpoint(p)
+    m = pb.Checkpoint(schema_version=SCHEMA_VERSION + 1, state_json="{}")
+    p.write_bytes(m.SerializeToString())
+    with pytest.raises(ValueError, match="upgrade fedlora"):
+        load_checkpoint(p)
+
+
+def test_latest_checkpoint_ordering(tmp_path):
+    assert latest_checkpoint(tmp_path) is None
+    for r in (2, 10, 9):
+        save_checkpoint(checkpoint_path(tmp_path, r), strategy="a", round=r, state={}, scale=1.0, r_max=1)
+    assert latest_checkpoint(tmp_path).name == "round-0010.ckpt"
+
+
+def test_rng_snapshot_restore_reproduces_draws():
+    snap = rng_snapshot()
+    a = (random.random(), np.random.rand(), torch.rand(3))
+    rng_restore(snap)
+    b = (random.random(), np.random.rand(), torch.rand(3))
+    assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+
+
+def test_peft_export(tmp_path):
+    f = {"enc.q": {"A": torch.randn(4, 6), "B": torch.randn(5, 4)},
+         "enc.v": {"A": torch.randn(4, 6), "B": torch.randn(5, 4), "R": torch.randn(4, 4)}}
+    out = export_peft_adapter(tmp_path / "adapter", factors=f, scale=2.0, target_modules=["q", "v"],
+                              base_model="tiny", base_deltas={"enc.q": torch.randn(5, 6)},
+                              head={"head.weight": torch.randn(2, 5)}, strategy="fedex", round=3)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["lora_alpha"] / cfg["r"] == 2.0 and cfg["target_modules"] == ["q", "v"]
+    t = load_file(str(out / "adapter_model.safetensors"))
+    assert torch.equal(t["base_model.model.enc.q.lora_A.weight"], f["enc.q"]["A"])
+    torch.testing.assert_close(t["base_model.model.enc.v.lora_B.weight"], f["enc.v"]["B"] @ f["enc.v"]["R"])
+    assert "enc.q" in load_file(str(out / "base_deltas.safetensors"))
+    m = pb.AdapterExport()
+    m.ParseFromString((out / "fedlora_adapter.pb").read_bytes())
+    assert m.strategy == "fedex" and m.scale == 2.0 and "enc.v/R" in m.tensors
+
+
+@pytest.mark.skipif(shutil.which("protoc") is None and
+                    subprocess.run([sys.executable, "-c", "import grpc_tools"]).returncode != 0,
+                    reason="grpcio-tools not installed (pip install -e '.[dev]')")
+def test_generated_code_is_up_to_date(tmp_path):
+    subprocess.run(["bash", str(ROOT / "proto" / "generate.sh"), str(tmp_path)], check=True, cwd=ROOT)
+    for name in ("checkpoint_pb2.py", "checkpoint_pb2.pyi"):
+        assert filecmp.cmp(tmp_path / "fedlora" / "v1" / name,
+                           ROOT / "fedlora" / "proto" / "fedlora" / "v1" / name, shallow=False), name
