@@ -129,6 +129,15 @@ def write_run_config(cfg) -> Path:
     return path
 
 
+def prepare_run_dir(cfg, resume: bool = False) -> Path:
+    """Write ``config.toml``; a fresh (not resumed) run drops checkpoints of an older run there."""
+    import shutil
+
+    if not resume:
+        shutil.rmtree(cfg.resolved_run_dir() / "checkpoints", ignore_errors=True)
+    return write_run_config(cfg)
+
+
 def run_inprocess(cfg, node_extra: dict[int, dict] | None = None, stop_after_round: int | None = None,
                   resume: bool = False) -> dict:
     """The real ServerApp strategy loop + the real ClientApp over a LoopbackGrid
@@ -136,7 +145,7 @@ def run_inprocess(cfg, node_extra: dict[int, dict] | None = None, stop_after_rou
     from clients.app import app as client_app
     from server.app import run_server
 
-    run_config = {"config-path": str(write_run_config(cfg)), "resume": resume}
+    run_config = {"config-path": str(prepare_run_dir(cfg, resume)), "resume": resume}
     grid = LoopbackGrid(client_app, loopback_nodes(cfg.clients.num, extra=node_extra), run_config,
                         run_id=2 if resume else 1)
     return run_server(grid, run_config, stop_after_round=stop_after_round)

@@ -1,0 +1,125 @@
+"""``fedlora`` command line (typer + rich).
+
+``fedlora simulate [CONFIG] [--strategy NAME] [--rounds N] [--set key=value ...] [--resume RUN_DIR]
+[--engine flower|inprocess]``: validates the config first (nothing starts on a bad key or value),
+writes the resolved config to ``runs/<name>/config.toml``, runs the Flower simulation (default:
+Flower's engine through ``flwr run``; ``inprocess``: the same apps over an in-process grid, no Ray),
+shows a live table per round and leaves ``metrics.jsonl``, ``summary.json``, ``checkpoints/``,
+``global_delta.safetensors`` and ``adapter/`` in the run folder. No CONFIG: ``simulations/smoke.toml``.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.live import Live
+
+from fedlora.config import RunConfig, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Federated LoRA fine-tuning on Flower (exact aggregation, mixed ranks).")
+console = Console()
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "simulations" / "smoke.toml"
+
+
+@app.callback()
+def _root() -> None:
+    """fedlora: federated LoRA on Flower."""
+
+
+def resolve(config: Path | None, strategy: str | None, rounds: int | None, sets: list[str],
+            resume: Path | None) -> RunConfig:
+    overrides = list(sets)
+    if strategy:
+        overrides.append(f"strategy.name={json.dumps(strategy)}")
+    if rounds is not None:
+        overrides.append(f"rounds={rounds}")
+    if resume is not None:
+        cfg_path = Path(resume) / "config.toml"
+        if not cfg_path.is_file():
+            raise ValueError(f"--resume {resume}: no config.toml there (give a run folder written by "
+                             "`fedlora simulate`, e.g. runs/smoke)")
+        cfg = load_config(cfg_path, overrides)
+        cfg.run_dir = str(Path(resume).absolute())
+        return cfg
+    path = config if config is not None else (SMOKE if SMOKE.is_file() else None)
+    return load_config(path, overrides)
+
+
+@app.command()
+def simulate(
+    config: Annotated[Path | None, typer.Argument(help="run TOML (default: simulations/smoke.toml)")] = None,
+    strategy: Annotated[str | None, typer.Option("--strategy", "-s",
+                                                 help="fedavg | fedex | flora | fedsb | fedsa")] = None,
+    rounds: Annotated[int | None, typer.Option("--rounds", "-r", help="number of rounds")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override: section.key=value")] = None,
+    resume: Annotated[Path | None, typer.Option("--resume", help="continue runs/<name> from its "
+                                                "last checkpoint")] = None,
+    engine: Annotated[str, typer.Option("--engine", help="flower | inprocess (no Ray)")] = "flower",
+    timeout: Annotated[float, typer.Option("--timeout", help="seconds before the run is stopped")] = 86400.0,
+) -> None:
+    """Run a federated simulation and write runs/<name>/."""
+    from fedlora import sim
+    from fedlora.runlog import follow, round_table
+
+    try:
+        cfg = resolve(config, strategy, rounds, set_ or [], resume)
+        if engine not in ("flower", "inprocess"):
+            raise ValueError(f"--engine must be 'flower' or 'inprocess', got {engine!r}")
+    except ValueError as e:
+        console.print(f"[red]config error:[/red] {e}")
+        raise typer.Exit(2) from e
+    run_dir = cfg.resolved_run_dir()
+    cfg_path = sim.prepare_run_dir(cfg, resume=resume is not None)
+    console.print(f"[bold]fedlora[/bold] {cfg.name}: {cfg.strategy.name}, {cfg.clients.num} clients "
+                  f"(ranks {cfg.clients.ranks}), {cfg.rounds} rounds, engine {engine} -> {run_dir}")
+    result: dict = {}
+
+    def work() -> None:
+        try:
+            if engine == "inprocess":
+                result["summary"] = sim.run_inprocess(cfg, resume=resume is not None)
+                result["rc"] = 0
+            else:
+                r = sim.run_flower({"config-path": str(cfg_path), "resume": resume is not None},
+                                   cfg.clients.num, cfg.clients.num_cpus, cfg.clients.num_gpus,
+                                   log_dir=run_dir / "logs", timeout=timeout)
+                result["rc"], result["run"] = r.returncode, r
+        except BaseException as e:  # noqa: BLE001 - reported below
+            result["rc"], result["error"] = 1, e
+
+    th = threading.Thread(target=work, daemon=True)
+    th.start()
+    title = f"{cfg.name} · {cfg.strategy.name}"
+    with Live(round_table([], title), console=console, refresh_per_second=2) as live:
+        for rows in follow(run_dir / "metrics.jsonl", stop=lambda: not th.is_alive()):
+            live.update(round_table(rows, title))
+    th.join()
+    if result.get("rc") != 0:
+        if "error" in result:
+            console.print(f"[red]run failed:[/red] {result['error']!r}")
+        if "run" in result:
+            console.print(result["run"].tail(40))
+            console.print(f"[red]flwr run exited with {result['rc']}[/red]; logs in {run_dir / 'logs'}")
+        raise typer.Exit(1)
+    summary = run_dir / "summary.json"
+    if not summary.exists():
+        console.print(f"[red]the run ended without {summary}[/red]; logs in {run_dir / 'logs'}")
+        raise typer.Exit(1)
+    s = json.loads(summary.read_text())
+    console.print(f"final accuracy {s.get('final_accuracy')}, MB up {s.get('bytes_up', 0) / 1e6:.3f}, "
+                  f"MB down {s.get('bytes_down', 0) / 1e6:.3f} -> {run_dir}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
