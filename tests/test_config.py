@@ -1,0 +1,75 @@
+"""Run config: defaults, TOML loading, overrides and validation errors that name the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedlora.config import RunConfig, load_config, parse_value
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_smoke_file_is_the_defaults_and_round_trips(tmp_path):
+    cfg = load_config(ROOT / "simulations" / "smoke.toml")
+    ref = RunConfig()
+    assert (cfg.clients, cfg.train, cfg.strategy, cfg.data, cfg.model) == \
+        (ref.clients, ref.train, ref.strategy, ref.data, ref.model)
+    assert cfg.r_max == 8 and cfg.scale == 2.0 and [cfg.rank_for(i) for i in range(4)] == [2, 4, 8, 2]
+    p = tmp_path / "c.toml"
+    p.write_text(cfg.to_toml())
+    assert load_config(p) == cfg
+
+
+def test_overrides_and_flat_aliases():
+    cfg = load_config(None, ["train.lr=0.005", "clients.ranks=[1,16]", 'strategy.name="flora"',
+                             "num-server-rounds=7", "ranks=[2,4]", "min-nodes=3", "run-dir=/tmp/x",
+                             "data.name=synthetic"])
+    assert cfg.train.lr == 0.005 and cfg.clients.ranks == [2, 4] and cfg.strategy.name == "flora"
+    assert cfg.rounds == 7 and cfg.clients.min_nodes == 3 and cfg.run_dir == "/tmp/x"
+    assert cfg.r_max == 4
+    assert parse_value("abc") == "abc" and parse_value("[1, 2]") == [1, 2] and parse_value("1e-3") == 1e-3
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["train.learning_rate=0.1"], "train.'learning_rate'"),
+    (["optimiser.lr=0.1"], "'optimiser'"),
+    (["strategy.name=fedprox"], "strategy.name"),
+    (["train.lr=-1"], "train.lr"),
+    (["train.lr='fast'"], "train.lr"),
+    (["train.local_steps=1.5"], "train.local_steps"),
+    (["clients.ranks=[0, 4]"], "clients.ranks"),
+    (["clients.fraction_train=0"], "clients.fraction_train"),
+    (["clients.device='tpu'"], "clients.device"),
+    (["strategy.r_max=2"], "strategy.r_max"),
+    (["data.name='nope.tsv'"], "data.name"),
+    (["data.partition='random'"], "data.partition"),
+    (["privacy.enabled=true"], "privacy.target_epsilon"),
+    (["privacy.sigma=1.0"], "privacy"),
+    (["clients=3"], "clients"),
+    (["strategy.name=fedsa", "data.val_fraction=0"], "data.val_fraction"),
+])
+def test_bad_config_names_the_key(overrides, key):
+    with pytest.raises(ValueError) as e:
+        load_config(None, overrides)
+    assert key in str(e.value), str(e.value)
+
+
+def test_bad_file(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_config(tmp_path / "missing.toml")
+    p = tmp_path / "bad.toml"
+    p.write_text("[train]\nlr = 0.1\nbatch = 3\n")
+    with pytest.raises(ValueError, match=r"train\.'batch'"):
+        load_config(p)
+
+
+def test_cli_rejects_a_bad_config_before_any_work(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "fedlora.cli", "simulate", "--set", "train.nope=1"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert "train.'nope'" in res.stdout + res.stderr
+    assert not (tmp_path / "runs").exists()
