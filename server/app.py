@@ -375,23 +375,26 @@ class FedLoraStrategy(Strategy):
         return summary
 
     def _export_adapter(self, deltas: dict[str, torch.Tensor]) -> str | None:
-        """The global adapter as a PEFT folder: ΔW = W_g − W0 as an exact rank-r_max' factorisation."""
+        """The global model as a PEFT folder: ``ΔW = W_g − W0`` split exactly into a rank-r_max
+        adapter (top r_max singular directions, ``s·B·A``) plus the remainder as base deltas."""
         try:
             from fedlora.checkpoint import export_peft_adapter
         except ImportError:
             return None
-        factors = {}
-        for n, d in deltas.items():  # ΔW = s·B·A exactly, rank ≤ min(d, k)
+        factors, rest = {}, {}
+        s, r = self.fl.scale, self.fl.r_max
+        for n, d in deltas.items():
             U, S, Vh = torch.linalg.svd(d.double(), full_matrices=False)
-            r = int((S[0] * 1e-7 < S).sum()) if S.numel() and S[0] > 0 else 1
             sq = S[:r].sqrt()
-            factors[n] = {"B": (U[:, :r] * sq).float() / math.sqrt(self.fl.scale),
-                          "A": (sq[:, None] * Vh[:r]).float() / math.sqrt(self.fl.scale)}
-        lora_targets, _ = rundata.lora_config(self.spec, self.model, self.cfg.r_max)
+            B, A = U[:, :r] * sq / math.sqrt(s), sq[:, None] * Vh[:r] / math.sqrt(s)
+            factors[n] = {"A": A.float(), "B": B.float()}
+            rest[n] = (d.double() - s * B @ A).float()
+        lcfg, _ = rundata.lora_config(self.spec, self.model, r)
         try:
-            path = export_peft_adapter(self.run_dir / "adapter", factors=factors, scale=self.fl.scale,
-                                       target_modules=lora_targets.targets, base_model=self.cfg.model.name,
-                                       head=self.fl.global_head())
+            path = export_peft_adapter(self.run_dir / "adapter", factors=factors, scale=s,
+                                       target_modules=lcfg.targets, base_model=self.cfg.model.name,
+                                       base_deltas=rest, head=self.fl.global_head(), strategy=self.fl.name,
+                                       round=len(self.rows))
         except Exception as e:  # noqa: BLE001 - the export must not lose a finished run
             log.warning("adapter export failed: %s", e)
             return None

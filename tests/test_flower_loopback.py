@@ -59,6 +59,7 @@ def test_strategy_through_flower_apps(tmp_path, name):
         assert "personal_accuracy_mean" in rows[-1] and rows[-1]["personal_accuracy_weighted"] > 0.6
         return
     assert rows[-1]["accuracy"] > 0.7
+    assert (run_dir / "adapter" / "adapter_config.json").is_file()
     got = load_file(str(run_dir / "global_delta.safetensors"))
     assert set(got) == set(ref.strategy.layers)
     for layer, d in got.items():
