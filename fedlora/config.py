@@ -234,6 +234,8 @@ def _coerce(value: Any, tp, key: str) -> Any:
         return value
     if origin is list:
         (item,) = typing.get_args(tp)
+        if isinstance(value, str) and value.strip().startswith("["):  # a list given as a string
+            value = parse_value(value.strip())  # (flat run-config values can only be strings)
         if not isinstance(value, list):
             raise ValueError(f"{key} must be a list of {_type_name(item)}, got {value!r}")
         return [_coerce(x, item, f"{key}[{i}]") for i, x in enumerate(value)]

@@ -31,6 +31,7 @@ def test_overrides_and_flat_aliases():
     assert cfg.train.lr == 0.005 and cfg.clients.ranks == [2, 4] and cfg.strategy.name == "flora"
     assert cfg.rounds == 7 and cfg.clients.min_nodes == 3 and cfg.run_dir == "/tmp/x"
     assert cfg.r_max == 4
+    assert load_config(None, ['ranks="[2,8]"']).clients.ranks == [2, 8]  # a list inside a string
     assert parse_value("abc") == "abc" and parse_value("[1, 2]") == [1, 2] and parse_value("1e-3") == 1e-3
 
 

@@ -99,3 +99,14 @@ def test_resume_equals_uninterrupted(tmp_path):
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
     assert rows[-1]["accuracy"] == pytest.approx(_rows(tmp_path / "fedex")[-1]["accuracy"], abs=0.01)
+
+
+def test_dp_clients_compose_epsilon_across_rounds(tmp_path):
+    cfg = _cfg(tmp_path, "fedex", extra=["privacy.enabled=true", "privacy.noise_multiplier=0.8",
+                                         "train.local_steps=3"])
+    run_inprocess(cfg)
+    r1, r2 = _rows(tmp_path / "fedex")
+    assert not r1["failures"] and not r2["failures"]
+    for c1, c2 in zip(r1["clients"], r2["clients"]):
+        e1, e2 = c1["metrics"]["epsilon"], c2["metrics"]["epsilon"]
+        assert 0 < e1 < e2  # the accountant history lives in the client's context.state
