@@ -14,10 +14,9 @@
 
 from __future__ import annotations
 
-import io
+import base64
 import json
 import os
-import pickle
 import random
 import re
 import time
@@ -42,31 +41,52 @@ _NAMES = {v: k for k, v in _DTYPES.items()}
 # ---- tensors ------------------------------------------------------------------------------------
 
 def tensor_to_pb(t: torch.Tensor) -> pb.Tensor:
+    """``Tensor{shape, dtype, data}``: C-contiguous little-endian bytes (bfloat16 as its int16 bits)."""
     if t.dtype not in _NAMES:
         raise TypeError(f"dtype {t.dtype} cannot be stored; use one of {sorted(_DTYPES)}")
     t = t.detach().cpu().contiguous()
-    raw = t.view(torch.int16) if t.dtype == torch.bfloat16 else t  # numpy has no bfloat16
-    return pb.Tensor(shape=list(t.shape), dtype=_NAMES[t.dtype], data=raw.numpy().tobytes())
+    arr = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()  # numpy has no bfloat16
+    data = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+    return pb.Tensor(shape=list(t.shape), dtype=_NAMES[t.dtype], data=data)
 
 
 def tensor_from_pb(m: pb.Tensor) -> torch.Tensor:
+    """Inverse of :func:`tensor_to_pb`; ValueError on an unknown dtype or a size/shape mismatch."""
     if m.dtype not in _DTYPES:
-        raise ValueError(f"unknown tensor dtype {m.dtype!r} in checkpoint")
+        raise ValueError(f"unknown tensor dtype {m.dtype!r}")
     dt = _DTYPES[m.dtype]
     carrier = torch.int16 if dt == torch.bfloat16 else dt
     np_dt = torch.empty(0, dtype=carrier).numpy().dtype
-    arr = np.frombuffer(m.data, dtype=np_dt).copy().reshape(tuple(m.shape))
+    shape = tuple(int(d) for d in m.shape)
+    if len(m.data) != int(np.prod(shape, dtype=np.int64)) * np_dt.itemsize:
+        raise ValueError(f"tensor data has {len(m.data)} bytes, shape {list(shape)} of {m.dtype} needs "
+                         f"{int(np.prod(shape, dtype=np.int64)) * np_dt.itemsize}")
+    arr = np.frombuffer(m.data, dtype=np_dt.newbyteorder("<")).astype(np_dt).reshape(shape)
     t = torch.from_numpy(arr)
     return t.view(torch.bfloat16) if dt == torch.bfloat16 else t
 
 
 # ---- nested state <-> (skeleton, tensors) -----------------------------------------------------------
 
+_RESERVED = ({"__tensor__"}, {"__tuple__"})
+
+
 def flatten(obj: Any, tensors: dict[str, torch.Tensor], path: str = "") -> Any:
+    """JSON skeleton of ``obj``; its tensors are added to ``tensors`` under their (unique) path.
+
+    Tensors become ``{"__tensor__": key}``, tuples ``{"__tuple__": [...]}``; dicts (str keys), lists,
+    None, bool, int, float and str stay as they are. Anything else is a TypeError naming the path.
+    """
     if isinstance(obj, torch.Tensor):
-        tensors[path] = obj
-        return {"__tensor__": path}
+        key, n = path, 1
+        while key in tensors:  # "a/b" as one key and as a nested path must not collide
+            key, n = f"{path}#{n}", n + 1
+        tensors[key] = obj
+        return {"__tensor__": key}
     if isinstance(obj, dict):
+        if set(obj) in _RESERVED:
+            raise TypeError(f"state dict at {path or '<root>'} uses the reserved key "
+                            f"{next(iter(obj))!r} alone")
         out = {}
         for k, v in obj.items():
             if not isinstance(k, str):
@@ -83,6 +103,7 @@ def flatten(obj: Any, tensors: dict[str, torch.Tensor], path: str = "") -> Any:
 
 
 def unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`flatten` (KeyError when a referenced tensor is missing)."""
     if isinstance(obj, dict):
         if set(obj) == {"__tensor__"}:
             return tensors[obj["__tensor__"]]
@@ -159,12 +180,21 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
                          f"reads up to {SCHEMA_VERSION}: upgrade fedlora")
     if msg.schema_version == 0 or state_skeleton is None:
         raise ValueError(f"checkpoint {path} is corrupt or truncated (no schema version or state)")
-    tensors = {k: tensor_from_pb(v) for k, v in msg.tensors.items()}
-    return Checkpoint(msg.strategy, int(msg.round), unflatten(state_skeleton, tensors), msg.scale,
-                      int(msg.r_max), dict(msg.ranks), int(msg.base_version),
-                      json.loads(msg.config_json or "{}"), json.loads(msg.metrics_json or "[]"),
-                      bytes(msg.rng_state), int(msg.schema_version), msg.created_at,
-                      msg.fedlora_version)
+    try:
+        tensors = {}
+        for k, v in msg.tensors.items():
+            try:
+                tensors[k] = tensor_from_pb(v)
+            except ValueError as e:
+                raise ValueError(f"tensor {k!r}: {e}") from e
+        state = unflatten(state_skeleton, tensors)
+        config = json.loads(msg.config_json or "{}")
+        metrics = json.loads(msg.metrics_json or "[]")
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"checkpoint {path} is corrupt or truncated: {e}") from e
+    return Checkpoint(msg.strategy, int(msg.round), state, msg.scale, int(msg.r_max), dict(msg.ranks),
+                      int(msg.base_version), config, metrics, bytes(msg.rng_state),
+                      int(msg.schema_version), msg.created_at, msg.fedlora_version)
 
 
 def checkpoint_path(run_dir: str | os.PathLike, round: int) -> Path:
@@ -178,20 +208,32 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
 
 
 def rng_snapshot() -> bytes:
-    """Python, numpy and torch (CPU) RNG states."""
-    buf = io.BytesIO()
-    pickle.dump({"python": random.getstate(), "numpy": np.random.get_state(),
-                 "torch": torch.get_rng_state().numpy().tobytes()}, buf)
-    return buf.getvalue()
+    """Python ``random``, numpy's global and torch's CPU RNG states as JSON bytes (no pickle, so
+    loading a checkpoint from elsewhere cannot run code)."""
+    pv, pstate, pgauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    st = {"python": [pv, list(pstate), pgauss],
+          "numpy": [name, base64.b64encode(np.asarray(keys, dtype="<u4").tobytes()).decode(), int(pos),
+                    int(has_gauss), float(cached)],
+          "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    return json.dumps(st).encode()
 
 
 def rng_restore(b: bytes) -> None:
+    """Restore the states saved by :func:`rng_snapshot` (empty bytes: no-op)."""
     if not b:
         return
-    st = pickle.loads(b)  # noqa: S301 - our own checkpoint, written by rng_snapshot
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
-    torch.set_rng_state(torch.frombuffer(bytearray(st["torch"]), dtype=torch.uint8))
+    try:
+        st = json.loads(b)
+        pv, pstate, pgauss = st["python"]
+        name, keys, pos, has_gauss, cached = st["numpy"]
+        keys_arr = np.frombuffer(base64.b64decode(keys), dtype="<u4").astype(np.uint32)
+        torch_state = torch.frombuffer(bytearray(base64.b64decode(st["torch"])), dtype=torch.uint8)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"rng_state is not a fedlora RNG snapshot: {e}") from e
+    random.setstate((pv, tuple(pstate), pgauss))
+    np.random.set_state((name, keys_arr, pos, has_gauss, cached))
+    torch.set_rng_state(torch_state)
 
 
 # ---- adapter export -------------------------------------------------------------------------------

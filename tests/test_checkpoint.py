@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import filecmp
+import importlib.util
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -51,7 +51,12 @@ def test_nested_state_roundtrip_exact(tmp_path):
     state = {"A": {"l.q": torch.randn(3, 5, dtype=torch.float64)},
              "bf": torch.randn(4, 2).to(torch.bfloat16), "idx": torch.arange(5),
              "deltas": {"3": {"l.q": (torch.randn(5, 2), torch.randn(2, 4))}},
-             "lst": [1, 2.5, "x", None, True, []], "empty": {}, "n": 7, "name": "fedex"}
+             "lst": [1, 2.5, "x", None, True, [], (), (torch.tensor(3.0, dtype=torch.float64), "t")],
+             "empty": {}, "n": 7, "f": -0.125, "inf": float("inf"), "name": "fedex",
+             "more": [torch.randn(2, 3, dtype=torch.float16),
+                      torch.arange(6, dtype=torch.int32).reshape(2, 3),
+                      torch.tensor([True, False]), torch.randn(4, 6, dtype=torch.float64).t()],
+             "a/b": torch.ones(2), "a": {"b": torch.zeros(2)}}
     p = save_checkpoint(tmp_path / "c.ckpt", strategy="fedex", round=3, state=state, scale=2.0,
                         r_max=8, ranks={"a": 2}, base_version=3, config={"k": 1},
                         metrics=[{"round": 1}])
@@ -60,9 +65,14 @@ def test_nested_state_roundtrip_exact(tmp_path):
     assert (ck.strategy, ck.round, ck.scale, ck.r_max, ck.ranks, ck.base_version) == \
         ("fedex", 3, 2.0, 8, {"a": 2}, 3)
     assert ck.config == {"k": 1} and ck.metrics == [{"round": 1}]
+    assert ck.schema_version == SCHEMA_VERSION and ck.fedlora_version and ck.created_at
     with pytest.raises(TypeError, match="deltas/x"):
         save_checkpoint(tmp_path / "bad.ckpt", strategy="s", round=0, state={"deltas": {"x": object()}},
                         scale=1.0, r_max=1)
+    with pytest.raises(TypeError, match="reserved"):
+        save_checkpoint(tmp_path / "bad.ckpt", strategy="s", round=0, state={"k": {"__tuple__": 1}},
+                        scale=1.0, r_max=1)
+    assert not (tmp_path / "bad.ckpt").exists()
 
 
 def test_real_strategy_state_restores(tmp_path):
@@ -110,7 +120,16 @@ def test_corrupt_and_newer_schema_are_clear_errors(tmp_path):
         load_checkpoint(p)
     m = pb.Checkpoint(schema_version=SCHEMA_VERSION + 1, state_json="{}")
     p.write_bytes(m.SerializeToString())
-    with pytest.raises(ValueError, match="upgrade fedlora"):
+    with pytest.raises(ValueError, match=rf"{p.name}.*schema version {SCHEMA_VERSION + 1}.*upgrade fedlora"):
+        load_checkpoint(p)
+    m = pb.Checkpoint(schema_version=SCHEMA_VERSION, state_json='{"x": {"__tensor__": "x"}}')
+    m.tensors["x"].CopyFrom(pb.Tensor(shape=[3], dtype="float64", data=b"\0" * 16))  # 2 of 3 values
+    p.write_bytes(m.SerializeToString())
+    with pytest.raises(ValueError, match=rf"{p.name}.*'x'.*16 bytes"):
+        load_checkpoint(p)
+    m.tensors.clear()  # skeleton refers to a tensor that is not there
+    p.write_bytes(m.SerializeToString())
+    with pytest.raises(ValueError, match="corrupt"):
         load_checkpoint(p)
 
 
@@ -127,6 +146,15 @@ def test_rng_snapshot_restore_reproduces_draws():
     rng_restore(snap)
     b = (random.random(), np.random.rand(), torch.rand(3))
     assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+    np.random.randn()  # numpy's cached gaussian is part of the state
+    snap = rng_snapshot()
+    c = (random.gauss(0, 1), np.random.randn(2), torch.randn(2))
+    rng_restore(snap)
+    d = (random.gauss(0, 1), np.random.randn(2), torch.randn(2))
+    assert c[0] == d[0] and np.array_equal(c[1], d[1]) and torch.equal(c[2], d[2])
+    rng_restore(b"")  # no-op
+    with pytest.raises(ValueError, match="RNG snapshot"):
+        rng_restore(b"\x80garbage")
 
 
 def test_peft_export(tmp_path):
@@ -146,11 +174,11 @@ def test_peft_export(tmp_path):
     assert m.strategy == "fedex" and m.scale == 2.0 and "enc.v/R" in m.tensors
 
 
-@pytest.mark.skipif(shutil.which("protoc") is None and
-                    subprocess.run([sys.executable, "-c", "import grpc_tools"]).returncode != 0,
+@pytest.mark.skipif(importlib.util.find_spec("grpc_tools") is None,
                     reason="grpcio-tools not installed (pip install -e '.[dev]')")
 def test_generated_code_is_up_to_date(tmp_path):
-    subprocess.run(["bash", str(ROOT / "proto" / "generate.sh"), str(tmp_path)], check=True, cwd=ROOT)
+    subprocess.run(["bash", str(ROOT / "proto" / "generate.sh"), str(tmp_path)], check=True, cwd=ROOT,
+                   env={**os.environ, "PYTHON": sys.executable})
     for name in ("checkpoint_pb2.py", "checkpoint_pb2.pyi"):
         assert filecmp.cmp(tmp_path / "fedlora" / "v1" / name,
                            ROOT / "fedlora" / "proto" / "fedlora" / "v1" / name, shallow=False), name
