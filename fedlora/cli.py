@@ -117,6 +117,73 @@ def simulate(
                   f"MB down {s.get('bytes_down', 0) / 1e6:.3f} -> {run_dir}")
 
 
+@app.command()
+def compare(
+    config: Path = typer.Argument(None, help="run TOML (default: simulations/smoke.toml)"),
+    strategies: str = typer.Option("fedavg,fedex,flora,fedsb,fedsa", "--strategies",
+                                   help="comma-separated strategy names"),
+    set_: list[str] = typer.Option([], "--set", help="override: section.key=value (TOML value)"),
+    centralized: bool = typer.Option(False, "--centralized", help="add the pooled-data baseline"),
+    target: float = typer.Option(None, "--target", help="accuracy for the rounds-to-target column"),
+    engine: str = typer.Option("flower", "--engine", help="flower (Flower simulation) | inprocess"),
+) -> None:
+    """Run the same config once per strategy; write report.md and plots next to the runs."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from fedlora import compare as cmp
+
+    try:
+        names = cmp.parse_strategies(strategies)
+        root, runs = cmp.plan(config, names, list(set_), centralized)
+        if engine not in ("flower", "inprocess"):
+            raise ValueError(f"--engine must be 'flower' or 'inprocess', got {engine!r}")
+    except ValueError as e:
+        console.print(f"[red]config error:[/red] {e}")
+        raise typer.Exit(2) from e
+    console.print(f"[bold]fedlora compare[/bold] {len(runs)} runs -> {root}")
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=console) as progress:
+        task = progress.add_task("", total=len(runs))
+
+        def run_one(cfg: RunConfig) -> Path:
+            progress.update(task, description=f"{cfg.strategy.name if cfg.clients.num > 1 else 'centralized'}"
+                            f" ({progress.tasks[0].completed + 1}/{len(runs)})")
+            d = cmp.run_config(cfg, engine)
+            s = json.loads((d / "summary.json").read_text())
+            progress.console.print(f"  {d.name}: final accuracy {s.get('final_accuracy')}, "
+                                   f"wall {s.get('wall_seconds', 0):.1f} s")
+            progress.advance(task)
+            return d
+
+        try:
+            report = cmp.compare(config, names, list(set_), run_one, centralized, target)
+        except RuntimeError as e:
+            console.print(f"[red]run failed:[/red] {e}")
+            raise typer.Exit(1) from e
+    console.print(report.read_text(), markup=False)
+    console.print(f"report: {report}")
+
+
+@app.command()
+def report(
+    run_dirs: list[Path] = typer.Argument(..., help="run folders (each with metrics.jsonl)"),
+    out: Path = typer.Option(None, "--out", help="where report.md and the plots go (default: the "
+                             "runs' common parent)"),
+    target: float = typer.Option(None, "--target", help="accuracy for the rounds-to-target column"),
+) -> None:
+    """Regenerate report.md and the plots from metrics files."""
+    from fedlora.report import write_report
+
+    out = out or Path(*Path(run_dirs[0]).absolute().parts[:-1])
+    try:
+        path = write_report(run_dirs, out, target=target)
+    except FileNotFoundError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from e
+    console.print(path.read_text(), markup=False)
+    console.print(f"report: {path}")
+
+
 def main() -> None:
     app()
 

@@ -62,7 +62,8 @@ def load_run(run_dir: str | Path) -> RunSeries:
     if (run_dir / "summary.json").exists():
         summary = json.loads((run_dir / "summary.json").read_text())
     strategy = summary.get("strategy") or (rows[0].get("strategy") if rows else "") or run_dir.name
-    s = RunSeries(run_dir.name, strategy)
+    label = run_dir.name if run_dir.name == strategy else f"{run_dir.name} ({strategy})"
+    s = RunSeries(run_dir.name, label)
     eps: list[float] = []
     clients: set[str] = set()
     for r in rows:

