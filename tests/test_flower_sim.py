@@ -24,9 +24,10 @@ BIN = Path(sys.executable).parent
 RANKS = [2, 4, 8]
 
 
-def _tracked_state() -> str:
-    return subprocess.run(["git", "diff", "--stat", "--", "pyproject.toml", "simulations"], cwd=ROOT,
-                          capture_output=True, text=True).stdout
+def _flower_sections() -> str:
+    """pyproject's Flower tables (what `flwr run` would rewrite when migrating federations)."""
+    text = (ROOT / "pyproject.toml").read_text()
+    return text[text.index("[tool.flwr"):]
 
 
 def _simulate(tmp_path: Path, strategy: str) -> Path:
@@ -41,9 +42,10 @@ def _simulate(tmp_path: Path, strategy: str) -> Path:
 
 
 def _check(tmp_path: Path, strategy: str) -> None:
-    before = _tracked_state()
+    before = _flower_sections()
     run_dir = _simulate(tmp_path, strategy)
-    assert _tracked_state() == before  # flwr run rewrote no tracked file
+    assert _flower_sections() == before  # flwr run rewrote nothing in pyproject
+    assert "federations" not in before
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
     for r in rows:
@@ -73,3 +75,20 @@ def test_flwr_run_fedex(tmp_path):
 @pytest.mark.parametrize("strategy", ["fedavg", "flora", "fedsb", "fedsa"])
 def test_flwr_run_other_strategies(tmp_path, strategy):
     _check(tmp_path, strategy)
+
+
+def test_cli_inprocess_then_resume(tmp_path):
+    """`fedlora simulate --engine inprocess`, then `--resume` that run folder for one more round."""
+    run_dir = tmp_path / "run"
+    base = [str(BIN / "fedlora"), "simulate", "--engine", "inprocess"]
+    first = subprocess.run(base + ["--rounds", "2", "--set", f"run-dir={json.dumps(str(run_dir))}",
+                                   "--set", "clients.num=3"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    again = subprocess.run(base + ["--resume", str(run_dir), "--rounds", "3"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2, 3] and not any(r["failures"] for r in rows)
+    assert json.loads((run_dir / "summary.json").read_text())["rounds"] == 3
+    assert "rounds = 3" in (run_dir / "config.toml").read_text()
