@@ -135,6 +135,12 @@ def prepare_run_dir(cfg, resume: bool = False) -> Path:
 
     if not resume:
         shutil.rmtree(cfg.resolved_run_dir() / "checkpoints", ignore_errors=True)
+    if cfg.data.name != "synthetic" and not cfg.data.root:
+        # the apps run from Flower's copy of the project (FLWR_HOME/apps/...): pin the data root
+        # found from here, so the server and the simulated clients read the same files
+        from fedlora.data import resolve_data_root
+
+        cfg.data.root = str(resolve_data_root())
     return write_run_config(cfg)
 
 
