@@ -123,6 +123,7 @@ def loopback_nodes(num: int, ranks: list[int] | None = None,
 def write_run_config(cfg) -> Path:
     """``<run_dir>/config.toml``: the resolved run (what the ServerApp reads through config-path)."""
     run_dir = cfg.resolved_run_dir()
+    cfg.run_dir = str(run_dir)  # absolute: the ServerApp runs from Flower's app folder, not here
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "config.toml"
     path.write_text(cfg.to_toml())

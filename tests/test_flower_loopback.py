@@ -110,3 +110,13 @@ def test_dp_clients_compose_epsilon_across_rounds(tmp_path):
     for c1, c2 in zip(r1["clients"], r2["clients"]):
         e1, e2 = c1["metrics"]["epsilon"], c2["metrics"]["epsilon"]
         assert 0 < e1 < e2  # the accountant history lives in the client's context.state
+
+
+def test_resolved_config_names_an_absolute_run_dir(tmp_path, monkeypatch):
+    """The ServerApp runs from Flower's app folder: the written config must not be cwd-relative."""
+    from fedlora.sim import prepare_run_dir
+
+    monkeypatch.chdir(tmp_path)
+    path = prepare_run_dir(load_config(None, ["name=rel"]))
+    cfg = load_config(path)
+    assert cfg.run_dir == str(tmp_path / "runs" / "rel") and path.parent == tmp_path / "runs" / "rel"
