@@ -197,13 +197,15 @@ def run_flower(run_config: dict, num_supernodes: int, num_cpus: int = 1, num_gpu
     """Run the fedlora apps on Flower's simulation engine (see the module docstring)."""
     from fedlora.deploy import ManagedProcess, free_port, wait_for_port
 
-    home = flwr_home()
+    port, control = free_port(), free_port()
+    # one FLWR_HOME per run: its config.toml names this run's SuperLink, so concurrent runs
+    # (a compare next to a test, two users) never talk to each other's SuperLink
+    home = flwr_home() / f"sim-{os.getpid()}-{port}"
     home.mkdir(parents=True, exist_ok=True)
     logs = Path(log_dir or home / "logs").absolute()
     logs.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **FLWR_ENV, "FLWR_HOME": str(home)}
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    port, control = free_port(), free_port()
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
         f'address = "127.0.0.1:{port}"\ninsecure = true\n')
@@ -236,4 +238,8 @@ def run_flower(run_config: dict, num_supernodes: int, num_cpus: int = 1, num_gpu
                 raise
     finally:
         link.stop()
+        if log_dir is not None:  # logs live elsewhere: this run's FLWR_HOME is disposable
+            import shutil
+
+            shutil.rmtree(home, ignore_errors=True)
     return FlowerRun(rc, time.monotonic() - t0, run_log, logs / "superlink.log")
