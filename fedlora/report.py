@@ -75,10 +75,11 @@ def load_run(run_dir: str | Path) -> RunSeries:
         s.bytes_down.append(_round_bytes(r, "bytes_down"))
         for c in r.get("clients") or []:
             clients.add(str(c.get("id", c.get("client_id", ""))))
-            if c.get("epsilon") is not None:
-                eps.append(float(c["epsilon"]))
-            if c.get("delta") is not None:
-                s.delta = float(c["delta"])
+            m = {**(c.get("metrics") or {}), **c}  # the ClientApp's metrics sit under "metrics"
+            if m.get("epsilon") is not None:
+                eps.append(float(m["epsilon"]))
+            if m.get("delta") is not None:
+                s.delta = float(m["delta"])
     s.num_clients = len(clients - {""}) or int(summary.get("num_clients", 0) or 0)
     s.epsilon = max(eps) if eps else summary.get("max_epsilon")
     s.delta = s.delta if s.delta is not None else summary.get("delta")

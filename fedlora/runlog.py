@@ -56,9 +56,16 @@ class RunLog:
             os.fsync(f.fileno())
 
 
+def _client_metric(rows: list[dict], key: str) -> list[float]:
+    return [float(c["metrics"][key]) for r in rows for c in r.get("clients", [])
+            if isinstance(c.get("metrics"), dict) and c["metrics"].get(key) is not None]
+
+
 def summarize(rows: list[dict], extra: dict | None = None) -> dict:
     accs = [r["accuracy"] for r in rows if r.get("accuracy") is not None]
+    eps, deltas = _client_metric(rows, "epsilon"), _client_metric(rows, "delta")
     return _clean({
+        "max_epsilon": max(eps) if eps else None, "delta": max(deltas) if deltas else None,
         "rounds": len(rows), "strategy": rows[-1]["strategy"] if rows else None,
         "final_accuracy": accs[-1] if accs else None, "best_accuracy": max(accs) if accs else None,
         "final_train_loss": rows[-1].get("train_loss") if rows else None,

@@ -110,6 +110,12 @@ def test_dp_clients_compose_epsilon_across_rounds(tmp_path):
     for c1, c2 in zip(r1["clients"], r2["clients"]):
         e1, e2 = c1["metrics"]["epsilon"], c2["metrics"]["epsilon"]
         assert 0 < e1 < e2  # the accountant history lives in the client's context.state
+    summary = json.loads((tmp_path / "fedex" / "summary.json").read_text())
+    assert summary["max_epsilon"] == max(c["metrics"]["epsilon"] for c in r2["clients"])
+    assert 0 < summary["delta"] < 1
+    from fedlora.report import load_run
+
+    assert load_run(tmp_path / "fedex").epsilon == summary["max_epsilon"]  # what compare reports
 
 
 def test_resolved_config_names_an_absolute_run_dir(tmp_path, monkeypatch):
