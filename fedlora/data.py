@@ -137,13 +137,14 @@ def _label_names(raw: Sequence[str]) -> list[str]:
 def load_text_classification(path: str | os.PathLike, text_col: str = "sentence",
                              label_col: str = "label", text_pair_col: str | None = None,
                              label_map: dict[str, int] | None = None, limit: int | None = None,
-                             seed: int = 0, config_key: str = "data.path"):
+                             seed: int = 0, config_key: str = "data.path", offset: int = 0):
     """A CSV/TSV file → ``datasets.Dataset`` with ``text``, [``text_pair``], ``label`` (int).
 
     Labels map through ``label_map`` (original string → int) or, without one, to their index in
     the sorted unique labels (integers sorted numerically). The ``label`` column is a
     ``ClassLabel`` whose names are the original labels. ``limit`` keeps a random subset of that
-    many rows (seeded, file order kept).
+    many rows (seeded, file order kept); ``offset`` skips the first ``offset`` rows of that seeded
+    order, so ``offset=N`` gives rows disjoint from ``limit=N`` (a second held-out split).
     """
     datasets = _datasets()
     path = Path(path).expanduser()
@@ -154,10 +155,16 @@ def load_text_classification(path: str | os.PathLike, text_col: str = "sentence"
     missing = [c for c in cols if c not in header]
     if missing:
         raise ValueError(f"{str(path)!r}: no column(s) {missing}; the columns are {header}")
-    if limit is not None and limit < len(rows):
-        if limit < 1:
-            raise ValueError(f"limit must be >= 1, got {limit}")
-        keep = np.sort(np.random.default_rng(seed).permutation(len(rows))[:limit])
+    if offset < 0:
+        raise ValueError(f"offset must be >= 0, got {offset}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    if offset or (limit is not None and limit < len(rows)):
+        if offset + (limit or 1) > len(rows):
+            raise ValueError(f"{str(path)!r} has {len(rows)} rows: too few for {limit or 'all'} rows "
+                             f"after the first {offset}")
+        perm = np.random.default_rng(seed).permutation(len(rows))
+        keep = np.sort(perm[offset:offset + limit] if limit is not None else perm[offset:])
         rows = [rows[i] for i in keep]
     li = header.index(label_col)
     raw = [r[li].strip() for r in rows]
@@ -238,14 +245,15 @@ def _spec(name: str) -> DatasetSpec:
 
 def load_known(name: str, split: str = "train", root: str | os.PathLike | None = None,
                config_path: str | os.PathLike | None = None, limit: int | None = None,
-               seed: int = 0, config_key: str = "data.root"):
-    """``sst2`` / ``agnews`` / ``rte``, ``train`` or ``test`` split, as a ``datasets.Dataset``."""
+               seed: int = 0, config_key: str = "data.root", offset: int = 0):
+    """``sst2`` / ``agnews`` / ``rte``, ``train`` or ``test`` split, as a ``datasets.Dataset``
+    (``limit``/``offset``: see ``load_text_classification``)."""
     spec = _spec(name)
     path = known_path(name, split, root, config_path)
     if not path.is_file():
         raise missing_file_error(path, config_key, f"{name} {split} file")
     return load_text_classification(path, spec.text_col, spec.label_col, spec.text_pair_col,
-                                    spec.label_map, limit, seed, config_key)
+                                    spec.label_map, limit, seed, config_key, offset)
 
 
 def load_synthetic(n: int, seed: int = 0, **task: Any) -> TensorDictDataset:

@@ -11,7 +11,9 @@ with seed ``seed·1000 + i + 500000``. Other partitions split one pooled draw wi
 split is seed ``seed + 20000``. Real data (``sst2``/``agnews``/``rte`` or a CSV/TSV path): the
 training file is partitioned with flwr-datasets' partitioners, each partition split into train/val,
 tokenised with the model's tokenizer (cached), batched with dynamic padding; the server evaluates on
-the test file (capped at ``data.server_examples`` rows).
+``data.server_examples`` rows of the test file (a CSV/TSV path: of a held-out 10% of its rows, which
+no client sees), and Fed-SB's init gradients come from the next ``strategy.fedsb_init_examples``
+rows of that held-out pool: server data, disjoint from the clients' and from the evaluation rows.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 
+import numpy as np
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -76,17 +79,36 @@ def _is_text(spec: dict) -> bool:
     return spec["data"]["name"] != "synthetic"
 
 
+#: a CSV/TSV file without a test file: this share of its rows is the server's held-out split
+SERVER_SHARE = 0.1
+
+
 @lru_cache(maxsize=4)
-def _real_train_pool(spec_json: str):
+def _real_pools(spec_json: str):
+    """``(client pool, server pool)`` of a real data set, disjoint.
+
+    Known data sets: the training file (``data.limit`` rows) and the test file. A CSV/TSV path: a
+    seeded ``SERVER_SHARE`` of its rows is held out for the server, the clients share the rest.
+    """
     from fedlora import data as fdata
 
     spec = json.loads(spec_json)
     d = spec["data"]
     limit = d["limit"] or None
     if d["name"] in fdata.KNOWN_DATASETS:
-        return fdata.load_known(d["name"], "train", root=d["root"] or None, limit=limit, seed=spec["seed"])
-    return fdata.load_text_classification(d["name"], d["text_col"], d["label_col"], limit=limit,
-                                          seed=spec["seed"])
+        train = fdata.load_known(d["name"], "train", root=d["root"] or None, limit=limit, seed=spec["seed"])
+        test = fdata.load_known(d["name"], "test", root=d["root"] or None, seed=spec["seed"])
+        return train, test
+    rows = fdata.load_text_classification(d["name"], d["text_col"], d["label_col"], seed=spec["seed"])
+    clients, server = fdata.train_val_split(rows, SERVER_SHARE, seed=spec["seed"] + 10_000)
+    if limit is not None and limit < len(clients):
+        keep = np.random.default_rng(spec["seed"]).permutation(len(clients))[:limit]
+        clients = clients.select(np.sort(keep))
+    return clients, server
+
+
+def _real_train_pool(spec_json: str):
+    return _real_pools(spec_json)[0]
 
 
 def _tokenize(spec: dict, ds):
@@ -137,27 +159,34 @@ def client_data(spec: dict, partition_id: int, num_partitions: int) -> tuple[Dat
     return train, val
 
 
+def _server_rows(spec: dict, examples: int, offset: int):
+    """``examples`` rows of the server's held-out pool after the first ``offset`` (seeded order)."""
+    pool = _real_pools(json.dumps(spec, sort_keys=True))[1]
+    n = len(pool)
+    if offset + examples > n and offset:
+        raise ValueError(f"the server's held-out split of {spec['data']['name']!r} has {n} rows: too "
+                         f"few for data.server_examples={offset} evaluation rows plus "
+                         f"strategy.fedsb_init_examples={examples} Fed-SB init rows; lower one of them")
+    perm = np.random.default_rng(spec["seed"]).permutation(n)
+    return pool.select(np.sort(perm[offset:offset + examples]))
+
+
 def server_eval_data(spec: dict) -> Dataset:
+    """The server's held-out evaluation split: ``data.server_examples`` rows of the test file
+    (a CSV/TSV path: of its held-out share), never seen by a client."""
     d = spec["data"]
     if d["name"] == "synthetic":
         return SyntheticTask().generate(d["server_examples"], seed=spec["seed"] + 10_000)
-    from fedlora import data as fdata
-
-    if d["name"] in fdata.KNOWN_DATASETS:
-        test = fdata.load_known(d["name"], "test", root=d["root"] or None, limit=d["server_examples"],
-                                seed=spec["seed"])
-    else:
-        _, test = fdata.train_val_split(_real_train_pool(json.dumps(spec, sort_keys=True)), 0.1,
-                                        seed=spec["seed"] + 10_000)
-    return _tokenize(spec, test)
+    return _tokenize(spec, _server_rows(spec, d["server_examples"], 0))
 
 
 def fedsb_init_data(spec: dict, examples: int) -> Dataset:
-    """The server-held split for Fed-SB's init gradients (public data, not a client's)."""
-    if spec["data"]["name"] == "synthetic":
+    """The server-held split for Fed-SB's init gradients: public to the server, disjoint from every
+    client's data and from the evaluation rows (the next ``examples`` rows of the held-out pool)."""
+    d = spec["data"]
+    if d["name"] == "synthetic":
         return SyntheticTask().generate(examples, seed=spec["seed"] + 20_000)
-    ds = server_eval_data(spec)
-    return ds.subset(list(range(min(examples, len(ds)))))
+    return _tokenize(spec, _server_rows(spec, examples, d["server_examples"]))
 
 
 def loader(spec: dict, ds: Dataset, batch_size: int, shuffle: bool, seed: int) -> DataLoader:

