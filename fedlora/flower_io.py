@@ -12,8 +12,10 @@ Message layout (a ``RecordDict``):
   ``head::{param}``; ``"fedlora.update.meta"`` ConfigRecord (client id, rank, base version);
   ``"metrics"`` MetricRecord (``num-examples`` plus numbers such as loss and train time).
 
-Bytes are counted from what is actually serialised: the sum of ``len(Array.data)`` over every
-ArrayRecord in the RecordDict (``record_bytes``).
+Bytes are counted from what is actually serialised. ``wire_bytes(message)``: what Flower moves for a
+message — every object of its tree (the message, its records, each array's header and its 5 MiB
+chunks) as Flower deflates it for the push, identical objects once, as Flower sends them once.
+``record_bytes``: only the arrays' serialised data (``len(Array.data)``, tensors plus npy headers).
 """
 
 from __future__ import annotations
@@ -48,6 +50,21 @@ def _record(items: dict[str, torch.Tensor]) -> ArrayRecord:
 def record_bytes(rd: RecordDict) -> int:
     """Serialised array bytes in a RecordDict (every ``Array.data`` of every ArrayRecord)."""
     return sum(len(a.data) for rec in rd.array_records.values() for a in rec.values())
+
+
+def wire_bytes(obj) -> int:
+    """Bytes Flower pushes for a Message or RecordDict (see the module docstring)."""
+    seen: set[str] = set()
+    stack, total = [obj], 0
+    while stack:
+        o = stack.pop()
+        oid = o.object_id
+        if oid in seen:
+            continue
+        seen.add(oid)
+        total += len(o.deflate())
+        stack.extend((o.children or {}).values())
+    return total
 
 
 def _split(key: str, n: int, what: str) -> list[str]:

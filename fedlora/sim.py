@@ -67,6 +67,7 @@ class LoopbackGrid:
                                          state=RecordDict(), run_config=dict(run_config or {}))
         self._replies: dict[str, Message] = {}
         self.sent = 0
+        self.delivered: list[tuple[Message, Message]] = []  # (message, its reply), in order
 
     # Grid API ------------------------------------------------------------------------------------
     def set_run(self, run) -> None:  # pragma: no cover - not used in process
@@ -96,6 +97,7 @@ class LoopbackGrid:
             except Exception as e:  # noqa: BLE001 - what Flower's engines do: an error reply
                 reply = Message(Error(CLIENT_APP_RAISED_EXCEPTION, f"{type(e).__name__}: {e}"), reply_to=msg)
             reply.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            self.delivered.append((msg, reply))
             self._replies[mid] = reply
             ids.append(mid)
         return ids
@@ -146,15 +148,18 @@ def prepare_run_dir(cfg, resume: bool = False) -> Path:
 
 
 def run_inprocess(cfg, node_extra: dict[int, dict] | None = None, stop_after_round: int | None = None,
-                  resume: bool = False) -> dict:
+                  resume: bool = False, grid_out: list | None = None) -> dict:
     """The real ServerApp strategy loop + the real ClientApp over a LoopbackGrid
-    (``cfg.clients.num`` nodes with Flower's simulation node config)."""
+    (``cfg.clients.num`` nodes with Flower's simulation node config); ``grid_out`` receives the
+    grid (its ``delivered`` messages) for inspection."""
     from clients.app import app as client_app
     from server.app import run_server
 
     run_config = {"config-path": str(prepare_run_dir(cfg, resume)), "resume": resume}
     grid = LoopbackGrid(client_app, loopback_nodes(cfg.clients.num, extra=node_extra), run_config,
                         run_id=2 if resume else 1)
+    if grid_out is not None:
+        grid_out.append(grid)
     return run_server(grid, run_config, stop_after_round=stop_after_round)
 
 

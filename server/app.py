@@ -109,7 +109,8 @@ class Pending:
     node_id: int
     rank: int
     version: int  # the base version the payload brings the client to
-    bytes_down: int
+    bytes_down: int  # the whole message as Flower pushes it (flower_io.wire_bytes)
+    tensor_bytes_down: int  # the payload's tensors alone
 
 
 # ---- checkpoints (fedlora.checkpoint when present; a torch.save fallback otherwise) ----------------
@@ -169,6 +170,7 @@ class FedLoraStrategy(Strategy):
         self.held: dict[str, int] = {}  # client id -> base version it holds (0: W0 / unknown)
         self.ranks: dict[str, int] = {}
         self.pending: dict[int, Pending] = {}
+        self._query_bytes = [0, 0]  # (down, up) of this round's capability queries
         self.start_round = 0
         self.rows: list[dict] = []
         self._t_round = 0.0
@@ -220,7 +222,9 @@ class FedLoraStrategy(Strategy):
             return []
         msgs = [Message(RecordDict({flower_io.RUN: self._run_record(0)}), dst_node_id=n,
                         message_type=MessageType.QUERY) for n in new]
+        self._query_bytes[0] += sum(flower_io.wire_bytes(m) for m in msgs)
         replies = grid.send_and_receive(msgs, timeout=self.cfg.clients.round_timeout)
+        self._query_bytes[1] += sum(flower_io.wire_bytes(m) for m in replies)
         failures = []
         for m in replies:
             nid = m.metadata.src_node_id
@@ -265,9 +269,11 @@ class FedLoraStrategy(Strategy):
             self.ranks[cid] = rank
             from_v = self.held.get(cid, 0)
             p = self.fl.payload(cid, rank, from_v)
-            rd = flower_io.payload_to_record(p, self.spec, rnd, from_v)
-            self.pending[nid] = Pending(cid, nid, rank, p.base_version, flower_io.record_bytes(rd))
-            msgs.append(Message(rd, dst_node_id=nid, message_type=MessageType.TRAIN, group_id=str(rnd)))
+            msg = Message(flower_io.payload_to_record(p, self.spec, rnd, from_v), dst_node_id=nid,
+                          message_type=MessageType.TRAIN, group_id=str(rnd))
+            self.pending[nid] = Pending(cid, nid, rank, p.base_version, flower_io.wire_bytes(msg),
+                                        p.bytes_down)
+            msgs.append(msg)
         return msgs
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -282,7 +288,8 @@ class FedLoraStrategy(Strategy):
             if pend is None:
                 continue
             row = {"id": pend.client_id, "node": nid, "rank": pend.rank, "bytes_down": pend.bytes_down,
-                   "bytes_up": 0, "accepted": False}
+                   "bytes_up": flower_io.wire_bytes(m), "tensor_bytes_down": pend.tensor_bytes_down,
+                   "accepted": False}
             rows[pend.client_id] = row
             if m.has_error():
                 row["error"] = m.error.reason
@@ -303,7 +310,6 @@ class FedLoraStrategy(Strategy):
                                  "error": row["error"]})
                 continue
             self.held[pend.client_id] = pend.version
-            row["bytes_up"] = flower_io.record_bytes(m.content)
             met = u.metrics
             row |= {"loss": met.get("loss"), "examples": u.num_examples,
                     "train_seconds": met.get("train-time-s"), "peak_memory": met.get("peak-memory-bytes"),
@@ -311,7 +317,8 @@ class FedLoraStrategy(Strategy):
             updates.append(u)
         for nid, pend in self.pending.items():  # sampled, never answered
             rows[pend.client_id] = {"id": pend.client_id, "node": nid, "rank": pend.rank,
-                                    "bytes_down": pend.bytes_down, "bytes_up": 0, "accepted": False,
+                                    "bytes_down": pend.bytes_down, "bytes_up": 0,
+                                    "tensor_bytes_down": pend.tensor_bytes_down, "accepted": False,
                                     "error": "no reply within round_timeout"}
             failures.append({"client": pend.client_id, "node": nid, "stage": "train",
                              "error": "no reply within round_timeout"})
@@ -329,10 +336,13 @@ class FedLoraStrategy(Strategy):
                "failures": failures,
                "train_loss": (sum(r["loss"] for r in ok) / len(ok)) if ok else None,
                "aggregation_error": report.aggregation_error, "agg_seconds": report.agg_seconds,
-               "bytes_up": sum(r["bytes_up"] for r in rows.values()),
-               "bytes_down": sum(r["bytes_down"] for r in rows.values()),
+               # capability queries (once per node) are part of this round's traffic
+               "query_bytes_up": self._query_bytes[1], "query_bytes_down": self._query_bytes[0],
+               "bytes_up": sum(r["bytes_up"] for r in rows.values()) + self._query_bytes[1],
+               "bytes_down": sum(r["bytes_down"] for r in rows.values()) + self._query_bytes[0],
                "tensor_bytes_up": sum(report.bytes_up.values()),
                "tensor_bytes_down": sum(report.bytes_down.values())}
+        self._query_bytes = [0, 0]
         every = self.cfg.eval.every
         if self.fl.has_global_model and ((every and rnd % every == 0) or rnd == self.cfg.rounds):
             out |= self.evaluate_global()

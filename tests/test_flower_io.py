@@ -69,3 +69,27 @@ def test_update_round_trip():
     _eq(v.head, u.head)
     assert v.metrics["loss"] == 0.5 and v.metrics["train-time-s"] == 1.5 and v.metrics["ok"] == 1
     assert flower_io.record_bytes(rd) >= (32 + 20 + 2) * 4
+
+
+def test_wire_bytes_is_what_flower_pushes():
+    from flwr.app import Message, MessageType
+
+    from fedlora.sim import ensure_task_identity
+
+    ensure_task_identity()
+    s = create_strategy("fedex", layers={"a": LayerSpec(64, 48)}, r_max=4, scale=2.0)
+    rd = flower_io.payload_to_record(s.payload("client-0", 2, 0), {"strategy": "fedex", "pad": "x" * 900})
+    msg = Message(rd, dst_node_id=7, message_type=MessageType.TRAIN)
+    try:
+        from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+    except ImportError:  # pragma: no cover - another Flower layout
+        get_all_nested_objects = None
+    if get_all_nested_objects is not None:  # Flower's own push set (deflate() of every object)
+        want = sum(len(o.deflate()) for o in get_all_nested_objects(msg).values())
+        assert flower_io.wire_bytes(msg) == want
+    # more than the arrays alone: the config records (here the 900-character spec) travel too
+    assert flower_io.wire_bytes(rd) > flower_io.record_bytes(rd) + 900
+    # identical arrays are pushed once (content-addressed), so they are counted once
+    z = flower_io.tensors_to_record({"x": torch.zeros(1000), "y": torch.zeros(1000)})
+    one = flower_io.tensors_to_record({"x": torch.zeros(1000)})
+    assert flower_io.wire_bytes(z) < flower_io.wire_bytes(one) + 1000

@@ -126,3 +126,33 @@ def test_resolved_config_names_an_absolute_run_dir(tmp_path, monkeypatch):
     path = prepare_run_dir(load_config(None, ["name=rel"]))
     cfg = load_config(path)
     assert cfg.run_dir == str(tmp_path / "runs" / "rel") and path.parent == tmp_path / "runs" / "rel"
+
+
+def test_bytes_are_the_messages_flower_moves(tmp_path):
+    """Every client row's bytes are the wire size of the exact message it got and the reply it sent;
+    the capability queries are counted in the round that sent them."""
+    from flwr.app import MessageType
+
+    from fedlora.flower_io import wire_bytes
+
+    grids: list = []
+    run_inprocess(_cfg(tmp_path, "fedex"), grid_out=grids)
+    rows = _rows(tmp_path / "fedex")
+    sent = grids[0].delivered
+    queries = [(m, r) for m, r in sent if m.metadata.message_type == MessageType.QUERY]
+    trains = [(m, r) for m, r in sent if m.metadata.message_type == MessageType.TRAIN]
+    assert len(queries) == len(RANKS) and len(trains) == 2 * len(RANKS)
+    assert rows[0]["query_bytes_down"] == sum(wire_bytes(m) for m, _ in queries) > 0
+    assert rows[0]["query_bytes_up"] == sum(wire_bytes(r) for _, r in queries) > 0
+    assert rows[1]["query_bytes_down"] == rows[1]["query_bytes_up"] == 0
+    for rnd, row in enumerate(rows, start=1):
+        by_node = {m.metadata.dst_node_id: (m, r) for m, r in trains if m.metadata.group_id == str(rnd)}
+        for c in row["clients"]:
+            m, r = by_node[c["node"]]
+            assert c["bytes_down"] == wire_bytes(m) > c["tensor_bytes_down"] > 0
+            assert c["bytes_up"] == wire_bytes(r)
+        assert row["bytes_down"] == sum(c["bytes_down"] for c in row["clients"]) + row["query_bytes_down"]
+        assert row["bytes_up"] == sum(c["bytes_up"] for c in row["clients"]) + row["query_bytes_up"]
+    # round 2 of fedex also carries the residual of round 1: more down than round 1
+    train_down = [r["bytes_down"] - r["query_bytes_down"] for r in rows]
+    assert train_down[1] > train_down[0]
