@@ -229,8 +229,10 @@ def train(msg: Message, context: Context) -> Message:
         torch.cuda.reset_peak_memory_stats(device)
     metrics: dict[str, float | int] = {}
     privacy = spec.get("privacy") or {}
+    pstate = None
     if privacy.get("enabled"):
-        res, pmetrics = _train_private(context, spec, model, train_ds, optim, device, rnd, pid)
+        res, pmetrics, pstate = _train_private(context, spec, model, train_ds, optim, device, pid,
+                                               flower_io.record_privacy(msg.content))
         metrics |= pmetrics
     else:
         loader = rundata.loader(spec, train_ds, tr["batch_size"], True, int(spec["seed"]) + rnd - 1)
@@ -248,21 +250,40 @@ def train(msg: Message, context: Context) -> Message:
     save_state(context, entry, ClientState(payload.base_version, rank, base_deltas(model),
                                            adapter_state(model), head_state(model, entry.head_names)))
     metrics["client-time-s"] = time.perf_counter() - t_enter
-    return Message(flower_io.update_to_record(update, metrics), reply_to=msg)
+    reply = flower_io.update_to_record(update, metrics)
+    if pstate is not None:
+        reply[flower_io.PRIVACY] = flower_io.privacy_to_record(pstate)
+    return Message(reply, reply_to=msg)
 
 
 def _train_private(context: Context, spec: dict, model: nn.Module, train_ds, optim: OptimConfig,
-                   device: torch.device, rnd: int, pid: int):
-    """DP-SGD through fedlora.privacy; the accountant history persists in context.state."""
-    from fedlora.privacy import PrivacyConfig, PrivacyState, train_private
+                   device: torch.device, pid: int, server_copy: dict | None):
+    """DP-SGD through fedlora.privacy, one accountant per client for the whole run.
+
+    Its history must outlive the node process and a run restart: it is kept in context.state, in
+    the node cache (a restarted SuperNode loses context.state) and, as public metadata (σ, q,
+    steps), at the server, which sends its copy back (a resumed run has fresh contexts). The copy
+    with the largest ε wins, so a lost copy can never make ε go back.
+    """
+    from fedlora.privacy import PrivacyConfig, PrivacyState, epsilon, train_private
 
     cfg = PrivacyConfig.from_dict(spec["privacy"])
     cfg.validate(len(train_ds))
+    delta = cfg.resolved_delta(len(train_ds))
+    cache_dir = context.node_config.get("cache-dir")
+    record_name = f"privacy-{spec.get('run_uid', 'run')}-partition{pid}"
     rec = context.state.config_records.get(STATE_PRIVACY)
-    state = PrivacyState.from_dict(dict(rec) if rec is not None else None)
+    candidates = [PrivacyState.from_dict(dict(rec) if rec is not None else None),
+                  PrivacyState.from_dict(server_copy)]
+    if cache_dir:
+        candidates.append(PrivacyState.from_dict(NodeCache(str(cache_dir)).load_record(record_name)))
+    state = max(candidates, key=lambda s: (epsilon(s.history, delta, cfg.accountant), s.total_steps))
     tr = spec["train"]
     res = train_private(model, train_ds, cfg=cfg, state=state, batch_size=tr["batch_size"],
                         steps=tr["local_steps"], planned_total_steps=int(spec["rounds"]) * tr["local_steps"],
                         optim=optim, device=device, collate_fn=rundata.collate_fn(spec), seed=None)
-    context.state[STATE_PRIVACY] = ConfigRecord(res.state.to_dict())
-    return res.train, res.metrics()
+    saved = res.state.to_dict()
+    context.state[STATE_PRIVACY] = ConfigRecord(saved)
+    if cache_dir:
+        NodeCache(str(cache_dir)).save_record(record_name, saved)
+    return res.train, res.metrics(), saved

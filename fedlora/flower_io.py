@@ -33,6 +33,9 @@ SEP = "::"
 FACTORS, DELTAS, HEAD, PAYLOAD, RUN = ("fedlora.factors", "fedlora.deltas", "fedlora.head",
                                        "fedlora.payload", "fedlora.run")
 UPDATE, UPDATE_META, METRICS = "fedlora.update", "fedlora.update.meta", "metrics"
+#: a DP client's accountant history (``PrivacyState.to_dict()``): in its reply, and the server's copy
+#: of it in the next payload (a client resumed without its own state starts from that, never from 0)
+PRIVACY = "fedlora.privacy"
 
 
 def _arr(t: torch.Tensor) -> Array:
@@ -154,6 +157,16 @@ def _metric_value(k: str, v):
     if isinstance(v, int | float):
         return v
     raise ValueError(f"metric {k!r} must be a number, got {v!r}")
+
+
+def privacy_to_record(state: dict) -> ConfigRecord:
+    return ConfigRecord({k: v for k, v in state.items()})
+
+
+def record_privacy(rd: RecordDict) -> dict | None:
+    """The accountant history carried in a payload or a reply (``None`` when there is none)."""
+    rec = rd.config_records.get(PRIVACY)
+    return None if rec is None else {k: (list(v) if isinstance(v, list) else v) for k, v in rec.items()}
 
 
 def update_to_record(u: ClientUpdate, metrics: dict | None = None) -> RecordDict:

@@ -233,6 +233,42 @@ class NodeCache:
             return None
         return tensors, meta
 
+    # ---- small JSON records (a DP client's accountant history) --------------------------------------
+    def save_record(self, name: str, record: Mapping) -> Path:
+        """Store a JSON-serialisable mapping as ``<cache>/records/<name>.json``, atomically."""
+        import json
+
+        path = self.root / "records" / f"{_safe_key(name)}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "w") as f:
+                json.dump({"format": FORMAT, "name": name, "record": dict(record)}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        _fsync_dir(path.parent)
+        return path
+
+    def load_record(self, name: str) -> dict | None:
+        """The mapping stored by ``save_record``, or ``None`` when missing or unreadable."""
+        import json
+
+        path = self.root / "records" / f"{_safe_key(name)}.json"
+        if not path.exists():
+            return None
+        try:
+            doc = json.loads(path.read_text())
+            if doc.get("format") != FORMAT or doc.get("name") != name:
+                raise ValueError("foreign record file")
+            return dict(doc["record"])
+        except Exception as e:  # noqa: BLE001
+            log.warning("node record %s unusable (%s)", path, e)
+            return None
+
     def clear(self, model_key: str | None = None) -> None:
         """Remove one model's cache (or all of it): the next load is a miss."""
         import shutil

@@ -187,8 +187,26 @@ class FedLoraStrategy(Strategy):
         elif cfg.strategy.name == "fedsb":
             self._fedsb_init()
         self.log.reset(self.rows)
+        # each DP client's accountant history as it last reported it (rebuilt from the metrics
+        # rows on resume); sent back with its payloads
+        self.privacy: dict[str, dict] = {c["id"]: c["privacy_state"] for r in self.rows
+                                         for c in r["clients"] if c.get("privacy_state")}
+        # one id per run, kept by --resume: clients key what must outlive their process by it
+        # (a DP client's accountant history in its node cache)
+        self.spec["run_uid"] = self._run_uid(resume)
 
     # ---- setup helpers -------------------------------------------------------------------------
+    def _run_uid(self, resume: bool) -> str:
+        import uuid
+
+        path = self.run_dir / "run_uid"
+        if resume and path.is_file():
+            return path.read_text().strip()
+        uid = uuid.uuid4().hex[:16]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(uid + "\n")
+        return uid
+
     def _fedsb_init(self) -> None:
         s = self.cfg.strategy
         ds = rundata.fedsb_init_data(self.spec, s.fedsb_init_examples)
@@ -269,8 +287,10 @@ class FedLoraStrategy(Strategy):
             self.ranks[cid] = rank
             from_v = self.held.get(cid, 0)
             p = self.fl.payload(cid, rank, from_v)
-            msg = Message(flower_io.payload_to_record(p, self.spec, rnd, from_v), dst_node_id=nid,
-                          message_type=MessageType.TRAIN, group_id=str(rnd))
+            rd = flower_io.payload_to_record(p, self.spec, rnd, from_v)
+            if cid in self.privacy:
+                rd[flower_io.PRIVACY] = flower_io.privacy_to_record(self.privacy[cid])
+            msg = Message(rd, dst_node_id=nid, message_type=MessageType.TRAIN, group_id=str(rnd))
             self.pending[nid] = Pending(cid, nid, rank, p.base_version, flower_io.wire_bytes(msg),
                                         p.bytes_down)
             msgs.append(msg)
@@ -310,6 +330,8 @@ class FedLoraStrategy(Strategy):
                                  "error": row["error"]})
                 continue
             self.held[pend.client_id] = pend.version
+            if (ps := flower_io.record_privacy(m.content)) is not None:
+                self.privacy[pend.client_id] = row["privacy_state"] = ps
             met = u.metrics
             row |= {"loss": met.get("loss"), "examples": u.num_examples,
                     "train_seconds": met.get("train-time-s"), "peak_memory": met.get("peak-memory-bytes"),

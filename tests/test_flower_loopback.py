@@ -156,3 +156,19 @@ def test_bytes_are_the_messages_flower_moves(tmp_path):
     # round 2 of fedex also carries the residual of round 1: more down than round 1
     train_down = [r["bytes_down"] - r["query_bytes_down"] for r in rows]
     assert train_down[1] > train_down[0]
+
+
+def test_dp_accountant_survives_a_server_restart(tmp_path):
+    """A resumed run has fresh client contexts: the server's copy of each client's accountant
+    history (public σ, q, steps) keeps ε composing from where it was, as in the uninterrupted run."""
+    dp = ["privacy.enabled=true", "privacy.noise_multiplier=0.8", "train.local_steps=3"]
+    run_inprocess(_cfg(tmp_path, "fedex", rounds=3, extra=dp))
+    cut = _cfg(tmp_path, "fedex", rounds=3, extra=[*dp, f"run_dir={json.dumps(str(tmp_path / 'cut'))}"])
+    run_inprocess(cut, stop_after_round=2)
+    run_inprocess(cut, resume=True)
+    full, resumed = _rows(tmp_path / "fedex"), _rows(tmp_path / "cut")
+    eps = lambda rows, r: {c["id"]: c["metrics"]["epsilon"] for c in rows[r]["clients"]}  # noqa: E731
+    assert all(eps(resumed, 2)[k] > eps(resumed, 1)[k] for k in eps(resumed, 2))
+    assert eps(resumed, 2) == pytest.approx(eps(full, 2), rel=1e-9)
+    steps = [c["privacy_state"]["steps"] for c in resumed[2]["clients"]]
+    assert all(sum(s) == 9 for s in steps)  # 3 rounds x 3 steps in one history per client

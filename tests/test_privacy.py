@@ -399,3 +399,35 @@ def test_an_error_mid_round_leaves_the_model_as_it_was(monkeypatch):
                       optim=OptimConfig(lr=1e-2), device="cpu", seed=0)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert not hasattr(model, "autograd_grad_sample_hooks")
+
+
+def test_dp_accountant_survives_a_restarted_node(tmp_path):
+    """A SuperNode that restarts loses Flower's context.state; the node cache keeps the history."""
+    from flwr.app import Context, RecordDict
+
+    from clients.app import _train_private
+    from fedlora.config import load_config
+    from fedlora.rundata import build_base, client_data, inject
+
+    spec = load_config(None, ["privacy.enabled=true", "privacy.noise_multiplier=1.0",
+                              "train.local_steps=2"]).client_spec()
+    spec["run_uid"] = "abc"
+    model = build_base(spec)
+    inject(spec, model, 8)
+    train, _ = client_data(spec, 0, 6)
+    optim = OptimConfig("sgd", 0.05)
+
+    def fresh_node():
+        return Context(run_id=1, node_id=1, node_config={"cache-dir": str(tmp_path)}, state=RecordDict(),
+                       run_config={})
+
+    eps = []
+    for _ in range(3):  # every call: a new process with an empty context.state
+        _, metrics, state = _train_private(fresh_node(), spec, model, train, optim, torch.device("cpu"),
+                                           0, None)
+        eps.append(metrics["epsilon"])
+    assert eps[0] < eps[1] < eps[2] and sum(state["steps"]) == 6
+    # a different run (new run_uid) starts its own accountant
+    spec["run_uid"] = "def"
+    _, metrics, _ = _train_private(fresh_node(), spec, model, train, optim, torch.device("cpu"), 0, None)
+    assert metrics["epsilon"] == pytest.approx(eps[0])
