@@ -126,6 +126,8 @@ def compare(
     centralized: bool = typer.Option(False, "--centralized", help="add the pooled-data baseline"),
     target: float = typer.Option(None, "--target", help="accuracy for the rounds-to-target column"),
     engine: str = typer.Option("flower", "--engine", help="flower (Flower simulation) | inprocess"),
+    sweep: str = typer.Option(None, "--sweep", help="repeat for each value of one key: "
+                              "section.key=v1,v2,... (e.g. data.alpha=0.1,0.5,10)"),
 ) -> None:
     """Run the same config once per strategy; write report.md and plots next to the runs."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -135,6 +137,10 @@ def compare(
     try:
         names = cmp.parse_strategies(strategies)
         root, runs = cmp.plan(config, names, list(set_), centralized)
+        swept = cmp.parse_sweep(sweep) if sweep else None
+        if swept:
+            root, planned = cmp.plan_sweep(config, names, list(set_), *swept, centralized)
+            runs = runs * len(planned)
         if engine not in ("flower", "inprocess"):
             raise ValueError(f"--engine must be 'flower' or 'inprocess', got {engine!r}")
     except ValueError as e:
@@ -146,8 +152,10 @@ def compare(
         task = progress.add_task("", total=len(runs))
 
         def run_one(cfg: RunConfig) -> Path:
-            progress.update(task, description=f"{cfg.strategy.name if cfg.clients.num > 1 else 'centralized'}"
-                            f" ({progress.tasks[0].completed + 1}/{len(runs)})")
+            what = cfg.strategy.name if cfg.clients.num > 1 else "centralized"
+            if swept:
+                what += f", {Path(cfg.run_dir).parent.name}"
+            progress.update(task, description=f"{what} ({progress.tasks[0].completed + 1}/{len(runs)})")
             d = cmp.run_config(cfg, engine)
             s = json.loads((d / "summary.json").read_text())
             progress.console.print(f"  {d.name}: final accuracy {s.get('final_accuracy')}, "
@@ -156,7 +164,10 @@ def compare(
             return d
 
         try:
-            report = cmp.compare(config, names, list(set_), run_one, centralized, target)
+            if swept:
+                report = cmp.sweep(config, names, list(set_), *swept, run_one, centralized, target)
+            else:
+                report = cmp.compare(config, names, list(set_), run_one, centralized, target)
         except RuntimeError as e:
             console.print(f"[red]run failed:[/red] {e}")
             raise typer.Exit(1) from e

@@ -1,10 +1,16 @@
-"""``fedlora compare``: the same run once per strategy, then one report.
+"""``fedlora compare``: the same run once per strategy, then one report (optionally swept over a key).
 
 Every strategy gets the same config, seed, partitions and rank assignment; only
 ``strategy.name`` (and the run folder) changes. ``--centralized`` adds the pooled-data baseline:
 one client holding every client's data, at rank ``r_max``, taking as many local steps per round as
 all the round's clients together. Results: ``<output_dir>/<name>/<strategy>/`` per run and
 ``<output_dir>/<name>/report.md`` with ``accuracy_vs_round.png`` and ``accuracy_vs_mb.png``.
+
+``--sweep key=v1,v2,...`` repeats the whole comparison for each value of one config key (the
+heterogeneity sweep ``data.alpha=0.1,0.5,10``; accuracy against the privacy budget
+``privacy.target_epsilon=3,8``): ``<root>/<key>-<v>/`` holds each value's runs and report, and
+``<root>/sweep.md`` the final/best accuracy of every strategy at every value with ``sweep.png``
+(final accuracy against the value).
 """
 
 from __future__ import annotations
@@ -14,8 +20,8 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
-from fedlora.config import STRATEGY_NAMES, RunConfig, load_config
-from fedlora.report import write_report
+from fedlora.config import STRATEGY_NAMES, RunConfig, _toml_value, load_config, parse_value
+from fedlora.report import write_report, write_sweep_report
 
 
 def parse_strategies(text: str) -> list[str]:
@@ -87,3 +93,49 @@ def run_config(cfg: RunConfig, engine: str = "flower", timeout: float = 24 * 360
     if not (run_dir / "summary.json").exists():
         raise RuntimeError(f"{cfg.strategy.name}: the run ended without {run_dir / 'summary.json'}")
     return run_dir
+
+
+def parse_sweep(text: str) -> tuple[str, list]:
+    """``"data.alpha=0.1,0.5,10"`` → ``("data.alpha", [0.1, 0.5, 10.0])`` (values read as TOML)."""
+    key, eq, values = text.partition("=")
+    key = key.strip()
+    items = [v.strip() for v in values.split(",") if v.strip()]
+    if not eq or not key or not items:
+        raise ValueError(f"--sweep {text!r} must look like section.key=v1,v2,... "
+                         "(e.g. data.alpha=0.1,0.5,10)")
+    parsed = [parse_value(v) for v in items]
+    if len({json.dumps(v) for v in parsed}) != len(parsed):
+        raise ValueError(f"--sweep {text!r} lists a value twice")
+    return key, parsed
+
+
+def sweep_tag(key: str, value) -> str:
+    """The folder of one sweep value: ``alpha-0.1`` for ``data.alpha=0.1``."""
+    return f"{key.rpartition('.')[2]}-{value}".replace("/", "_")
+
+
+def plan_sweep(config: Path | None, strategies: list[str], overrides: list[str], key: str,
+               values: list, centralized: bool = False) -> tuple[Path, list[tuple[object, list[str]]]]:
+    """Every value's overrides, each validated (all its runs planned) before anything runs."""
+    base = load_config(config, overrides)
+    root = Path(base.run_dir) if base.run_dir else Path(base.output_dir) / base.name
+    out = []
+    for v in values:
+        ov = overrides + [f"{key}={_toml_value(v)}", f"run_dir={json.dumps(str(root / sweep_tag(key, v)))}"]
+        plan(config, strategies, ov, centralized)  # raises on a bad value, before any work
+        out.append((v, ov))
+    return root, out
+
+
+def sweep(config: Path | None, strategies: list[str], overrides: list[str], key: str, values: list,
+          run_one: Callable[[RunConfig], Path], centralized: bool = False,
+          target: float | None = None) -> Path:
+    """``compare`` once per value of ``key``; then ``sweep.md`` + ``sweep.png`` over all of them."""
+    root, planned = plan_sweep(config, strategies, overrides, key, values, centralized)
+    per_value = []
+    for v, ov in planned:
+        report = compare(config, strategies, ov, run_one, centralized, target)
+        per_value.append((v, report.parent))
+    names = strategies + (["centralized"] if centralized else [])
+    return write_sweep_report(root, key, [(v, [d / n for n in names]) for v, d in per_value],
+                              title=f"fedlora sweep of {key}: {load_config(config, overrides).name}")

@@ -161,3 +161,63 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, title: str = "
     report = out_dir / "report.md"
     report.write_text("\n".join(body))
     return report
+
+
+def write_sweep_report(out_dir: str | Path, key: str, values: list[tuple[object, list[str | Path]]],
+                       title: str = "fedlora sweep") -> Path:
+    """``sweep.md``: final / best accuracy (and ε under DP) of each strategy at each value of
+    ``key``, and ``sweep.png``: final accuracy against the value (log x when the values are
+    positive and span a factor ≥ 10). ``values``: ``[(value, [run dir per strategy]), ...]``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    series: dict[str, list[tuple[object, RunSeries]]] = {}
+    for v, dirs in values:
+        for d in dirs:
+            s = load_run(d)
+            series.setdefault(s.strategy, []).append((v, s))
+    head = ["strategy"] + [f"{key}={v}" for v, _ in values]
+    lines = [f"# {title}\n", "Each cell: final accuracy (best) · MB up+down"
+             + (" · ε (max over clients)" if any(s.epsilon is not None for ss in series.values()
+                                                  for _, s in ss) else "") + ".\n",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, ss in series.items():
+        cells = [name]
+        for v, _ in values:
+            s = next((s for vv, s in ss if vv == v), None)
+            ev = s.evaluated() if s else []
+            if not ev:
+                cells.append("–")
+                continue
+            mb = (sum(s.bytes_up) + sum(s.bytes_down)) / MB
+            cell = f"{ev[-1][1]:.4f} ({max(a for _, a, _ in ev):.4f}) · {mb:.2f}"
+            if s.epsilon is not None:
+                cell += f" · ε {s.epsilon:.2f}"
+            cells.append(cell)
+        lines.append("| " + " | ".join(cells) + " |")
+    xs = [v for v, _ in values]
+    numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in xs)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for name, ss in series.items():
+        pts = [(i, v, s.evaluated()[-1][1]) for i, (v, s) in enumerate(ss) if s.evaluated()]
+        ax.plot([v if numeric else i for i, v, _ in pts], [a for _, _, a in pts], marker="o", label=name)
+    if numeric and all(v > 0 for v in xs) and max(xs) / min(xs) >= 10:
+        ax.set_xscale("log")
+    if not numeric:
+        ax.set_xticks(range(len(xs)), [str(v) for v in xs])
+    ax.set_xlabel(key)
+    ax.set_ylabel("final accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "sweep.png")
+    plt.close(fig)
+    lines += ["", "![sweep](sweep.png)", ""]
+    lines += [f"- `{key}={v}`: [report]({Path(dirs[0]).parent.name}/report.md)" for v, dirs in values]
+    path = out_dir / "sweep.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

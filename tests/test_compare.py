@@ -65,3 +65,45 @@ def test_compare_validates_before_running(tmp_path):
     assert [n for n, _ in runs] == ["fedavg", "fedsb", "centralized"]
     central = runs[-1][1]
     assert central.clients.num == 1 and central.clients.ranks == [runs[0][1].r_max]
+
+
+def test_sweep_runs_every_value_and_tabulates_the_metrics(tmp_path):
+    """--sweep data.alpha=0.1,10 on the tiny model (Dirichlet partitions): one comparison per value,
+    then sweep.md whose cells are the runs' own final / best accuracy and MB."""
+    from fedlora.cli import app as cli
+
+    root = tmp_path / "sw"
+    args = ["compare", "--strategies", "fedavg,fedex", "--engine", "inprocess",
+            "--sweep", "data.alpha=0.1,10", "--set", f"run_dir=\"{root}\"", "--set", "rounds=2",
+            "--set", "clients.num=3", "--set", 'data.partition="dirichlet"',
+            "--set", "train.local_steps=3"]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    table = (root / "sweep.md").read_text()
+    assert (root / "sweep.png").stat().st_size > 1000
+    for tag in ("alpha-0.1", "alpha-10"):
+        assert (root / tag / "report.md").is_file()
+    for name in ("fedavg", "fedex"):
+        line = next(x for x in table.splitlines() if x.startswith(f"| {name} |"))
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        for cell, tag in zip(cells[1:], ("alpha-0.1", "alpha-10")):
+            rows = _metrics(root / tag / name)
+            cfg = (root / tag / name / "config.toml").read_text()
+            assert ("alpha = 0.1" if tag == "alpha-0.1" else "alpha = 10.0") in cfg
+            accs = [r["accuracy"] for r in rows]
+            mb = sum(r["bytes_up"] + r["bytes_down"] for r in rows) / 1e6
+            assert cell == f"{accs[-1]:.4f} ({max(accs):.4f}) · {mb:.2f}"
+
+
+def test_sweep_is_validated_before_any_run(tmp_path):
+    from fedlora.compare import parse_sweep
+
+    assert parse_sweep("data.alpha=0.1,0.5,10") == ("data.alpha", [0.1, 0.5, 10])
+    with pytest.raises(ValueError, match="section.key=v1"):
+        parse_sweep("data.alpha")
+    with pytest.raises(ValueError, match="twice"):
+        parse_sweep("data.alpha=1,1")
+    res = CliRunner().invoke(app, ["compare", "--strategies", "fedex", "--sweep", "data.alpha=0.5,-1",
+                                   "--set", f"run_dir=\"{tmp_path / 'x'}\""])
+    assert res.exit_code == 2 and "data.alpha" in res.output
+    assert not (tmp_path / "x").exists()
