@@ -75,6 +75,8 @@ class StrategySection:
     dtype: str = "float32"  # server-side precision: float32 | float64
     fedsb_init_examples: int = 64  # server-held split for the Fed-SB init gradients
     fedsb_init_batches: int = 2
+    # size of the LoRA-SB init step U = -eta·sign(G); 0: train.lr (one AdamW-like first step)
+    fedsb_eta: float = 0.0
 
 
 @dataclass
@@ -351,6 +353,8 @@ def validate(cfg: RunConfig, config_path: str | Path | None = None, check_data: 
            f"must be 'float32' or 'float64', got {s.dtype!r}")
     _check(s.fedsb_init_examples >= 1 and s.fedsb_init_batches >= 1, "strategy.fedsb_init_examples",
            "fedsb_init_examples and fedsb_init_batches must be >= 1")
+    _check(s.fedsb_eta >= 0 and math.isfinite(s.fedsb_eta), "strategy.fedsb_eta",
+           f"must be >= 0 (0 means train.lr), got {s.fedsb_eta}")
     c = cfg.clients
     _check(c.num >= 1, "clients.num", f"must be >= 1, got {c.num}")
     _check(len(c.ranks) >= 1 and all(r >= 1 for r in c.ranks), "clients.ranks",

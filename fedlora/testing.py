@@ -59,7 +59,7 @@ def run_inprocess(strategy_name: str, ranks: list[int], rounds: int = 3, local_s
     test = make_loader(task.generate(512, seed=seed + 10_000), 256, shuffle=False)
     if strategy_name == "fedsb":  # server-side init on a public split
         public = make_loader(task.generate(64, seed=seed + 20_000), 32, shuffle=False)
-        strategy.initialize(accumulate_weight_gradients(server_model, public, names, 2, "cpu"))
+        strategy.initialize(accumulate_weight_gradients(server_model, public, names, 2, "cpu"), eta=lr)
     clients: dict[str, nn.Module] = {}
     data = {}
     held = {}

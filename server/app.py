@@ -212,7 +212,7 @@ class FedLoraStrategy(Strategy):
         ds = rundata.fedsb_init_data(self.spec, s.fedsb_init_examples)
         loader = rundata.loader(self.spec, ds, self.cfg.train.batch_size, False, 0)
         grads = accumulate_weight_gradients(self.model, loader, self.layer_names, s.fedsb_init_batches, "cpu")
-        self.fl.initialize(grads)
+        self.fl.initialize(grads, eta=s.fedsb_eta or self.cfg.train.lr)
 
     def test_loader(self):
         if self._test_loader is None:

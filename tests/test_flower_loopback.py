@@ -172,3 +172,19 @@ def test_dp_accountant_survives_a_server_restart(tmp_path):
     assert eps(resumed, 2) == pytest.approx(eps(full, 2), rel=1e-9)
     steps = [c["privacy_state"]["steps"] for c in resumed[2]["clients"]]
     assert all(sum(s) == 9 for s in steps)  # 3 rounds x 3 steps in one history per client
+
+
+def test_fedsb_init_step_is_the_learning_rate(tmp_path):
+    """LoRA-SB's init approximates one optimizer step −η·sign(G): η is train.lr unless
+    strategy.fedsb_eta is set (η = 1 would move every weight by ~1 and lose the pretrained model)."""
+    from server.app import FedLoraStrategy
+
+    def init_delta(*extra):
+        cfg = _cfg(tmp_path, "fedsb", extra=["train.lr=0.002", *extra])
+        s = FedLoraStrategy(cfg, tmp_path / "fedsb")
+        return {n: s.fl.global_delta(n) for n in s.fl.layers}
+
+    a, b = init_delta(), init_delta("strategy.fedsb_eta=0.5")
+    for n in a:
+        assert 0 < a[n].abs().max() < 10 * 0.002
+        torch.testing.assert_close(b[n], a[n] * (0.5 / 0.002), rtol=1e-4, atol=1e-7)

@@ -19,6 +19,8 @@ clients below r_max), independent of the number of clients.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fedlora.strategies.base import BaseDelta, ClientPayload, ClientUpdate, Strategy
@@ -39,7 +41,14 @@ class FedSB(Strategy):
         self.R_at: dict[int, dict[str, Tensor]] = {}
 
     def initialize(self, gradients: dict[str, Tensor], eta: float = 1.0) -> None:
-        """LoRA-SB init from ``{layer: accumulated d×k weight gradient}`` (see module docstring)."""
+        """LoRA-SB init from ``{layer: accumulated d×k weight gradient}`` (see module docstring).
+
+        ``eta`` is the size of the approximated first optimizer step: at init the model is
+        ``W0 + s·B·R₀·A ≈ W0 − s·η·sign(G)``, so η must be a learning rate (LoRA-SB: the LR of the
+        first step), not 1 — with η = 1 every weight moves by ~1 and a pretrained model is lost.
+        """
+        if not (isinstance(eta, int | float) and math.isfinite(eta) and eta > 0):
+            raise ValueError(f"eta must be a positive finite number (a learning rate), got {eta!r}")
         if set(gradients) != set(self.layers):
             raise ValueError(f"gradients must cover exactly the layers {sorted(self.layers)}; got "
                              f"{sorted(gradients)}")
