@@ -38,7 +38,7 @@ from fedlora import flower_io, rundata
 from fedlora.client import apply_payload, head_state, make_update
 from fedlora.lora import adapter_state, lora_layers
 from fedlora.node_cache import NodeCache, base_deltas, process_age_s
-from fedlora.train import OptimConfig, evaluate, resolve_device, train_local
+from fedlora.train import OptimConfig, evaluate, release_memory, resolve_device, train_local
 
 app = ClientApp()
 
@@ -249,6 +249,7 @@ def train(msg: Message, context: Context) -> Message:
                          head_names=entry.head_names)
     save_state(context, entry, ClientState(payload.base_version, rank, base_deltas(model),
                                            adapter_state(model), head_state(model, entry.head_names)))
+    release_memory()
     metrics["client-time-s"] = time.perf_counter() - t_enter
     reply = flower_io.update_to_record(update, metrics)
     if pstate is not None:

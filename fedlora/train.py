@@ -202,3 +202,27 @@ def accumulate_weight_gradients(model: nn.Module, loader: Iterable[dict], layer_
             layers[n]._w_eff = None
         for n, p in model.named_parameters():
             p.requires_grad_(saved[n])
+
+
+def release_memory() -> None:
+    """Give freed heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    A training step's activations are freed after it but glibc keeps the pages, so a long-lived
+    process (a Ray actor serving many virtual clients, the server evaluating every round) would
+    hold its peak forever: ~0.4 GB per MiniLM process. Called after local training and evaluation.
+    """
+    import ctypes
+    import ctypes.util
+
+    global _LIBC
+    if _LIBC is None:
+        name = ctypes.util.find_library("c")
+        try:
+            _LIBC = ctypes.CDLL(name) if name else False
+        except OSError:
+            _LIBC = False
+    if _LIBC and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None

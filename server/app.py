@@ -51,7 +51,7 @@ from fedlora.config import RunConfig, load_config
 from fedlora.lora import lora_layers
 from fedlora.runlog import RunLog, summarize, write_summary
 from fedlora.strategies import LayerSpec, create_strategy
-from fedlora.train import accumulate_weight_gradients, evaluate
+from fedlora.train import accumulate_weight_gradients, evaluate, release_memory
 
 log = logging.getLogger("fedlora.server")
 app = ServerApp()
@@ -225,6 +225,7 @@ class FedLoraStrategy(Strategy):
 
         load_global(self.model, self.fl)
         ev = evaluate(self.model, self.test_loader(), device="cpu")
+        release_memory()
         return {"accuracy": ev.accuracy, "loss": ev.loss, "eval_examples": ev.num_examples}
 
     def _run_record(self, rnd: int) -> ConfigRecord:
