@@ -100,6 +100,7 @@ def simulate(
     with Live(round_table([], title), console=console, refresh_per_second=2) as live:
         for rows in follow(run_dir / "metrics.jsonl", stop=lambda: not th.is_alive()):
             live.update(round_table(rows, title))
+    console.print()  # the live table's last line is left open when the output is not a terminal
     th.join()
     if result.get("rc") != 0:
         if "error" in result:

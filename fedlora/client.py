@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from fedlora.lora import lora_layers
-from fedlora.strategies import ClientPayload, ClientUpdate
+from fedlora.strategies import ClientPayload, ClientUpdate, Strategy
 
 #: factor keys each strategy uploads
 UPLOAD_KEYS = {"fedavg": ("A", "B"), "fedex": ("A", "B"), "flora": ("A", "B"), "fedsb": ("R",),
@@ -74,3 +74,16 @@ def make_update(model: nn.Module, client_id: str, num_examples: int, base_versio
         head = head_state(model, head_names)
     return ClientUpdate(str(client_id), ranks.pop(), int(num_examples), int(base_version), factors,
                         head, dict(metrics or {}))
+
+
+def load_global(model: nn.Module, strategy: Strategy) -> None:
+    """Put the global model into ``model``: base delta = global delta, adapter contributes 0."""
+    with torch.no_grad():
+        for name, layer in lora_layers(model).items():
+            layer.set_base_delta_(strategy.global_delta(name))
+            layer.lora_b.weight.zero_()
+            if layer.lora_r is not None:
+                layer.lora_r.weight.zero_()
+        head = strategy.global_head()
+        for pname, t in (head or {}).items():
+            model.get_parameter(pname).copy_(t)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from fedlora.client import apply_payload, make_update
+from fedlora.client import apply_payload, load_global, make_update
 from fedlora.lora import LoRAConfig, inject_lora, lora_layers
 from fedlora.models import get_model
 from fedlora.strategies import LayerSpec, Strategy, create_strategy
@@ -26,19 +26,6 @@ class HarnessResult:
     strategy: Strategy
     rounds: list[dict] = field(default_factory=list)
     clients: dict[str, nn.Module] = field(default_factory=dict)
-
-
-def load_global(model: nn.Module, strategy: Strategy) -> None:
-    """Put the global model into ``model``: base delta = global delta, adapter contributes 0."""
-    with torch.no_grad():
-        for name, layer in lora_layers(model).items():
-            layer.set_base_delta_(strategy.global_delta(name))
-            layer.lora_b.weight.zero_()
-            if layer.lora_r is not None:
-                layer.lora_r.weight.zero_()
-        head = strategy.global_head()
-        for pname, t in (head or {}).items():
-            model.get_parameter(pname).copy_(t)
 
 
 def run_inprocess(strategy_name: str, ranks: list[int], rounds: int = 3, local_steps: int = 10,

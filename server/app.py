@@ -31,9 +31,9 @@ so a resumed run and a restarted node map to the same fedlora client. Sampling i
 
 from __future__ import annotations
 
+import json
 import logging
 import math
-import os
 import random
 import time
 from collections.abc import Iterable, Mapping
@@ -47,8 +47,18 @@ from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedlora import flower_io, rundata
+from fedlora.checkpoint import (
+    export_peft_adapter,
+    latest_checkpoint,
+    load_checkpoint,
+    rng_restore,
+    rng_snapshot,
+    save_checkpoint,
+)
+from fedlora.client import load_global
 from fedlora.config import RunConfig, load_config
 from fedlora.lora import lora_layers
+from fedlora.node_cache import atomic_save_safetensors
 from fedlora.runlog import RunLog, summarize, write_summary
 from fedlora.strategies import LayerSpec, create_strategy
 from fedlora.train import accumulate_weight_gradients, evaluate, release_memory
@@ -113,34 +123,13 @@ class Pending:
     tensor_bytes_down: int  # the payload's tensors alone
 
 
-# ---- checkpoints (fedlora.checkpoint when present; a torch.save fallback otherwise) ----------------
+# ---- checkpoints ---------------------------------------------------------------------------------
 
 def _save_checkpoint(path: Path, **kw) -> None:
-    try:
-        from fedlora.checkpoint import rng_snapshot, save_checkpoint
-    except ImportError:  # the checkpoint module has not landed: plain atomic torch.save
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save({**kw, "rng_state": torch.get_rng_state()}, tmp)
-        os.replace(tmp, path)
-        return
     save_checkpoint(path, rng_state=rng_snapshot(), **kw)
 
 
-def _latest_checkpoint(run_dir: Path) -> Path | None:
-    try:
-        from fedlora.checkpoint import latest_checkpoint
-    except ImportError:
-        files = sorted((run_dir / "checkpoints").glob("round-*.ckpt"))
-        return files[-1] if files else None
-    return latest_checkpoint(run_dir)
-
-
 def _load_checkpoint(path: Path) -> dict:
-    try:
-        from fedlora.checkpoint import load_checkpoint, rng_restore
-    except ImportError:
-        return torch.load(path, weights_only=False)
     ck = load_checkpoint(path)
     if ck.rng_state is not None:
         rng_restore(ck.rng_state)
@@ -175,7 +164,7 @@ class FedLoraStrategy(Strategy):
         self.rows: list[dict] = []
         self._t_round = 0.0
         self._test_loader = None
-        if resume and (ck_path := _latest_checkpoint(self.run_dir)) is not None:
+        if resume and (ck_path := latest_checkpoint(self.run_dir)) is not None:
             ck = _load_checkpoint(ck_path)
             if ck["strategy"] != cfg.strategy.name:
                 raise ValueError(f"checkpoint {ck_path} is for strategy {ck['strategy']!r}, the config "
@@ -221,16 +210,12 @@ class FedLoraStrategy(Strategy):
         return self._test_loader
 
     def evaluate_global(self) -> dict:
-        from fedlora.testing import load_global
-
         load_global(self.model, self.fl)
         ev = evaluate(self.model, self.test_loader(), device="cpu")
         release_memory()
         return {"accuracy": ev.accuracy, "loss": ev.loss, "eval_examples": ev.num_examples}
 
     def _run_record(self, rnd: int) -> ConfigRecord:
-        import json
-
         return ConfigRecord({"spec": json.dumps(self.spec), "round": rnd})
 
     # ---- capability discovery (QUERY) ----------------------------------------------------------
@@ -396,8 +381,6 @@ class FedLoraStrategy(Strategy):
     def finish(self) -> dict:
         out: dict = {}
         if self.fl.has_global_model:
-            from fedlora.node_cache import atomic_save_safetensors
-
             deltas = {n: self.fl.global_delta(n).float() for n in self.fl.layers}
             meta = {"strategy": self.fl.name, "round": str(len(self.rows))}
             atomic_save_safetensors(self.run_dir / "global_delta.safetensors", deltas, meta)
@@ -410,10 +393,6 @@ class FedLoraStrategy(Strategy):
     def _export_adapter(self, deltas: dict[str, torch.Tensor]) -> str | None:
         """The global model as a PEFT folder: ``ΔW = W_g − W0`` split exactly into a rank-r_max
         adapter (top r_max singular directions, ``s·B·A``) plus the remainder as base deltas."""
-        try:
-            from fedlora.checkpoint import export_peft_adapter
-        except ImportError:
-            return None
         factors, rest = {}, {}
         s, r = self.fl.scale, self.fl.r_max
         for n, d in deltas.items():
