@@ -110,6 +110,12 @@ def nested_bytes(obj) -> int:
     return 0
 
 
+def _factor_bytes(u: ClientUpdate) -> int:
+    """Bytes of an update's factors and head (flat: this runs for every update every round)."""
+    ts = [t for f in u.factors.values() for t in f.values()] + list((u.head or {}).values())
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
 def dense(d: Delta) -> Tensor:
     return d[0] @ d[1] if isinstance(d, tuple) else d
 
@@ -181,29 +187,37 @@ class Strategy:
         if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= self.r_max:
             raise ValueError(f"rank must be an integer in 1..r_max={self.r_max}, got {rank!r}")
 
-    @staticmethod
-    def _avg_components(old: Tensor, parts: list[tuple[Tensor, int, float]], axis: int) -> Tensor:
-        """Per-rank-component weighted mean along ``axis`` (1 for B's columns, 0 for A's rows).
+    def _component_means(self, old: dict[str, Tensor], key: str, axis: int,
+                         updates: list[ClientUpdate], p: list[float]) -> dict[str, Tensor]:
+        """Per-rank-component weighted means of factor ``key`` for every layer.
 
-        Component j is averaged over the parts that hold it (``r_i > j``) with their weights
-        renormalised; a component nobody holds keeps its ``old`` value. Clients are grouped by
-        rank so each group is one stacked GEMV, not one op per client.
+        Component j (a column of B: ``axis=1``; a row of A: ``axis=0``) is averaged over the
+        clients that hold it (``r_i > j``) with their weights renormalised; a component nobody
+        holds keeps its ``old`` value. Clients are summed per rank group with one multi-tensor op
+        per client over all layers (``torch._foreach_add_``), no stacking copies.
         """
-        acc = torch.zeros_like(old)
-        wsum = torch.zeros(old.shape[axis], dtype=old.dtype)
-        groups: dict[int, tuple[list[Tensor], list[float]]] = {}
-        for t, r, p in parts:
-            ts, ws = groups.setdefault(r, ([], []))
-            ts.append(t)
-            ws.append(p)
-        for r, (ts, ws) in groups.items():
-            w = torch.tensor(ws, dtype=old.dtype)
-            summed = (w @ torch.stack(ts).reshape(len(ts), -1)).reshape(ts[0].shape)
-            (acc[:, :r] if axis == 1 else acc[:r]).add_(summed)
-            wsum[:r] += float(sum(ws))
-        held = wsum > 0
+        names = list(self.layers)
+        groups: dict[int, list[Tensor]] = {}
+        weight: dict[int, float] = {}
+        for u, pi in zip(updates, p):
+            ts = [u.factors[n][key] for n in names]
+            if u.rank in groups:
+                torch._foreach_add_(groups[u.rank], ts, alpha=pi)
+            else:
+                groups[u.rank] = torch._foreach_mul(ts, pi)
+            weight[u.rank] = weight.get(u.rank, 0.0) + pi
+        held = torch.zeros(self.r_max, dtype=self.dtype)
+        for r, w in weight.items():
+            held[:r] += w
         shape = (1, -1) if axis == 1 else (-1, 1)
-        return torch.where(held.view(shape), acc / wsum.clamp_min(1e-300).view(shape), old)
+        denom, mask = held.clamp_min(1e-300).view(shape), (held > 0).view(shape)
+        out = {}
+        for i, n in enumerate(names):
+            acc = torch.zeros_like(old[n])
+            for r, accs in groups.items():
+                (acc[:, :r] if axis == 1 else acc[:r]).add_(accs[i])
+            out[n] = torch.where(mask, acc / denom, old[n])
+        return out
 
     # ---- the contract ------------------------------------------------------------------------
     def payload(self, client_id: str, rank: int, base_version: int) -> ClientPayload:
@@ -234,15 +248,16 @@ class Strategy:
         if set(u.factors) != set(self.layers):
             missing, extra = set(self.layers) - set(u.factors), set(u.factors) - set(self.layers)
             return f"layers mismatch: missing {sorted(missing)}, unknown {sorted(extra)}", None
-        clean: dict[str, dict[str, Tensor]] = {}
         flat = [t for f in u.factors.values() for t in f.values()]
         all_finite = (all(isinstance(t, Tensor) and t.is_floating_point() for t in flat)
                       and bool(torch.stack(torch._foreach_norm(flat)).isfinite().all()))
+        r = u.rank
+        clean: dict[str, dict[str, Tensor]] = {}
         for name, f in u.factors.items():
-            if set(f) != self.upload_keys:
+            if f.keys() != self.upload_keys:
                 return (f"layer {name!r}: factors {sorted(f)} but {self.name} updates carry exactly "
                         f"{sorted(self.upload_keys)}"), None
-            spec, r = self.layers[name], u.rank
+            spec = self.layers[name]
             want = {"A": (r, spec.d_in), "B": (spec.d_out, r), "R": (r, r)}
             clean[name] = {}
             for key, t in f.items():
@@ -250,7 +265,8 @@ class Strategy:
                                             check_values=not all_finite)
                 if reason:
                     return reason, None
-                clean[name][key] = t.detach().to(self.dtype)
+                clean[name][key] = t if t.dtype == self.dtype and not t.requires_grad \
+                    else t.detach().to(self.dtype)
         head = None
         if u.head is not None:
             if not self.shares_head:
@@ -273,7 +289,7 @@ class Strategy:
             return f"{what}: expected a tensor, got {type(t).__name__}"
         if not t.is_floating_point():
             return f"{what}: dtype {t.dtype} is not floating point"
-        if tuple(t.shape) != shape:
+        if t.shape != shape:
             return f"{what}: shape {tuple(t.shape)} != expected {shape} for the declared rank"
         if check_values and not torch.isfinite(t).all():
             return f"{what}: contains non-finite values"
@@ -309,8 +325,11 @@ class Strategy:
                 else:
                     keep.append(u)
             accepted = keep
-        bytes_up = {str(u.client_id): nested_bytes(u.factors) + nested_bytes(u.head) for u in updates
-                    if str(u.client_id) not in rejected}
+        kept = {str(u.client_id) for u in accepted}
+        bytes_up: dict[str, int] = {}  # what the clients sent (before any cast to the server's dtype)
+        for u in updates:
+            if str(u.client_id) in kept:
+                bytes_up.setdefault(str(u.client_id), _factor_bytes(u))
         bytes_down, self._sent = self._sent, {}
         if not accepted:
             return RoundReport(self.round, [], rejected, {}, bytes_up, bytes_down,

@@ -32,11 +32,8 @@ class FedAvg(Strategy):
         return ClientPayload(client_id, rank, factors, [], self.version)
 
     def _average(self, updates: list[ClientUpdate], p: list[float]) -> None:
-        for n in self.layers:
-            self.A[n] = self._avg_components(self.A[n], [(u.factors[n]["A"], u.rank, pi)
-                                                         for u, pi in zip(updates, p)], axis=0)
-            self.B[n] = self._avg_components(self.B[n], [(u.factors[n]["B"], u.rank, pi)
-                                                         for u, pi in zip(updates, p)], axis=1)
+        self.A = self._component_means(self.A, "A", 0, updates, p)
+        self.B = self._component_means(self.B, "B", 1, updates, p)
 
     def _aggregate(self, updates: list[ClientUpdate], p: list[float]) -> None:
         self._average(updates, p)

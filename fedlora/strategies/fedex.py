@@ -13,7 +13,8 @@ A client of rank r < r_max trains the leading slice (B̄[:, :r], Ā[:r]); for Sy
 from ``(v, tail_r(v))`` to ``(cur, tail_r(cur))``: the residuals it missed and the tail change, as
 factors, or one dense full delta when that is fewer numbers.
 
-Residual transport: ``U = s·[p_1B_1 … p_KB_K, −B̄, P_r·B̄_old[:, r:] …]``,
+Residual transport: ``U = s·[p_1B_1 … p_KB_K, −B̄, P_r·B̄_old[:, r:] …]`` (``P_r``: the weight of
+the rank-r clients),
 ``V = [A_1; …; A_K; Ā; Ā_old[r:] …]`` (ρ columns) when ``ρ(d+k) < d·k``, else dense ``U·V``.
 The server keeps ``base_g − W0`` dense in its own dtype (float32 or better).
 """
@@ -76,13 +77,19 @@ class FedEx(FedAvg):
                 tail_w[u.rank] = tail_w.get(u.rank, 0.0) + pi
         transport, dense = {}, {}
         s = self.scale
+        # U's column scales (the same for every layer): s·p_i per client column, −s for B̄, s·w_r
+        # for the rank-r tails; applied once to the concatenation instead of scaling copies
+        scales = [s * pi for u, pi in zip(updates, p) for _ in range(u.rank)] + [-s] * self.r_max
+        for r, w in tail_w.items():
+            scales += [s * w] * (self.r_max - r)
+        col = torch.tensor(scales, dtype=self.dtype)
         for n in self.layers:
-            Us = [u.factors[n]["B"] * (s * pi) for u, pi in zip(updates, p)] + [-s * self.B[n]]
+            Us = [u.factors[n]["B"] for u in updates] + [self.B[n]]
             Vs = [u.factors[n]["A"] for u in updates] + [self.A[n]]
-            for r, w in tail_w.items():
-                Us.append(B_old[n][:, r:] * (s * w))
+            for r in tail_w:
+                Us.append(B_old[n][:, r:])
                 Vs.append(A_old[n][r:])
-            transport[n], dense[n] = factored_or_dense(torch.cat(Us, 1), torch.cat(Vs, 0))
+            transport[n], dense[n] = factored_or_dense(torch.cat(Us, 1).mul_(col), torch.cat(Vs, 0))
         self.base.push(self.version + 1, transport, dense)
         self.factors_at[self.version + 1] = (dict(self.A), dict(self.B))
         for old in [v for v in self.factors_at if v <= self.version + 1 - self.history]:

@@ -31,9 +31,7 @@ class FedSA(Strategy):
                              [], self.version)
 
     def _aggregate(self, updates: list[ClientUpdate], p: list[float]) -> None:
-        for n in self.layers:
-            self.A[n] = self._avg_components(self.A[n], [(u.factors[n]["A"], u.rank, pi)
-                                                         for u, pi in zip(updates, p)], axis=0)
+        self.A = self._component_means(self.A, "A", 0, updates, p)
 
     def global_delta(self, layer: str) -> Tensor:
         raise ValueError("fedsa has no global model (B stays on each client); evaluate the clients' "

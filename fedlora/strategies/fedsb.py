@@ -108,12 +108,22 @@ class FedSB(Strategy):
         return super().aggregate(updates)
 
     def _aggregate(self, updates: list[ClientUpdate], p: list[float]) -> None:
-        for n in self.layers:
+        # Σ p_i·pad(R_i − R[:r_i, :r_i]) per rank group: Σ_{i∈g} p_i R_i − (Σ_{i∈g} p_i)·R[:r, :r]
+        names = list(self.layers)
+        sums: dict[int, list[Tensor]] = {}
+        weight: dict[int, float] = {}
+        for u, pi in zip(updates, p):
+            ts = [u.factors[n]["R"] for n in names]
+            if u.rank in sums:
+                torch._foreach_add_(sums[u.rank], ts, alpha=pi)
+            else:
+                sums[u.rank] = torch._foreach_mul(ts, pi)
+            weight[u.rank] = weight.get(u.rank, 0.0) + pi
+        for i, n in enumerate(names):
             R = self.R[n]
             new = R.clone()
-            for u, pi in zip(updates, p):
-                r = u.rank
-                new[:r, :r].add_(u.factors[n]["R"] - R[:r, :r], alpha=pi)
+            for r, acc in sums.items():
+                new[:r, :r].add_(acc[i]).sub_(R[:r, :r], alpha=weight[r])
             self.R[n] = new
         self.R_at[self.version + 1] = dict(self.R)
         for old in [v for v in self.R_at if v <= self.version + 1 - self.history]:

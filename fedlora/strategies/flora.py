@@ -4,7 +4,7 @@ Every round each client starts a fresh adapter at its own rank r_i: ``B = 0``,
 ``A = kaiming(r_max, k; seed_t,layer)[:r_i]`` (sent explicitly). The server stacks::
 
     A_stack = [p_1 A_1; …; p_K A_K]   (Σr_i × k)      B_stack = [B_1, …, B_K]   (d × Σr_i)
-    s·B_stack·A_stack = s·Σ p_i B_i A_i
+    s·B_stack·A_stack = s·Σ p_i B_i A_i      (transported as U = [s·p_1B_1, …], V = [A_1; …])
     base_g ← base_g + s·B_stack·A_stack,       W_g(new) = base_g = Σ p_i W_i   (exact)
 
 Heterogeneous ranks are native. Every client, also one that skipped rounds, folds every stack it
@@ -47,9 +47,12 @@ class FLoRA(Strategy):
 
     def _aggregate(self, updates: list[ClientUpdate], p: list[float]) -> None:
         transport, dense = {}, {}
+        # s·B_stack·A_stack with the weights on B's columns: U = [s·p_1B_1, …], V = [A_1; …]
+        col = torch.tensor([self.scale * pi for u, pi in zip(updates, p) for _ in range(u.rank)],
+                           dtype=self.dtype)
         for n in self.layers:
-            U = torch.cat([u.factors[n]["B"] * self.scale for u in updates], 1)
-            V = torch.cat([u.factors[n]["A"] * pi for u, pi in zip(updates, p)], 0)
+            U = torch.cat([u.factors[n]["B"] for u in updates], 1).mul_(col)
+            V = torch.cat([u.factors[n]["A"] for u in updates], 0)
             transport[n], dense[n] = factored_or_dense(U, V)
         self.base.push(self.version + 1, transport, dense)
 
