@@ -29,6 +29,7 @@ import torch
 from google.protobuf.message import DecodeError
 
 import fedlora
+from fedlora.node_cache import atomic_write_bytes
 from fedlora.proto.fedlora.v1 import checkpoint_pb2 as pb
 
 SCHEMA_VERSION = 1
@@ -117,21 +118,6 @@ def unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 # ---- files ----------------------------------------------------------------------------------------
 
-def _atomic_write(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
 @dataclass
 class Checkpoint:
     strategy: str
@@ -164,7 +150,7 @@ def save_checkpoint(path: str | os.PathLike, *, strategy: str, round: int, state
         fedlora_version=fedlora.__version__)
     for k, t in tensors.items():
         msg.tensors[k].CopyFrom(tensor_to_pb(t))
-    return _atomic_write(Path(path), msg.SerializeToString())
+    return atomic_write_bytes(Path(path), msg.SerializeToString())
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
@@ -286,5 +272,5 @@ def export_peft_adapter(out_dir: str | os.PathLike, *, factors: dict[str, dict[s
                           "base_deltas": "base_deltas.safetensors" if base_deltas else None}}
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
     msg.meta_json = json.dumps(config["fedlora"])
-    _atomic_write(out / "fedlora_adapter.pb", msg.SerializeToString())
+    atomic_write_bytes(out / "fedlora_adapter.pb", msg.SerializeToString())
     return out

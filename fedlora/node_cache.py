@@ -82,6 +82,24 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (tmp file + fsync + ``os.replace`` + dir fsync)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+    return path
+
+
 def atomic_save_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
                             metadata: Mapping[str, str] | None = None) -> Path:
     """Write ``tensors`` to ``path`` atomically (tmp file + fsync + ``os.replace`` + dir fsync)."""
@@ -238,20 +256,9 @@ class NodeCache:
         """Store a JSON-serialisable mapping as ``<cache>/records/<name>.json``, atomically."""
         import json
 
-        path = self.root / "records" / f"{_safe_key(name)}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "w") as f:
-                json.dump({"format": FORMAT, "name": name, "record": dict(record)}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        _fsync_dir(path.parent)
-        return path
+        doc = {"format": FORMAT, "name": name, "record": dict(record)}
+        return atomic_write_bytes(self.root / "records" / f"{_safe_key(name)}.json",
+                                  json.dumps(doc).encode())
 
     def load_record(self, name: str) -> dict | None:
         """The mapping stored by ``save_record``, or ``None`` when missing or unreadable."""
