@@ -157,6 +157,8 @@ def restore(entry: ModelEntry, st: ClientState | None, rank: int, seed: int) -> 
             f = st.factors.get(n) if st and st.rank == rank else None
             if f:
                 layer.set_factors_(f.get("A"), f.get("B"), f.get("R"))
+                if "A_tail" in f and "B_tail" in f:
+                    layer.sb_tail = (f["B_tail"], f["A_tail"])
         head = st.head if st and st.head else entry.head0
         for pname, t in head.items():
             model.get_parameter(pname).copy_(t)

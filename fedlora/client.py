@@ -25,12 +25,19 @@ def apply_payload(model: nn.Module, payload: ClientPayload) -> None:
     if set(payload.factors) != set(layers):
         raise ValueError(f"payload layers {sorted(payload.factors)} != the model's adapted layers "
                          f"{sorted(layers)}: build the model with the run's LoRA targets")
+    tails = payload.frozen or {}
     for bd in payload.base_deltas:
         for name, delta in bd.layers.items():
+            layer = layers[name]
+            if isinstance(delta, dict):  # a Fed-SB tail core: s·B·M·A with the frozen factors
+                f, t = payload.factors[name], tails.get(name)
+                if t is not None:
+                    layer.sb_tail = (t["B_tail"], t["A_tail"])
+                delta = layer.sb_delta(delta["M"], f.get("B"), f.get("A"))
             if bd.reset:
-                layers[name].set_base_delta_(delta)
+                layer.set_base_delta_(delta)
             else:
-                layers[name].fold_into_base_(delta)
+                layer.fold_into_base_(delta)
     with torch.no_grad():
         for name, layer in layers.items():
             f = payload.factors[name]
@@ -42,6 +49,8 @@ def apply_payload(model: nn.Module, payload: ClientPayload) -> None:
                 raise ValueError(f"payload for {name!r} carries R but the layer is in lora mode: "
                                  "inject with LoRAConfig(mode='sb') for fedsb")
             layer.set_factors_(f.get("A"), f.get("B"), f.get("R"))
+            if name in tails:  # (after set_factors_: a new rank resets the layer)
+                layer.sb_tail = (tails[name]["B_tail"], tails[name]["A_tail"])
         if payload.head is not None:
             for pname, t in payload.head.items():
                 p = model.get_parameter(pname)

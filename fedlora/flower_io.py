@@ -3,8 +3,9 @@
 Message layout (a ``RecordDict``):
 
 - payload (server → client, TRAIN): ``"fedlora.factors"`` ArrayRecord ``{layer}::{A|B|R}``;
-  ``"fedlora.deltas"`` ArrayRecord ``{i}::{layer}::{D|U|V}`` (``i`` = position in
-  ``base_deltas``; ``D`` dense, ``U``/``V`` factored ``U @ V``); ``"fedlora.head"`` ArrayRecord
+  ``"fedlora.deltas"`` ArrayRecord ``{i}::{layer}::{D|U|V|M}`` (``i`` = position in
+  ``base_deltas``; ``D`` dense, ``U``/``V`` factored ``U @ V``, ``M`` a Fed-SB tail core);
+  ``"fedlora.frozen"`` ArrayRecord (Fed-SB's tail factors, once); ``"fedlora.head"`` ArrayRecord
   (when the payload carries a head); ``"fedlora.payload"`` ConfigRecord (client id, rank, versions,
   reset flags, seed, meta as JSON, ``from_version``: the base version the deltas start from);
   ``"fedlora.run"`` ConfigRecord (``spec``: the run's client spec as JSON, ``round``).
@@ -88,6 +89,8 @@ def payload_to_record(p: ClientPayload, spec: dict | None = None, round: int = 0
         for layer, d in bd.layers.items():
             if isinstance(d, tuple):
                 deltas[f"{i}{SEP}{layer}{SEP}U"], deltas[f"{i}{SEP}{layer}{SEP}V"] = d
+            elif isinstance(d, dict):
+                deltas[f"{i}{SEP}{layer}{SEP}M"] = d["M"]
             else:
                 deltas[f"{i}{SEP}{layer}{SEP}D"] = d
     rd = RecordDict({FACTORS: _record(factors), DELTAS: _record(deltas)})
@@ -128,7 +131,8 @@ def record_to_payload(rd: RecordDict) -> ClientPayload:
         per[int(i)].setdefault(layer, {})[k] = _tensor(a)
     deltas = []
     for i in range(n):
-        layers = {layer: (d["U"], d["V"]) if "U" in d else d["D"] for layer, d in per[i].items()}
+        layers = {layer: (d["U"], d["V"]) if "U" in d else {"M": d["M"]} if "M" in d else d["D"]
+                  for layer, d in per[i].items()}
         deltas.append(BaseDelta(int(versions[i]), layers, bool(resets[i])))
     head = None
     if HEAD in rd.array_records:

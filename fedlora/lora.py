@@ -31,6 +31,8 @@ import torch.nn.functional as F
 
 Tensor = torch.Tensor
 #: A delta for the frozen weight: dense (d×k), or factored ``(U, V)`` meaning ``U @ V``.
+#: (Fed-SB tails travel as ``{"M": core}``; ``fedlora.client.apply_payload`` turns them into
+#: ``(U, V)`` with ``LoRALinear.sb_delta``.)
 Delta = Tensor | tuple[Tensor, Tensor]
 
 
@@ -80,6 +82,8 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.base_delta: Tensor | None = None  # D, in master precision; None means zero
+        # Fed-SB below r_max: (B[:, r:], A[r:]) of the global frozen factors, for the tails
+        self.sb_tail: tuple[Tensor, Tensor] | None = None
         self._w_eff: Tensor | None = None  # cached (W0 + D) in the base dtype
         self.reset_(rank, seed)
 
@@ -111,6 +115,7 @@ class LoRALinear(nn.Module):
         if self.merged:
             raise RuntimeError("reset_ on a merged layer: unmerge_() first")
         fk = self._factory()
+        self.sb_tail = None
         self.lora_a = nn.Linear(self.in_features, rank, bias=False, **fk)
         self.lora_b = nn.Linear(rank, self.out_features, bias=False, **fk)
         with torch.no_grad():
@@ -147,11 +152,34 @@ class LoRALinear(nn.Module):
                 lin.weight.copy_(t.to(lin.weight.dtype))
 
     def factors(self) -> dict[str, Tensor]:
-        """The adapter factors (detached copies): ``{"A", "B"}`` plus ``"R"`` in sb mode."""
+        """The adapter factors (detached copies): ``{"A", "B"}`` plus ``"R"`` in sb mode (and
+        ``"A_tail"``, ``"B_tail"`` when the layer holds Fed-SB tails)."""
         out = {"A": self.lora_a.weight.detach().clone(), "B": self.lora_b.weight.detach().clone()}
         if self.lora_r is not None:
             out["R"] = self.lora_r.weight.detach().clone()
+        if self.sb_tail is not None:
+            out["B_tail"], out["A_tail"] = (t.detach().clone() for t in self.sb_tail)
         return out
+
+    def sb_delta(self, M: Tensor, B: Tensor | None = None, A: Tensor | None = None
+                 ) -> tuple[Tensor, Tensor]:
+        """``s·B_full·M·A_full`` as factors ``(U, V)``: a Fed-SB tail sent as its r_max×r_max core.
+
+        ``B_full = [B | B_tail]``, ``A_full = [A; A_tail]``: the layer's frozen leading slice (or
+        the given ``B``, ``A``) and the tail components it holds in ``sb_tail``.
+        """
+        md = _master_dtype(self.base.weight.dtype)
+        B = self.lora_b.weight if B is None else B
+        A = self.lora_a.weight if A is None else A
+        if M.shape[0] != B.shape[1]:
+            if self.sb_tail is None:
+                raise ValueError(f"a Fed-SB tail of size {tuple(M.shape)} needs the frozen tail factors "
+                                 f"(the layer holds rank {B.shape[1]} and no tail): re-sync from base 0")
+            B = torch.cat([B, self.sb_tail[0].to(B.device, B.dtype)], 1)
+            A = torch.cat([A, self.sb_tail[1].to(A.device, A.dtype)], 0)
+        if M.shape != (B.shape[1], A.shape[0]):
+            raise ValueError(f"Fed-SB tail core {tuple(M.shape)} does not fit factors of rank {B.shape[1]}")
+        return self.scale * B.to(md) @ M.to(B.device, md), A.to(md)
 
     # ---- math ---------------------------------------------------------------------------------
     def adapter_product(self) -> Tensor:
@@ -360,6 +388,8 @@ def load_adapter_state(model: nn.Module, state: Mapping[str, Mapping[str, Tensor
         raise ValueError(f"adapter state names unknown layers: {sorted(unknown)}")
     for n, f in state.items():
         layers[n].set_factors_(f.get("A"), f.get("B"), f.get("R"))
+        if "A_tail" in f and "B_tail" in f:
+            layers[n].sb_tail = (f["B_tail"], f["A_tail"])
 
 
 def effective_weight(model: nn.Module, name: str) -> Tensor:

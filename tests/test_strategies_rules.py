@@ -200,7 +200,8 @@ def test_fedsb_initialisation_matches_direct_svd_and_counts_bytes():
     torch.testing.assert_close(s.A["w"] @ s.A["w"].T, torch.eye(3, dtype=F64))  # orthonormal
     first = s.payload("c", 3, 0)
     assert set(first.factors["w"]) == {"A", "B", "R"}
-    u = ClientUpdate("c", 3, 4, 0, {"w": {"R": first.factors["w"]["R"] + 1}})
+    assert first.base_version == s.version == 1  # the init is a version step (0 is W0 itself)
+    u = ClientUpdate("c", 3, 4, first.base_version, {"w": {"R": first.factors["w"]["R"] + 1}})
     assert s.aggregate([u]).accepted == ["c"]
     later = s.payload("c", 3, s.version)
     assert set(later.factors["w"]) == {"R"} and later.base_deltas == []
@@ -247,7 +248,7 @@ def test_bad_updates_rejected_with_reasons_state_untouched(name):
         variant("stale", base_version=s.version + 3),
         variant("noex", num_examples=0),
     ]
-    before = _state_tensors(s)
+    before, v0 = _state_tensors(s), s.version
     rep = s.aggregate(bad)
     assert rep.accepted == [] and set(rep.rejected) == {u.client_id for u in bad}
     expected = {"nan": "non-finite", "int": "not floating", "shape": "shape", "unknown": "unknown",
@@ -257,12 +258,12 @@ def test_bad_updates_rejected_with_reasons_state_untouched(name):
         assert word in rep.rejected[cid], (cid, rep.rejected[cid])
     after = _state_tensors(s)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    assert s.version == 0 and s.round == 0
+    assert s.version == v0 and s.round == 0
     # the good update in a mixed round is aggregated; the bad ones still change nothing extra
     rep = s.aggregate([good, bad[0], variant("dup")] + [copy.deepcopy(good)])
     assert rep.accepted == ["c0", "dup"]
     assert "duplicate" in rep.rejected["c0"] and "non-finite" in rep.rejected["nan"]
-    assert s.version == 1
+    assert s.version == v0 + 1
 
 
 def test_floating_factors_of_other_precision_are_cast():
@@ -319,7 +320,7 @@ def test_state_dict_roundtrip_continues_identically(name):
     ups3, _ = _round(restored, [2, 4, 3], gen=torch.Generator().manual_seed(8),
                      clients=copy.deepcopy(clients))
     restored.aggregate(ups3)
-    assert restored.version == s.version == 2
+    assert restored.version == s.version == 2 + (name == "fedsb")  # Fed-SB's init is a version
     for a, b in zip(ups2, ups3):
         for n in SHAPES:
             for k in a.factors[n]:
@@ -343,3 +344,28 @@ def test_bytes_accounting_matches_tensor_sizes():
                  for t in (d if isinstance(d, tuple) else (d,)))
     assert p.bytes_down == per["c0"] + deltas and deltas > 0
     assert isinstance(p.base_deltas[0], BaseDelta)
+
+
+def test_fedsb_tails_travel_as_rmax_squared_cores():
+    """Below r_max a client gets B[:, r:], A[r:] once; afterwards its tail changes cost r_max² per
+    layer (the r×r R plus the core), not r_max(d+k) factors; and Sync still holds."""
+    d, k, r_max, r = 40, 30, 6, 2
+    layers = {"w": LayerSpec(d, k)}
+    s = create_strategy("fedsb", layers=layers, r_max=r_max, scale=1.0, dtype=F64)
+    g = torch.Generator().manual_seed(5)
+    s.initialize({"w": torch.randn(d, k, generator=g, dtype=F64)})
+    layer = LoRALinear(nn.Linear(k, d, dtype=F64), r, 1.0, mode="sb")
+    model = nn.Module()
+    model.w = layer
+    first = s.payload("c", r, 0)
+    assert set(first.frozen["w"]) == {"A_tail", "B_tail"}
+    assert first.bytes_down == (r * r + r * k + d * r + (r_max - r) * (d + k) + r_max * r_max) * 8
+    apply_payload(model, first)
+    # another client moves R; our client's tail changes
+    s.aggregate([ClientUpdate("o", r_max, 5, s.version, {"w": {"R": s.R["w"] + torch.randn(r_max, r_max,
+                                                                                  generator=g, dtype=F64)}})])
+    later = s.payload("c", r, first.base_version)
+    assert later.frozen is None and later.bytes_down == (r * r + r_max * r_max) * 8
+    apply_payload(model, later)
+    want = layer.base.weight.detach() + s.global_delta("w")
+    torch.testing.assert_close(layer.effective_weight(), want, rtol=1e-12, atol=1e-12)

@@ -12,9 +12,11 @@ Round (heterogeneous ranks: client i trains the leading r_i×r_i block)::
     W_g = W0 + s·B·R̄·A = Σ p_i W_i                     (exact: ΔW is linear in R)
 
 For Sync, a client of rank r holds ``W0 + tail_r`` with ``tail_r = s·B·(R − pad(R[:r,:r]))·A``, the
-entries it does not train; the server sends the change of that tail as factors
-``(s·B·(M_cur − M_v), A)``. Communication per round: r_i² up and down per layer (plus tails for
-clients below r_max), independent of the number of clients.
+entries it does not train. It receives the frozen components it does not train, ``B[:, r:]`` and
+``A[r:]``, once with its first payload (``frozen``), so later tail changes travel as their
+r_max×r_max core ``{"M": M_cur − M_v}`` and the client folds ``s·B·M·A`` itself
+(``LoRALinear.sb_delta``). Communication per round: r_i² up, r_i² (+ r_max² below r_max) down per
+layer, independent of the number of clients; once per client: its B and A, r_max(d+k) per layer.
 """
 
 from __future__ import annotations
@@ -66,6 +68,9 @@ class FedSB(Strategy):
             self.B[n] = Qh[:r].T.contiguous().to(self.dtype)
             self.R[n] = torch.diag(S[:r]).to(self.dtype)
         self.initialized = True
+        # the init moves the global model off W0: a version step, so that version 0 keeps meaning
+        # "W0 exactly" (a client there is new and gets the frozen factors; one at 1 has them)
+        self.version += 1
         self.R_at = {self.version: dict(self.R)}
 
     def _require_init(self) -> None:
@@ -81,26 +86,28 @@ class FedSB(Strategy):
 
     def _payload(self, client_id: str, rank: int, base_version: int) -> ClientPayload:
         self._require_init()
-        cur, v, s = self.version, base_version, self.scale
+        cur, v = self.version, base_version
         factors = {n: {"R": self.R[n][:rank, :rank].clone()} for n in self.layers}
         deltas: list[BaseDelta] = []
+        frozen = None
         fresh = v == 0 or v > cur or v not in self.R_at
         if fresh:  # the client holds W0: frozen factors once, and its tail as a reset delta
             for n in self.layers:
                 factors[n]["A"] = self.A[n][:rank].clone()
                 factors[n]["B"] = self.B[n][:, :rank].clone()
             if rank < self.r_max:
-                deltas = [BaseDelta(cur, {n: (s * self.B[n] @ self._masked(self.R[n], rank), self.A[n])
-                                          for n in self.layers}, reset=True)]
-            elif v != 0:
-                deltas = [BaseDelta(cur, {n: torch.zeros(sp.d_out, sp.d_in, dtype=self.dtype)
-                                          for n, sp in self.layers.items()}, reset=True)]
-        elif v != cur and rank < self.r_max:
+                frozen = {n: {"A_tail": self.A[n][rank:].clone(), "B_tail": self.B[n][:, rank:].clone()}
+                          for n in self.layers}
+                deltas = [BaseDelta(cur, {n: {"M": self._masked(self.R[n], rank)} for n in self.layers},
+                                    reset=True)]
+            elif v != 0:  # an unknown base: back to W0
+                deltas = [BaseDelta(cur, {n: {"M": torch.zeros_like(self.R[n])} for n in self.layers},
+                                    reset=True)]
+        elif v != cur and rank < self.r_max:  # the change of its tail: an r_max×r_max core per layer
             R_v = self.R_at[v]
-            deltas = [BaseDelta(cur, {n: (s * self.B[n] @ (self._masked(self.R[n], rank)
-                                                          - self._masked(R_v[n], rank)), self.A[n])
+            deltas = [BaseDelta(cur, {n: {"M": self._masked(self.R[n], rank) - self._masked(R_v[n], rank)}
                                       for n in self.layers})]
-        return ClientPayload(client_id, rank, factors, deltas, cur,
+        return ClientPayload(client_id, rank, factors, deltas, cur, frozen=frozen,
                              meta={"frozen_sent": fresh})
 
     def aggregate(self, updates):
