@@ -8,6 +8,7 @@ A run is one TOML file; every section and key is optional (the defaults are the 
     [lora]      targets = []  head = []   alpha = 16.0   scale = 0.0   dropout = 0.0   rslora = false
     [strategy]  name = "fedex"  weighting = "samples"  r_max = 0  fedsb_init_examples = 64 ...
     [clients]   num = 6  ranks = [2, 4, 8]  fraction_train = 1.0  min_nodes = 0  round_timeout = 600.0
+                min_replies = 0
     [data]      name = "synthetic"  examples_per_client = 256  partition = "iid" ...
     [train]     local_steps = 10  batch_size = 32  lr = 0.01  optimizer = "adamw"
     [eval]      every = 1  batch_size = 256
@@ -48,6 +49,7 @@ ALIASES = {
     "strategy": "strategy.name", "num-server-rounds": "rounds", "seed": "seed", "run-dir": "run_dir",
     "round-timeout": "clients.round_timeout", "min-nodes": "clients.min_nodes",
     "num-clients": "clients.num", "ranks": "clients.ranks", "rounds": "rounds", "name": "name",
+    "min-replies": "clients.min_replies",
 }
 
 
@@ -86,6 +88,7 @@ class ClientsSection:
     fraction_train: float = 1.0
     min_nodes: int = 0  # 0: all sampled nodes must be connected before a round starts
     round_timeout: float = 600.0
+    min_replies: int = 0  # a round ends once this many sampled clients replied (0: all, or the timeout)
     device: str = "cpu"  # auto | cpu | cuda[:N] (a node's own `device` node config wins)
     num_cpus: int = 1  # Ray resources per virtual client (whole CPUs only)
     num_gpus: float = 0.0
@@ -364,6 +367,7 @@ def validate(cfg: RunConfig, config_path: str | Path | None = None, check_data: 
     _check(0 < c.fraction_train <= 1, "clients.fraction_train", f"must be in (0, 1], got {c.fraction_train}")
     _check(c.min_nodes >= 0, "clients.min_nodes", f"must be >= 0, got {c.min_nodes}")
     _check(c.round_timeout > 0, "clients.round_timeout", f"must be > 0 seconds, got {c.round_timeout}")
+    _check(c.min_replies >= 0, "clients.min_replies", f"must be >= 0 (0: wait for all), got {c.min_replies}")
     _check(bool(DEVICE_RE.match(c.device)), "clients.device",
            f"must be 'auto', 'cpu' or 'cuda[:N]', got {c.device!r}")
     _check(c.num_cpus >= 1, "clients.num_cpus", f"must be a whole number >= 1, got {c.num_cpus}")

@@ -314,6 +314,27 @@ class LocalDeployment:
         self.supernodes[i] = proc
         return proc
 
+    def restart_node(self, i: int, timeout: float = 120) -> ManagedProcess:
+        """Start SuperNode ``i`` again after a crash, once the SuperLink has let its old session go.
+
+        With node authentication a node's id is its key's, and Flower keeps a crashed node ONLINE
+        until two heartbeats (2 × 30 s) are missed; a node that comes back sooner is refused
+        ("Failed to activate SuperNode", exit code 305). So wait until the SuperLink shows no more
+        online nodes than there are live SuperNode processes, then start it.
+        """
+        t0 = time.monotonic()
+        while True:
+            alive = sum(1 for j, p in self.supernodes.items() if j != i and p.alive())
+            online = [r for r in self.node_ids() if str(r.get("status", "")).lower() == "online"]
+            if len(online) <= alive:
+                break
+            if time.monotonic() - t0 > timeout:
+                raise DeploymentError(f"the SuperLink still lists {len(online)} online nodes for {alive} "
+                                      f"running after {timeout:.0f} s")
+            time.sleep(1.0)
+        self.timings[f"restart_wait_s.{i}"] = time.monotonic() - t0
+        return self.start_node(i)
+
     def kill_node(self, i: int) -> None:
         """SIGKILL SuperNode ``i`` and its ClientApp (a crash: nothing is cleaned up)."""
         self.supernodes[i].kill()

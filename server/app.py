@@ -92,23 +92,29 @@ def resolve_config(run_config: Mapping) -> RunConfig:
 
 
 class PollingGrid:
-    """A Grid whose ``send_and_receive`` polls every ``poll`` seconds (Flower's HTTP grid: 3 s)."""
+    """A Grid whose ``send_and_receive`` polls every ``poll`` seconds (Flower's HTTP grid: 3 s) and
+    ends a train exchange as soon as ``min_replies`` replies are in (0: all of them), else at the
+    timeout. Replies that come later are not waited for: those clients re-sync next time."""
 
-    def __init__(self, grid: Grid, poll: float) -> None:
-        self._grid, self._poll = grid, poll
+    def __init__(self, grid: Grid, poll: float, min_replies: int = 0) -> None:
+        self._grid, self._poll, self._min = grid, poll, min_replies
 
     def __getattr__(self, name):
         return getattr(self._grid, name)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None):
+        messages = list(messages)
+        enough = len(messages)
+        if self._min and all(m.metadata.message_type == MessageType.TRAIN for m in messages):
+            enough = min(self._min, enough)
         ids = set(self._grid.push_messages(messages))
         end = time.time() + (timeout if timeout is not None else 0.0)
         out: list[Message] = []
-        while ids and (timeout is None or time.time() < end):
+        while ids and len(out) < enough and (timeout is None or time.time() < end):
             got = list(self._grid.pull_messages(ids))
             out.extend(got)
             ids.difference_update(m.metadata.reply_to_message_id for m in got)
-            if ids:
+            if ids and len(out) < enough:
                 time.sleep(self._poll)
         return out
 
@@ -156,6 +162,7 @@ class FedLoraStrategy(Strategy):
                                   weighting=cfg.strategy.weighting, seed=cfg.seed, dtype=dtype)
         self.log = RunLog(self.run_dir)
         self.caps: dict[int, dict] = {}  # node id -> capabilities
+        self.caps_log: list[int] = []  # node ids in discovery order
         self.held: dict[str, int] = {}  # client id -> base version it holds (0: W0 / unknown)
         self.ranks: dict[str, int] = {}
         self.pending: dict[int, Pending] = {}
@@ -238,6 +245,8 @@ class FedLoraStrategy(Strategy):
             caps = dict(m.content.metric_records["caps"])
             caps["device"] = str(m.content.config_records["caps.config"]["device"])
             caps["client_id"] = f"client-{int(caps['partition-id'])}"
+            caps["discovered"] = len(self.caps_log)  # a restarted node (new id) outranks its old id
+            self.caps_log.append(nid)
             self.caps[nid] = caps
         for n in new:
             if n not in self.caps and not any(f["node"] == n for f in failures):
@@ -258,7 +267,8 @@ class FedLoraStrategy(Strategy):
         c = self.cfg.clients
         _, all_nodes = sample_nodes(grid, c.min_nodes or c.num, 0)  # Flower's wait for the nodes
         self._failures = self.discover(grid, sorted(all_nodes))
-        by_client = {self.caps[n]["client_id"]: n for n in sorted(all_nodes) if n in self.caps}
+        known = sorted((n for n in all_nodes if n in self.caps), key=lambda n: self.caps[n]["discovered"])
+        by_client = {self.caps[n]["client_id"]: n for n in known}  # the latest node of a client wins
         k = max(1, math.ceil(c.fraction_train * len(by_client)))
         rng = random.Random(self.cfg.seed * 1_000_003 + rnd)
         chosen = sorted(rng.sample(sorted(by_client), min(k, len(by_client))),
@@ -422,7 +432,8 @@ def run_server(grid: Grid, run_config: Mapping, stop_after_round: int | None = N
     left = cfg.rounds - strategy.start_round
     if left > 0:
         try:
-            strategy.start(grid=PollingGrid(grid, cfg.clients.poll_interval), initial_arrays=ArrayRecord(),
+            strategy.start(grid=PollingGrid(grid, cfg.clients.poll_interval, cfg.clients.min_replies),
+                           initial_arrays=ArrayRecord(),
                            num_rounds=left, timeout=cfg.clients.round_timeout)
         except StopRun:
             return {"stopped": True, "rounds": len(strategy.rows)}
