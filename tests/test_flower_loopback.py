@@ -188,3 +188,40 @@ def test_fedsb_init_step_is_the_learning_rate(tmp_path):
     for n in a:
         assert 0 < a[n].abs().max() < 10 * 0.002
         torch.testing.assert_close(b[n], a[n] * (0.5 / 0.002), rtol=1e-4, atol=1e-7)
+
+
+def test_polling_grid_ends_a_train_exchange_at_min_replies():
+    from flwr.app import Message, MessageType, RecordDict
+
+    from fedlora.sim import ensure_task_identity
+    from server.app import PollingGrid
+
+    ensure_task_identity()
+
+    class SlowGrid:  # one reply per poll, like nodes finishing one after the other
+        def __init__(self):
+            self.pending, self.polls = [], 0
+
+        def push_messages(self, msgs):
+            self.pending = [(f"m{i}", m) for i, m in enumerate(msgs)]
+            return [mid for mid, _ in self.pending]
+
+        def pull_messages(self, ids):
+            self.polls += 1
+            if not self.pending:
+                return []
+            mid, m = self.pending.pop(0)
+            reply = Message(RecordDict(), reply_to=m)
+            reply.metadata.__dict__["_reply_to_message_id"] = mid
+            return [reply]
+
+    def msgs(kind):
+        return [Message(RecordDict(), dst_node_id=n, message_type=kind) for n in (1, 2, 3)]
+
+    g = SlowGrid()
+    assert len(PollingGrid(g, 0.001, min_replies=2).send_and_receive(msgs(MessageType.TRAIN), timeout=5)) == 2
+    assert g.polls == 2
+    g = SlowGrid()  # capability queries always wait for everybody
+    assert len(PollingGrid(g, 0.001, min_replies=2).send_and_receive(msgs(MessageType.QUERY), timeout=5)) == 3
+    g = SlowGrid()
+    assert len(PollingGrid(g, 0.001).send_and_receive(msgs(MessageType.TRAIN), timeout=5)) == 3
