@@ -82,33 +82,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (tmp file + fsync + ``os.replace`` + dir fsync)."""
+@contextlib.contextmanager
+def _atomic_file(path: str | os.PathLike):
+    """Yield a temporary path beside ``path``; on success it is fsynced and renamed onto ``path``
+    (then the folder fsynced), so readers see the old file or the new one, never a torn one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
-    return path
-
-
-def atomic_save_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
-                            metadata: Mapping[str, str] | None = None) -> Path:
-    """Write ``tensors`` to ``path`` atomically (tmp file + fsync + ``os.replace`` + dir fsync)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    try:
-        save_file(clean, str(tmp), metadata=dict(metadata or {}))
+        yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -116,7 +98,23 @@ def atomic_save_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch
         if tmp.exists():
             tmp.unlink()
     _fsync_dir(path.parent)
-    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically."""
+    with _atomic_file(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def atomic_save_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
+                            metadata: Mapping[str, str] | None = None) -> Path:
+    """Write ``tensors`` to ``path`` atomically, as safetensors (streamed to the file: a model's
+    weights are not held twice in memory)."""
+    clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    with _atomic_file(path) as tmp:
+        save_file(clean, str(tmp), metadata=dict(metadata or {}))
+    return Path(path)
 
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
