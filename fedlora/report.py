@@ -30,6 +30,7 @@ class RunSeries:
     delta: float | None = None
     wall_seconds: float | None = None
     num_clients: int = 0
+    personal: bool = False  # accuracy is the clients' personalised models' (FedSA), not a global one
 
     @property
     def cum_mb(self) -> list[float]:
@@ -66,6 +67,9 @@ def load_run(run_dir: str | Path) -> RunSeries:
     s = RunSeries(run_dir.name, label)
     eps: list[float] = []
     clients: set[str] = set()
+    s.personal = any("personal_accuracy_weighted" in r for r in rows)
+    if s.personal:
+        s.strategy += " †"
     for r in rows:
         s.rounds.append(int(r["round"]))
         acc = r.get("accuracy")
@@ -157,6 +161,10 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, title: str = "
     out_dir.mkdir(parents=True, exist_ok=True)
     pngs = plots(runs, out_dir)
     body = [f"# {title}\n", notes + "\n" if notes else "", table(runs, target), ""]
+    if any(r.personal for r in runs):
+        body.append("† personalised: no global model exists; the accuracy is the weighted mean of the "
+                    "sampled clients' own models on their own validation shards, not the server's "
+                    "test split.\n")
     body += [f"![{p.stem}]({p.name})\n" for p in pngs]
     report = out_dir / "report.md"
     report.write_text("\n".join(body))

@@ -34,3 +34,15 @@ def test_report_table_and_plots_match_metrics(tmp_path):
     assert rows["fedex"][7].startswith("4.00")  # max ε over clients and rounds (3.0 + 1)
     s = load_run(b)
     assert s.cum_mb == [4.0, 8.0, 12.0]
+
+
+def test_personalised_accuracy_is_marked(tmp_path):
+    d = tmp_path / "fedsa"
+    d.mkdir()
+    rows = [{"round": 1, "strategy": "fedsa", "accuracy": 0.8, "personal_accuracy_weighted": 0.8,
+             "personal_accuracy_mean": 0.7, "clients": [{"id": "c0", "bytes_up": 1, "bytes_down": 1}]}]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    g = _run(tmp_path, "fedavg", [0.5], 1, 1)
+    text = write_report([g, d], tmp_path / "out").read_text()
+    assert "| fedsa † | 0.8000 |" in text and "† personalised" in text
+    assert "| fedavg | 0.5000 |" in text
