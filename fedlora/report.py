@@ -143,6 +143,10 @@ def plots(runs: list[RunSeries], out_dir: str | Path) -> list[Path]:
                 ax.plot([e[xi] for e in ev], [e[1] for e in ev], marker="o", ms=3, label=s.strategy)
         if logx:
             ax.set_xscale("log")
+        else:
+            from matplotlib.ticker import MaxNLocator
+
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel(xlabel)
         ax.set_ylabel("accuracy")
         ax.grid(alpha=0.3)
