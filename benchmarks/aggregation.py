@@ -1,11 +1,15 @@
 """Time ``aggregate`` per strategy on BERT-base-sized layers against a floor measured in the same run.
 
 24 layers of 768×768, r_max 16, client ranks cycling {4, 8, 16}, K ∈ {8, 32, 128}, float32,
-``check_exactness=False`` (the dense diagnostic is not part of the rule). Floors:
+``check_exactness=False`` (the dense diagnostic is not part of the rule). The updates reach
+``aggregate`` as the server receives them: encoded to Flower records and decoded by
+``fedlora.flower_io`` (the ``wire`` column); ``tensors`` times the same updates held as separate
+tensors (how the in-process harness and the tests hand them over). Floors, on memory of the same
+size (a separate buffer per layer, so nothing is served from cache):
 - fedex / flora: one GEMM with the same FLOPs as the dense residual/stack product (d×ρ·ρ×k per
   layer, ρ the residual's column count);
 - fedavg / fedsa / fedsb: one pass over the uploaded factor bytes (a weighted sum of the clients'
-  tensors, already stacked in memory).
+  tensors already stacked in memory: the faster of ``w @ X`` and ``(X * w).sum(0)``).
 
     python benchmarks/aggregation.py [--clients 8,32,128] [--repeats 3]
 """
@@ -17,6 +21,7 @@ import time
 
 import torch
 
+from fedlora.flower_io import record_to_update, update_to_record
 from fedlora.strategies import ClientUpdate, LayerSpec, create_strategy
 
 LAYERS = {f"encoder.{i}.{p}": LayerSpec(768, 768) for i in range(12) for p in ("query", "value")}
@@ -48,35 +53,43 @@ def _best(fn, repeats: int) -> float:
     return best
 
 
-def time_strategy(name: str, k: int, repeats: int) -> tuple[float, float, str]:
-    gen = torch.Generator().manual_seed(0)
+def _timed_aggregate(name: str, k: int, repeats: int, wire: bool,
+                     gen: torch.Generator) -> tuple[float, list[int]]:
     times = []
-    rho = 0
     for _ in range(repeats):
         s = create_strategy(name, layers=LAYERS, r_max=R_MAX, scale=2.0, check_exactness=False)
         if name == "fedsb":
             s.initialize({n: torch.randn(768, 768, generator=gen) for n in LAYERS})
         ups = _updates(name, k, s.version, gen)
+        if wire:
+            ups = [record_to_update(update_to_record(u)) for u in ups]
         t0 = time.perf_counter()
-        s.aggregate(ups)
+        rep = s.aggregate(ups)
         times.append(time.perf_counter() - t0)
-    t = min(times)
-    ranks = [u.rank for u in ups]
+        assert len(rep.accepted) == k, rep.rejected
+    return min(times), [u.rank for u in ups]
+
+
+def time_strategy(name: str, k: int, repeats: int) -> tuple[float, float, float, str]:
+    gen = torch.Generator().manual_seed(0)
+    t_wire, ranks = _timed_aggregate(name, k, repeats, True, gen)
+    t_tensors, _ = _timed_aggregate(name, k, repeats, False, gen)
     if name in ("fedex", "flora"):
         rho = sum(ranks) + (R_MAX + sum(R_MAX - r for r in set(ranks) if r < R_MAX)
                             if name == "fedex" else 0)
-        U, V = torch.randn(768, rho), torch.randn(rho, 768)
-        floor = _best(lambda: [U @ V for _ in LAYERS], repeats)
+        UV = [(torch.randn(768, rho), torch.randn(rho, 768)) for _ in LAYERS]
+        floor = _best(lambda: [U @ V for U, V in UV], repeats)
         what = f"GEMM 768x{rho}x768 x{len(LAYERS)}"
     else:
         per = {"fedsb": lambda r: r * r, "fedsa": lambda r: r * 768,
                "fedavg": lambda r: 2 * r * 768}[name]
         numel = sum(per(r) for r in ranks)
-        X = torch.randn(k, numel // k + 1)
-        w = torch.rand(k, 1)
-        floor = _best(lambda: [(X * w).sum(0) for _ in LAYERS], repeats)
+        Xs = [torch.randn(k, numel // k + 1) for _ in LAYERS]
+        w = torch.rand(1, k)
+        floor = min(_best(lambda: [w @ X for X in Xs], repeats),
+                    _best(lambda: [(X * w.T).sum(0) for X in Xs], repeats))
         what = f"weighted sum of {numel * 4 * len(LAYERS) / 2**20:.0f} MiB"
-    return t, floor, what
+    return t_wire, t_tensors, floor, what
 
 
 def main() -> None:
@@ -87,11 +100,13 @@ def main() -> None:
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, float32, "
           f"{len(LAYERS)} layers 768x768, r_max {R_MAX}, ranks {RANKS}")
-    print(f"{'strategy':8} {'K':>4} {'aggregate s':>12} {'floor s':>9} {'ratio':>6}  floor")
+    print(f"{'strategy':8} {'K':>4} {'wire s':>8} {'tensors s':>9} {'floor s':>8} "
+          f"{'ratio':>6} {'(tensors)':>9}  floor")
     for k in [int(x) for x in args.clients.split(",")]:
         for name in ("fedavg", "fedex", "flora", "fedsb", "fedsa"):
-            t, floor, what = time_strategy(name, k, args.repeats)
-            print(f"{name:8} {k:>4} {t:>12.4f} {floor:>9.4f} {t / floor:>6.2f}  {what}", flush=True)
+            t, t_sep, floor, what = time_strategy(name, k, args.repeats)
+            print(f"{name:8} {k:>4} {t:>8.4f} {t_sep:>9.4f} {floor:>8.4f} {t / floor:>6.2f} "
+                  f"{t_sep / floor:>9.2f}  {what}", flush=True)
 
 
 if __name__ == "__main__":

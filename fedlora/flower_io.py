@@ -21,7 +21,9 @@ chunks) as Flower deflates it for the push, identical objects once, as Flower se
 
 from __future__ import annotations
 
+import io
 import json
+import math
 from collections import OrderedDict
 
 import numpy as np
@@ -45,6 +47,41 @@ def _arr(t: torch.Tensor) -> Array:
 
 def _tensor(a: Array) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a.numpy()))
+
+
+def _npy_view(a: Array) -> np.ndarray | None:
+    """A zero-copy view of a C-ordered numeric ``.npy`` Array's data, ``None`` for anything else."""
+    if a.stype != "numpy.ndarray":
+        return None
+    bio = io.BytesIO(a.data)
+    try:
+        version = np.lib.format.read_magic(bio)
+        read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                else np.lib.format.read_array_header_2_0)
+        shape, fortran, dtype = read(bio)
+        if fortran or dtype.hasobject:
+            return None
+        return np.frombuffer(a.data, dtype=dtype, count=math.prod(shape),
+                             offset=bio.tell()).reshape(shape)
+    except ValueError:
+        return None
+
+
+def _tensors_flat(arrays: list[Array]) -> list[torch.Tensor]:
+    """Arrays decoded as consecutive views of one flat tensor (one copy each, as ``np.load``
+    makes), so a strategy can sum a whole update in one pass; separate tensors when their dtypes
+    differ or one is not a plain ``.npy``."""
+    views = [_npy_view(a) for a in arrays]
+    if not views or any(v is None for v in views) or len({v.dtype for v in views}) != 1:
+        return [_tensor(a) for a in arrays]
+    flat = np.empty(sum(v.size for v in views), dtype=views[0].dtype)
+    out, off = [], 0
+    base = torch.from_numpy(flat)
+    for v in views:
+        flat[off:off + v.size] = v.reshape(-1)
+        out.append(base[off:off + v.size].view(v.shape))
+        off += v.size
+    return out
 
 
 def _record(items: dict[str, torch.Tensor]) -> ArrayRecord:
@@ -194,12 +231,12 @@ def record_to_update(rd: RecordDict) -> ClientUpdate:
     meta = rd.config_records[UPDATE_META]
     factors: dict[str, dict[str, torch.Tensor]] = {}
     head: dict[str, torch.Tensor] = {}
-    for key, a in rd.array_records[UPDATE].items():
-        first, k = _split(key, 2, "update")
-        if first == "head":
-            head[k] = _tensor(a)
-        else:
-            factors.setdefault(first, {})[k] = _tensor(a)
+    keys = [(_split(key, 2, "update"), a) for key, a in rd.array_records[UPDATE].items()]
+    for (_, k), a in [(fk, a) for fk, a in keys if fk[0] == "head"]:
+        head[k] = _tensor(a)
+    factor_keys = [(fk, a) for fk, a in keys if fk[0] != "head"]
+    for ((layer, k), _), t in zip(factor_keys, _tensors_flat([a for _, a in factor_keys])):
+        factors.setdefault(layer, {})[k] = t
     metrics = dict(rd.metric_records[METRICS]) if METRICS in rd.metric_records else {}
     n = int(metrics.get("num-examples", 0))
     return ClientUpdate(str(meta["client_id"]), int(meta["rank"]), n, int(meta["base_version"]),

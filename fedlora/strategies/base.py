@@ -19,6 +19,7 @@ all layers, with ``W_i`` client i's effective weight after local training.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -89,6 +90,34 @@ class RoundReport:
     version: int
 
 
+@dataclass
+class GroupSums:
+    """``Σ_{i: r_i = r} p_i·X_i`` per rank group ``r`` for every uploaded factor, one pass.
+
+    ``by_key[r][key]`` lists the per-layer sums in layer order (views into one flat buffer per
+    group); ``weight[r] = Σ_{i: r_i = r} p_i``.
+    """
+
+    weight: dict[int, float]
+    by_key: dict[int, dict[str, list[Tensor]]]
+
+
+class NonFiniteAggregate(ValueError):
+    """Finite uploads whose aggregate overflows the server's dtype: the round is rejected whole."""
+
+
+def require_finite(dense: dict[str, Tensor], what: str, dtype: torch.dtype) -> None:
+    """Raise ``NonFiniteAggregate`` unless every layer's tensor is finite (before any state change)."""
+    # a sum is 20× cheaper than isfinite().all() and non-finite whenever an entry is (or when
+    # finite entries overflow it: then look at the entries)
+    bad = [n for n, t in dense.items()
+           if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise NonFiniteAggregate(
+            f"the {what} overflows {dtype} in layer {bad[0]!r}: factors this large are a diverged "
+            "client; lower the learning rate or clip the updates")
+
+
 def tensor_bytes(t: Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -142,6 +171,8 @@ class Strategy:
     #: whether a single global model exists (FedSA: no)
     has_global_model = True
     shares_head = True
+    #: whether the rule starts from per-rank-group weighted sums of the uploads (FLoRA: stacks)
+    sums_uploads = True
 
     def __init__(self, layers: dict[str, LayerSpec], r_max: int, scale: float,
                  weighting: str = "samples", seed: int = 0, dtype: torch.dtype = torch.float32,
@@ -175,6 +206,7 @@ class Strategy:
         self.round = 0
         self._head: dict[str, Tensor] | None = None
         self._sent: dict[str, int] = {}  # bytes down per client since the last aggregation
+        self._shape_cache: dict[int, list[tuple[int, int]]] = {}
 
     # ---- helpers for subclasses ---------------------------------------------------------------
     def _zeros(self, *shape: int) -> Tensor:
@@ -188,36 +220,76 @@ class Strategy:
             raise ValueError(f"rank must be an integer in 1..r_max={self.r_max}, got {rank!r}")
 
     def _component_means(self, old: dict[str, Tensor], key: str, axis: int,
-                         updates: list[ClientUpdate], p: list[float]) -> dict[str, Tensor]:
+                         sums: GroupSums) -> dict[str, Tensor]:
         """Per-rank-component weighted means of factor ``key`` for every layer.
 
         Component j (a column of B: ``axis=1``; a row of A: ``axis=0``) is averaged over the
         clients that hold it (``r_i > j``) with their weights renormalised; a component nobody
-        holds keeps its ``old`` value. Clients are summed per rank group with one multi-tensor op
-        per client over all layers (``torch._foreach_add_``), no stacking copies.
+        holds keeps its ``old`` value. ``sums`` holds the rank groups' weighted sums.
         """
-        names = list(self.layers)
-        groups: dict[int, list[Tensor]] = {}
-        weight: dict[int, float] = {}
-        for u, pi in zip(updates, p):
-            ts = [u.factors[n][key] for n in names]
-            if u.rank in groups:
-                torch._foreach_add_(groups[u.rank], ts, alpha=pi)
-            else:
-                groups[u.rank] = torch._foreach_mul(ts, pi)
-            weight[u.rank] = weight.get(u.rank, 0.0) + pi
         held = torch.zeros(self.r_max, dtype=self.dtype)
-        for r, w in weight.items():
+        for r, w in sums.weight.items():
             held[:r] += w
         shape = (1, -1) if axis == 1 else (-1, 1)
         denom, mask = held.clamp_min(1e-300).view(shape), (held > 0).view(shape)
         out = {}
-        for i, n in enumerate(names):
+        for i, n in enumerate(self.layers):
             acc = torch.zeros_like(old[n])
-            for r, accs in groups.items():
-                (acc[:, :r] if axis == 1 else acc[:r]).add_(accs[i])
+            for r, by in sums.by_key.items():
+                (acc[:, :r] if axis == 1 else acc[:r]).add_(by[key][i])
             out[n] = torch.where(mask, acc / denom, old[n])
         return out
+
+    def _shapes(self, r: int) -> list[tuple[int, int]]:
+        """Shapes of a rank-r update's factors in the flat layout: layers in order, keys sorted."""
+        if r not in self._shape_cache:
+            keys = sorted(self.upload_keys)
+            want = {"A": lambda s: (r, s.d_in), "B": lambda s: (s.d_out, r), "R": lambda s: (r, r)}
+            self._shape_cache[r] = [want[k](spec) for spec in self.layers.values() for k in keys]
+        return self._shape_cache[r]
+
+    def _flat(self, u: ClientUpdate) -> Tensor | None:
+        """The update's factors as one 1-D tensor when they already are consecutive views of one
+        buffer in the flat layout (``flower_io`` decodes a reply that way), else ``None``."""
+        keys = sorted(self.upload_keys)
+        ts = [u.factors[n][k] for n in self.layers for k in keys]
+        if {t.dtype for t in ts} != {self.dtype} or not all(t.is_contiguous() for t in ts):
+            return None
+        if len({t.untyped_storage().data_ptr() for t in ts}) != 1:
+            return None
+        offsets = [t.storage_offset() for t in ts]
+        ends = list(itertools.accumulate((t.numel() for t in ts), initial=offsets[0]))
+        if offsets != ends[:-1]:
+            return None
+        return torch.empty(0, dtype=self.dtype).set_(ts[0].untyped_storage(), offsets[0],
+                                                     (ends[-1] - offsets[0],))
+
+    def _group_sums(self, updates: list[ClientUpdate], p: list[float],
+                    flats: list[Tensor | None]) -> tuple[GroupSums, dict[int, Tensor]]:
+        """One pass over the uploads: each rank group's weighted sum in one flat buffer (a flat
+        update is one ``add_``; any other one multi-tensor add over its layers)."""
+        keys = sorted(self.upload_keys)
+        names = list(self.layers)
+        bufs: dict[int, Tensor] = {}
+        views: dict[int, list[Tensor]] = {}
+        weight: dict[int, float] = {}
+        for u, pi, flat in zip(updates, p, flats):
+            r = u.rank
+            if r not in bufs:
+                shapes = self._shapes(r)
+                bufs[r] = torch.zeros(sum(a * b for a, b in shapes), dtype=self.dtype)
+                views[r] = [v.view(sh) for v, sh in
+                            zip(torch.split(bufs[r], [a * b for a, b in shapes]), shapes)]
+                weight[r] = 0.0
+            if flat is not None:
+                bufs[r].add_(flat, alpha=pi)
+            else:
+                torch._foreach_add_(views[r], [u.factors[n][k] for n in names for k in keys],
+                                    alpha=pi)
+            weight[r] += pi
+        nk = len(keys)
+        by_key = {r: {k: vs[j::nk] for j, k in enumerate(keys)} for r, vs in views.items()}
+        return GroupSums(weight, by_key), bufs
 
     # ---- the contract ------------------------------------------------------------------------
     def payload(self, client_id: str, rank: int, base_version: int) -> ClientPayload:
@@ -235,8 +307,13 @@ class Strategy:
     def _payload(self, client_id: str, rank: int, base_version: int) -> ClientPayload:
         raise NotImplementedError
 
-    def validate(self, u: ClientUpdate) -> tuple[str | None, ClientUpdate | None]:
-        """``(reason, None)`` for a bad update, ``(None, cleaned)`` for a good one (cast to dtype)."""
+    def validate(self, u: ClientUpdate, check_values: bool = True
+                 ) -> tuple[str | None, ClientUpdate | None]:
+        """``(reason, None)`` for a bad update, ``(None, cleaned)`` for a good one (cast to dtype).
+
+        ``check_values=False`` checks everything but the factors' finiteness (``aggregate`` checks
+        that on the rank groups' sums, see there).
+        """
         if not isinstance(u.rank, int) or not 1 <= u.rank <= self.r_max:
             return f"rank {u.rank!r} outside 1..r_max={self.r_max}", None
         if u.base_version != self.version:
@@ -248,21 +325,19 @@ class Strategy:
         if set(u.factors) != set(self.layers):
             missing, extra = set(self.layers) - set(u.factors), set(u.factors) - set(self.layers)
             return f"layers mismatch: missing {sorted(missing)}, unknown {sorted(extra)}", None
-        flat = [t for f in u.factors.values() for t in f.values()]
-        all_finite = (all(isinstance(t, Tensor) and t.is_floating_point() for t in flat)
-                      and bool(torch.stack(torch._foreach_norm(flat)).isfinite().all()))
         r = u.rank
-        clean: dict[str, dict[str, Tensor]] = {}
-        for name, f in u.factors.items():
+        clean: dict[str, dict[str, Tensor]] | None = self._clean_fast(u)
+        for name, f in ([] if clean is not None else u.factors.items()):
             if f.keys() != self.upload_keys:
                 return (f"layer {name!r}: factors {sorted(f)} but {self.name} updates carry exactly "
                         f"{sorted(self.upload_keys)}"), None
             spec = self.layers[name]
             want = {"A": (r, spec.d_in), "B": (spec.d_out, r), "R": (r, r)}
+            clean = {} if clean is None else clean
             clean[name] = {}
             for key, t in f.items():
                 reason = self._check_tensor(t, want[key], f"layer {name!r} factor {key}",
-                                            check_values=not all_finite)
+                                            check_values=False)
                 if reason:
                     return reason, None
                 clean[name][key] = t if t.dtype == self.dtype and not t.requires_grad \
@@ -280,8 +355,37 @@ class Strategy:
                 if reason:
                     return reason, None
                 head[k] = t.detach().to(self.dtype)
-        return None, ClientUpdate(u.client_id, u.rank, u.num_examples, u.base_version, clean, head,
-                                  dict(u.metrics))
+        clean_u = ClientUpdate(u.client_id, u.rank, u.num_examples, u.base_version, clean, head,
+                               dict(u.metrics))
+        if check_values:
+            reason = self._value_reason(clean_u)
+            if reason:
+                return reason, None
+        return None, clean_u
+
+    def _clean_fast(self, u: ClientUpdate) -> dict[str, dict[str, Tensor]] | None:
+        """The factors as they are when every one is a tensor of the strategy's dtype with the
+        declared rank's shape (the common case, checked in bulk); ``None``: check one by one."""
+        if any(f.keys() != self.upload_keys for f in u.factors.values()):
+            return None
+        keys = sorted(self.upload_keys)
+        ts = [u.factors[n][k] for n in self.layers for k in keys]
+        if not all(type(t) is Tensor for t in ts) or {t.dtype for t in ts} != {self.dtype}:
+            return None
+        if any(t.requires_grad for t in ts) or [t.shape for t in ts] != self._shapes(u.rank):
+            return None
+        return {n: dict(f) for n, f in u.factors.items()}
+
+    def _value_reason(self, u: ClientUpdate) -> str | None:
+        """Why a structurally valid update's factors are not all finite (``None`` when they are)."""
+        flat = [t for f in u.factors.values() for t in f.values()]
+        if bool(torch.stack(torch._foreach_norm(flat)).isfinite().all()):
+            return None  # the norm of a tensor is finite iff it is (or overflows: check each)
+        for name, f in u.factors.items():
+            for key, t in f.items():
+                if not torch.isfinite(t).all():
+                    return f"layer {name!r} factor {key}: contains non-finite values"
+        return None
 
     @staticmethod
     def _check_tensor(t, shape: tuple[int, ...], what: str, check_values: bool = True) -> str | None:
@@ -306,7 +410,7 @@ class Strategy:
                 rejected[cid] = "duplicate client_id in this round"
                 continue
             seen.add(cid)
-            reason, clean = self.validate(u)
+            reason, clean = self.validate(u, check_values=False)
             if reason:
                 rejected[cid] = reason
             else:
@@ -325,6 +429,7 @@ class Strategy:
                 else:
                     keep.append(u)
             accepted = keep
+        accepted, p, sums = self._checked_values(accepted, rejected)
         kept = {str(u.client_id) for u in accepted}
         bytes_up: dict[str, int] = {}  # what the clients sent (before any cast to the server's dtype)
         for u in updates:
@@ -334,18 +439,18 @@ class Strategy:
         if not accepted:
             return RoundReport(self.round, [], rejected, {}, bytes_up, bytes_down,
                                time.perf_counter() - t0, None, self.version)
-        if self.weighting == "samples":
-            total = float(sum(u.num_examples for u in accepted))
-            p = [u.num_examples / total for u in accepted]
-        else:
-            p = [1.0 / len(accepted)] * len(accepted)
         target = old = None
         if self.check_exactness and self.has_global_model:
             old = {n: self.global_delta(n) for n in self.layers}
             target = {n: sum(pi * self._client_delta(u, n) for u, pi in zip(accepted, p))
                       for n in self.layers}
         t1 = time.perf_counter()
-        self._aggregate(accepted, p)
+        try:
+            self._aggregate(accepted, p, sums)  # raises before it changes any state
+        except NonFiniteAggregate as e:
+            rejected.update({str(u.client_id): str(e) for u in accepted})
+            return RoundReport(self.round, [], rejected, {}, {}, bytes_down,
+                               time.perf_counter() - t0, None, self.version)
         if self.shares_head and accepted[0].head is not None:
             self._head = {k: sum(pi * u.head[k] for u, pi in zip(accepted, p)) for k in accepted[0].head}
         self.version += 1
@@ -360,7 +465,62 @@ class Strategy:
                            {str(u.client_id): pi for u, pi in zip(accepted, p)}, bytes_up, bytes_down,
                            agg_seconds, error, self.version)
 
-    def _aggregate(self, updates: list[ClientUpdate], p: list[float]) -> None:
+    def _weights(self, updates: list[ClientUpdate]) -> list[float]:
+        if self.weighting == "samples":
+            total = float(sum(u.num_examples for u in updates))
+            return [u.num_examples / total for u in updates]
+        return [1.0 / len(updates)] * len(updates)
+
+    def _checked_values(self, updates: list[ClientUpdate], rejected: dict[str, str]
+                        ) -> tuple[list[ClientUpdate], list[float], GroupSums | None]:
+        """Drop the updates with non-finite factors; their weights and the rank groups' sums.
+
+        An update decoded as one flat buffer is not scanned on its own: NaN and ±∞ survive a sum
+        with positive weights, so a finite sum per group clears every member at no extra pass over
+        the bytes. Only when a sum is not finite are its members checked one by one; if none is at
+        fault the finite uploads overflowed the server's dtype, and the round is rejected whole
+        rather than written into the global state as ∞.
+        """
+        flats = []
+        keep = []
+        for u in updates:
+            flat = self._flat(u)
+            reason = None if flat is not None else self._value_reason(u)
+            if reason:
+                rejected[str(u.client_id)] = reason
+            else:
+                keep.append(u)
+                flats.append(flat)
+        while keep:
+            p = self._weights(keep)
+            sums = None
+            if self.sums_uploads:
+                sums, bufs = self._group_sums(keep, p, flats)
+                suspects = {r for r, b in bufs.items() if not bool(torch.isfinite(b.sum()))}
+            else:
+                suspects = {u.rank for u, f in zip(keep, flats)
+                            if f is not None and not bool(torch.isfinite(f.sum()))}
+            if not suspects:
+                return keep, p, sums
+            bad = {i for i, (u, f) in enumerate(zip(keep, flats))
+                   if f is not None and u.rank in suspects and not bool(torch.isfinite(f).all())}
+            if not bad and not self.sums_uploads:
+                return keep, p, None  # only our check's sum overflowed; the values are finite
+            if not bad:
+                for u in keep:
+                    rejected[str(u.client_id)] = (
+                        f"the weighted sum of this round's updates overflows {self.dtype}: factors "
+                        "this large are a diverged client; lower the learning rate or clip the "
+                        "updates")
+                return [], [], None
+            for i in bad:
+                rejected[str(keep[i].client_id)] = self._value_reason(keep[i]) or "non-finite values"
+            keep = [u for i, u in enumerate(keep) if i not in bad]
+            flats = [f for i, f in enumerate(flats) if i not in bad]
+        return [], [], None
+
+    def _aggregate(self, updates: list[ClientUpdate], p: list[float], sums: GroupSums | None
+                   ) -> None:
         raise NotImplementedError
 
     def _client_delta(self, u: ClientUpdate, layer: str) -> Tensor:

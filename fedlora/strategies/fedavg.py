@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from fedlora.strategies.base import ClientPayload, ClientUpdate, Strategy
+from fedlora.strategies.base import ClientPayload, ClientUpdate, GroupSums, Strategy
 
 Tensor = torch.Tensor
 
@@ -31,12 +31,12 @@ class FedAvg(Strategy):
                    for n in self.layers}
         return ClientPayload(client_id, rank, factors, [], self.version)
 
-    def _average(self, updates: list[ClientUpdate], p: list[float]) -> None:
-        self.A = self._component_means(self.A, "A", 0, updates, p)
-        self.B = self._component_means(self.B, "B", 1, updates, p)
+    def _average(self, sums: GroupSums) -> None:
+        self.A = self._component_means(self.A, "A", 0, sums)
+        self.B = self._component_means(self.B, "B", 1, sums)
 
-    def _aggregate(self, updates: list[ClientUpdate], p: list[float]) -> None:
-        self._average(updates, p)
+    def _aggregate(self, updates: list[ClientUpdate], p: list[float], sums: GroupSums) -> None:
+        self._average(sums)
 
     def _client_delta(self, u: ClientUpdate, layer: str) -> Tensor:
         return self.scale * u.factors[layer]["B"] @ u.factors[layer]["A"]

@@ -23,7 +23,14 @@ from __future__ import annotations
 
 import torch
 
-from fedlora.strategies.base import BaseDelta, ClientPayload, ClientUpdate, factored_or_dense
+from fedlora.strategies.base import (
+    BaseDelta,
+    ClientPayload,
+    ClientUpdate,
+    GroupSums,
+    factored_or_dense,
+    require_finite,
+)
 from fedlora.strategies.fedavg import FedAvg
 from fedlora.strategies.history import BaseHistory
 
@@ -68,9 +75,10 @@ class FedEx(FedAvg):
         return BaseDelta(self.version, {n: self.base.cum[n] + (extra[n] if extra else 0)
                                         for n in self.layers}, reset=True)
 
-    def _aggregate(self, updates: list[ClientUpdate], p: list[float]) -> None:
-        A_old, B_old = dict(self.A), dict(self.B)
-        self._average(updates, p)
+    def _aggregate(self, updates: list[ClientUpdate], p: list[float], sums: GroupSums) -> None:
+        A_old, B_old = self.A, self.B
+        A_new = self._component_means(A_old, "A", 0, sums)
+        B_new = self._component_means(B_old, "B", 1, sums)
         tail_w: dict[int, float] = {}
         for u, pi in zip(updates, p):
             if u.rank < self.r_max:
@@ -82,14 +90,18 @@ class FedEx(FedAvg):
         scales = [s * pi for u, pi in zip(updates, p) for _ in range(u.rank)] + [-s] * self.r_max
         for r, w in tail_w.items():
             scales += [s * w] * (self.r_max - r)
-        col = torch.tensor(scales, dtype=self.dtype)
+        col = torch.tensor(scales, dtype=self.dtype).unsqueeze(1)
         for n in self.layers:
-            Us = [u.factors[n]["B"] for u in updates] + [self.B[n]]
-            Vs = [u.factors[n]["A"] for u in updates] + [self.A[n]]
+            # Uᵀ stacked by rows (each Bᵢᵀ a block of rows) copies 3× faster than U by columns
+            Uts = [u.factors[n]["B"].T for u in updates] + [B_new[n].T]
+            Vs = [u.factors[n]["A"] for u in updates] + [A_new[n]]
             for r in tail_w:
-                Us.append(B_old[n][:, r:])
+                Uts.append(B_old[n][:, r:].T)
                 Vs.append(A_old[n][r:])
-            transport[n], dense[n] = factored_or_dense(torch.cat(Us, 1).mul_(col), torch.cat(Vs, 0))
+            transport[n], dense[n] = factored_or_dense(torch.cat(Uts, 0).mul_(col).T,
+                                                       torch.cat(Vs, 0))
+        require_finite(dense, "residual", self.dtype)
+        self.A, self.B = A_new, B_new
         self.base.push(self.version + 1, transport, dense)
         self.factors_at[self.version + 1] = (dict(self.A), dict(self.B))
         for old in [v for v in self.factors_at if v <= self.version + 1 - self.history]:

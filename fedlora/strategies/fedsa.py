@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from fedlora.strategies.base import ClientPayload, ClientUpdate, Strategy
+from fedlora.strategies.base import ClientPayload, ClientUpdate, GroupSums, Strategy
 
 Tensor = torch.Tensor
 
@@ -30,8 +30,8 @@ class FedSA(Strategy):
         return ClientPayload(client_id, rank, {n: {"A": self.A[n][:rank].clone()} for n in self.layers},
                              [], self.version)
 
-    def _aggregate(self, updates: list[ClientUpdate], p: list[float]) -> None:
-        self.A = self._component_means(self.A, "A", 0, updates, p)
+    def _aggregate(self, updates: list[ClientUpdate], p: list[float], sums: GroupSums) -> None:
+        self.A = self._component_means(self.A, "A", 0, sums)
 
     def global_delta(self, layer: str) -> Tensor:
         raise ValueError("fedsa has no global model (B stays on each client); evaluate the clients' "

@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from fedlora.strategies.base import BaseDelta, ClientPayload, ClientUpdate, Strategy
+from fedlora.strategies.base import BaseDelta, ClientPayload, ClientUpdate, GroupSums, Strategy
 
 Tensor = torch.Tensor
 
@@ -114,23 +114,13 @@ class FedSB(Strategy):
         self._require_init()
         return super().aggregate(updates)
 
-    def _aggregate(self, updates: list[ClientUpdate], p: list[float]) -> None:
+    def _aggregate(self, updates: list[ClientUpdate], p: list[float], sums: GroupSums) -> None:
         # Σ p_i·pad(R_i − R[:r_i, :r_i]) per rank group: Σ_{i∈g} p_i R_i − (Σ_{i∈g} p_i)·R[:r, :r]
-        names = list(self.layers)
-        sums: dict[int, list[Tensor]] = {}
-        weight: dict[int, float] = {}
-        for u, pi in zip(updates, p):
-            ts = [u.factors[n]["R"] for n in names]
-            if u.rank in sums:
-                torch._foreach_add_(sums[u.rank], ts, alpha=pi)
-            else:
-                sums[u.rank] = torch._foreach_mul(ts, pi)
-            weight[u.rank] = weight.get(u.rank, 0.0) + pi
-        for i, n in enumerate(names):
+        for i, n in enumerate(self.layers):
             R = self.R[n]
             new = R.clone()
-            for r, acc in sums.items():
-                new[:r, :r].add_(acc[i]).sub_(R[:r, :r], alpha=weight[r])
+            for r, by in sums.by_key.items():
+                new[:r, :r].add_(by["R"][i]).sub_(R[:r, :r], alpha=sums.weight[r])
             self.R[n] = new
         self.R_at[self.version + 1] = dict(self.R)
         for old in [v for v in self.R_at if v <= self.version + 1 - self.history]:
