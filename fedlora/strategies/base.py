@@ -7,7 +7,9 @@ A strategy holds the global state of one federated run and answers two calls:
   load as its adapter (the leading ``r_i`` slice of the global factors held at ``r_max``).
 - ``aggregate(updates) -> RoundReport``: validates every update first; a bad one is rejected with a
   reason and changes nothing; the others are aggregated with weights ``p_i`` (``n_i/Σn_j`` or
-  uniform, over the accepted updates).
+  uniform, over the accepted updates). Finiteness of an update decoded as one flat buffer
+  (``flower_io``) is read off its rank group's weighted sum (see ``_checked_values``); a round
+  whose aggregate overflows the server's dtype is rejected whole.
 
 Versions: the base version grows by one at every aggregation that accepted an update. A client's
 held base is identified by ``(base_version, rank)``; version 0 means the pretrained ``W0`` exactly.
