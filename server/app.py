@@ -347,7 +347,8 @@ class FedLoraStrategy(Strategy):
             rows[cid]["accepted"] = True
             rows[cid]["weight"] = report.weights.get(cid)
         for cid, reason in report.rejected.items():
-            rows[cid]["rejected"] = reason
+            if cid in rows:
+                rows[cid]["rejected"] = reason
         ok = [r for r in rows.values() if r["accepted"]]
         out = {"round": rnd, "strategy": self.fl.name, "version": report.version,
                "clients": sorted(rows.values(), key=lambda r: int(r["id"].split("-")[1])),

@@ -260,9 +260,10 @@ def test_bad_updates_rejected_with_reasons_state_untouched(name):
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert s.version == v0 and s.round == 0
     # the good update in a mixed round is aggregated; the bad ones still change nothing extra
-    rep = s.aggregate([good, bad[0], variant("dup")] + [copy.deepcopy(good)])
-    assert rep.accepted == ["c0", "dup"]
-    assert "duplicate" in rep.rejected["c0"] and "non-finite" in rep.rejected["nan"]
+    rep = s.aggregate([good, bad[0], variant("dup")] + [copy.deepcopy(good)] * 2)
+    assert rep.accepted == ["c0", "dup"] and "c0" not in rep.rejected
+    assert "duplicate" in rep.rejected["c0#2"] and "duplicate" in rep.rejected["c0#3"]
+    assert "non-finite" in rep.rejected["nan"]
     assert s.version == v0 + 1
 
 

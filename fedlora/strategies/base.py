@@ -405,13 +405,15 @@ class Strategy:
         t0 = time.perf_counter()
         rejected: dict[str, str] = {}
         accepted: list[ClientUpdate] = []
-        seen: set[str] = set()
+        seen: dict[str, int] = {}
         for u in updates:
             cid = str(u.client_id)
-            if cid in seen:
-                rejected[cid] = "duplicate client_id in this round"
+            if cid in seen:  # keyed apart, so the first copy's outcome under ``cid`` stays its own
+                seen[cid] += 1
+                rejected[f"{cid}#{seen[cid]}"] = (f"duplicate client_id {cid!r} in this round (copy "
+                                                  f"{seen[cid]}): only the first update counts")
                 continue
-            seen.add(cid)
+            seen[cid] = 1
             reason, clean = self.validate(u, check_values=False)
             if reason:
                 rejected[cid] = reason
