@@ -48,9 +48,24 @@ def train_randomly(model: nn.Module, gen: torch.Generator, strategy: str) -> Non
             m.lora_b.weight.add_(torch.randn(m.lora_b.weight.shape, generator=gen, dtype=torch.float64))
 
 
+def state_tensors(strategy) -> dict[str, torch.Tensor]:
+    """Every tensor in a strategy's state_dict, by path (copies): to compare states."""
+    out = {}
+
+    def walk(prefix, obj):
+        if isinstance(obj, torch.Tensor):
+            out[prefix] = obj.clone()
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(f"{prefix}/{k}", v)
+
+    walk("", strategy.state_dict())
+    return out
+
+
 def effective(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: effective_weight(model, n) for n in SHAPES}
 
 
 __all__ = ["Multi", "SHAPES", "apply_payload", "effective", "layer_specs", "make_update",
-           "train_randomly", "w0"]
+           "state_tensors", "train_randomly", "w0"]

@@ -7,7 +7,15 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from strategy_helpers import SHAPES, Multi, apply_payload, layer_specs, make_update, train_randomly
+from strategy_helpers import (
+    SHAPES,
+    Multi,
+    apply_payload,
+    layer_specs,
+    make_update,
+    state_tensors,
+    train_randomly,
+)
 
 from fedlora.client import head_state
 from fedlora.lora import LoRALinear, kaiming_a, lora_layers
@@ -42,20 +50,6 @@ def _round(s, ranks, n_ex=None, gen=None, clients=None, held=None):
         ups.append(make_update(clients[i], f"c{i}", (n_ex or [10] * len(ranks))[i], p.base_version,
                                s.name))
     return ups, clients
-
-
-def _state_tensors(s):
-    out = {}
-
-    def walk(prefix, obj):
-        if isinstance(obj, torch.Tensor):
-            out[prefix] = obj.clone()
-        elif isinstance(obj, dict):
-            for k, v in obj.items():
-                walk(f"{prefix}/{k}", v)
-
-    walk("", s.state_dict())
-    return out
 
 
 def test_registry_and_unknown_name():
@@ -248,7 +242,7 @@ def test_bad_updates_rejected_with_reasons_state_untouched(name):
         variant("stale", base_version=s.version + 3),
         variant("noex", num_examples=0),
     ]
-    before, v0 = _state_tensors(s), s.version
+    before, v0 = state_tensors(s), s.version
     rep = s.aggregate(bad)
     assert rep.accepted == [] and set(rep.rejected) == {u.client_id for u in bad}
     expected = {"nan": "non-finite", "int": "not floating", "shape": "shape", "unknown": "unknown",
@@ -256,7 +250,7 @@ def test_bad_updates_rejected_with_reasons_state_untouched(name):
                 "noex": "num_examples"}
     for cid, word in expected.items():
         assert word in rep.rejected[cid], (cid, rep.rejected[cid])
-    after = _state_tensors(s)
+    after = state_tensors(s)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert s.version == v0 and s.round == 0
     # the good update in a mixed round is aggregated; the bad ones still change nothing extra
@@ -278,10 +272,10 @@ def test_floating_factors_of_other_precision_are_cast():
 
 def test_empty_round_changes_nothing():
     s = _strategy("fedex")
-    before = _state_tensors(s)
+    before = state_tensors(s)
     rep = s.aggregate([])
     assert rep.accepted == [] and rep.version == 0
-    assert all(torch.equal(before[k], v) for k, v in _state_tensors(s).items())
+    assert all(torch.equal(before[k], v) for k, v in state_tensors(s).items())
 
 
 def test_head_is_averaged_with_the_same_weights():

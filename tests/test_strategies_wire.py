@@ -8,7 +8,15 @@ import copy
 
 import pytest
 import torch
-from strategy_helpers import SHAPES, Multi, apply_payload, layer_specs, make_update, train_randomly
+from strategy_helpers import (
+    SHAPES,
+    Multi,
+    apply_payload,
+    layer_specs,
+    make_update,
+    state_tensors,
+    train_randomly,
+)
 
 from fedlora.flower_io import record_to_update, update_to_record
 from fedlora.strategies import create_strategy
@@ -40,28 +48,11 @@ def _wire(u):
     return record_to_update(update_to_record(u))
 
 
-def _state(s):
-    out = {}
-
-    def walk(prefix, obj):
-        if isinstance(obj, torch.Tensor):
-            out[prefix] = obj.clone()
-        elif isinstance(obj, dict):
-            for k, v in obj.items():
-                walk(f"{prefix}/{k}", v)
-
-    walk("", s.state_dict())
-    return out
-
-
-def _same_state(a, b, exact=False):
-    sa, sb = _state(a), _state(b)
+def _same_state(a, b):
+    sa, sb = state_tensors(a), state_tensors(b)
     assert sa.keys() == sb.keys()
     for k in sa:
-        if exact:
-            assert torch.equal(sa[k], sb[k]), k
-        else:
-            torch.testing.assert_close(sa[k], sb[k], rtol=1e-12, atol=1e-12, msg=k)
+        torch.testing.assert_close(sa[k], sb[k], rtol=1e-12, atol=1e-12, msg=k)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -115,11 +106,11 @@ def test_a_product_that_overflows_rejects_the_round_and_changes_nothing(name):
         for f in u.factors.values():
             f["A"].fill_(1e20)
             f["B"].fill_(1e20)
-    before, v = _state(s), s.version
+    before, v = state_tensors(s), s.version
     rep = s.aggregate(ups)
     assert rep.accepted == [] and set(rep.rejected) == {"c0", "c1"}
     assert all("overflows" in r for r in rep.rejected.values()), rep.rejected
-    assert s.version == v and all(torch.equal(before[k], t) for k, t in _state(s).items())
+    assert s.version == v and all(torch.equal(before[k], t) for k, t in state_tensors(s).items())
 
 
 def test_flora_accepts_a_finite_update_whose_plain_sum_overflows():
@@ -150,7 +141,7 @@ def test_a_group_sum_that_overflows_rejects_the_round_and_changes_nothing(name, 
         return sums, bufs
 
     monkeypatch.setattr(type(s), "_group_sums", overflowing)
-    before, v = _state(s), s.version
+    before, v = state_tensors(s), s.version
     rep = s.aggregate(ups)
     assert rep.accepted == [] and all("overflows" in r for r in rep.rejected.values())
-    assert s.version == v and all(torch.equal(before[k], t) for k, t in _state(s).items())
+    assert s.version == v and all(torch.equal(before[k], t) for k, t in state_tensors(s).items())
