@@ -274,12 +274,13 @@ def _train_private(context: Context, spec: dict, model: nn.Module, train_ds, opt
     cfg.validate(len(train_ds))
     delta = cfg.resolved_delta(len(train_ds))
     cache_dir = context.node_config.get("cache-dir")
+    cache = NodeCache(str(cache_dir)) if cache_dir else None
     record_name = f"privacy-{spec.get('run_uid', 'run')}-partition{pid}"
     rec = context.state.config_records.get(STATE_PRIVACY)
     candidates = [PrivacyState.from_dict(dict(rec) if rec is not None else None),
                   PrivacyState.from_dict(server_copy)]
-    if cache_dir:
-        candidates.append(PrivacyState.from_dict(NodeCache(str(cache_dir)).load_record(record_name)))
+    if cache is not None:
+        candidates.append(PrivacyState.from_dict(cache.load_record(record_name)))
     state = max(candidates, key=lambda s: (epsilon(s.history, delta, cfg.accountant), s.total_steps))
     tr = spec["train"]
     res = train_private(model, train_ds, cfg=cfg, state=state, batch_size=tr["batch_size"],
@@ -287,6 +288,6 @@ def _train_private(context: Context, spec: dict, model: nn.Module, train_ds, opt
                         optim=optim, device=device, collate_fn=rundata.collate_fn(spec), seed=None)
     saved = res.state.to_dict()
     context.state[STATE_PRIVACY] = ConfigRecord(saved)
-    if cache_dir:
-        NodeCache(str(cache_dir)).save_record(record_name, saved)
+    if cache is not None:
+        cache.save_record(record_name, saved)
     return res.train, res.metrics(), saved

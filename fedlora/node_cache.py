@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import re
@@ -252,16 +253,12 @@ class NodeCache:
     # ---- small JSON records (a DP client's accountant history) --------------------------------------
     def save_record(self, name: str, record: Mapping) -> Path:
         """Store a JSON-serialisable mapping as ``<cache>/records/<name>.json``, atomically."""
-        import json
-
         doc = {"format": FORMAT, "name": name, "record": dict(record)}
         return atomic_write_bytes(self.root / "records" / f"{_safe_key(name)}.json",
                                   json.dumps(doc).encode())
 
     def load_record(self, name: str) -> dict | None:
         """The mapping stored by ``save_record``, or ``None`` when missing or unreadable."""
-        import json
-
         path = self.root / "records" / f"{_safe_key(name)}.json"
         if not path.exists():
             return None

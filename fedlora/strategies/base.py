@@ -108,6 +108,11 @@ class NonFiniteAggregate(ValueError):
     """Finite uploads whose aggregate overflows the server's dtype: the round is rejected whole."""
 
 
+def overflow_reason(what: str, dtype: torch.dtype) -> str:
+    return (f"the {what} overflows {dtype}: factors this large are a diverged client; lower the "
+            "learning rate or clip the updates")
+
+
 def require_finite(dense: dict[str, Tensor], what: str, dtype: torch.dtype) -> None:
     """Raise ``NonFiniteAggregate`` unless every layer's tensor is finite (before any state change)."""
     # a sum is 20× cheaper than isfinite().all() and non-finite whenever an entry is (or when
@@ -115,9 +120,7 @@ def require_finite(dense: dict[str, Tensor], what: str, dtype: torch.dtype) -> N
     bad = [n for n, t in dense.items()
            if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all())]
     if bad:
-        raise NonFiniteAggregate(
-            f"the {what} overflows {dtype} in layer {bad[0]!r}: factors this large are a diverged "
-            "client; lower the learning rate or clip the updates")
+        raise NonFiniteAggregate(overflow_reason(f"{what} of layer {bad[0]!r}", dtype))
 
 
 def tensor_bytes(t: Tensor) -> int:
@@ -327,23 +330,11 @@ class Strategy:
         if set(u.factors) != set(self.layers):
             missing, extra = set(self.layers) - set(u.factors), set(u.factors) - set(self.layers)
             return f"layers mismatch: missing {sorted(missing)}, unknown {sorted(extra)}", None
-        r = u.rank
-        clean: dict[str, dict[str, Tensor]] | None = self._clean_fast(u)
-        for name, f in ([] if clean is not None else u.factors.items()):
-            if f.keys() != self.upload_keys:
-                return (f"layer {name!r}: factors {sorted(f)} but {self.name} updates carry exactly "
-                        f"{sorted(self.upload_keys)}"), None
-            spec = self.layers[name]
-            want = {"A": (r, spec.d_in), "B": (spec.d_out, r), "R": (r, r)}
-            clean = {} if clean is None else clean
-            clean[name] = {}
-            for key, t in f.items():
-                reason = self._check_tensor(t, want[key], f"layer {name!r} factor {key}",
-                                            check_values=False)
-                if reason:
-                    return reason, None
-                clean[name][key] = t if t.dtype == self.dtype and not t.requires_grad \
-                    else t.detach().to(self.dtype)
+        clean = self._clean_fast(u)
+        if clean is None:
+            reason, clean = self._clean_each(u)
+            if reason:
+                return reason, None
         head = None
         if u.head is not None:
             if not self.shares_head:
@@ -377,6 +368,26 @@ class Strategy:
         if any(t.requires_grad for t in ts) or [t.shape for t in ts] != self._shapes(u.rank):
             return None
         return {n: dict(f) for n, f in u.factors.items()}
+
+    def _clean_each(self, u: ClientUpdate) -> tuple[str | None, dict[str, dict[str, Tensor]]]:
+        """Factor by factor: the first reason one is wrong, or the factors cast to the dtype."""
+        r = u.rank
+        clean: dict[str, dict[str, Tensor]] = {}
+        for name, f in u.factors.items():
+            if f.keys() != self.upload_keys:
+                return (f"layer {name!r}: factors {sorted(f)} but {self.name} updates carry exactly "
+                        f"{sorted(self.upload_keys)}"), {}
+            spec = self.layers[name]
+            want = {"A": (r, spec.d_in), "B": (spec.d_out, r), "R": (r, r)}
+            clean[name] = {}
+            for key, t in f.items():
+                reason = self._check_tensor(t, want[key], f"layer {name!r} factor {key}",
+                                            check_values=False)
+                if reason:
+                    return reason, {}
+                clean[name][key] = t if t.dtype == self.dtype and not t.requires_grad \
+                    else t.detach().to(self.dtype)
+        return None, clean
 
     def _value_reason(self, u: ClientUpdate) -> str | None:
         """Why a structurally valid update's factors are not all finite (``None`` when they are)."""
@@ -498,24 +509,22 @@ class Strategy:
         while keep:
             p = self._weights(keep)
             sums = None
-            if self.sums_uploads:
+            if self.sums_uploads:  # a non-finite group sum makes its flat members suspects
                 sums, bufs = self._group_sums(keep, p, flats)
-                suspects = {r for r, b in bufs.items() if not bool(torch.isfinite(b.sum()))}
-            else:
-                suspects = {u.rank for u, f in zip(keep, flats)
-                            if f is not None and not bool(torch.isfinite(f.sum()))}
+                groups = {r for r, b in bufs.items() if not bool(torch.isfinite(b.sum()))}
+                suspects = [i for i, (u, f) in enumerate(zip(keep, flats))
+                            if f is not None and u.rank in groups]
+            else:  # FLoRA stacks: one sum per flat update
+                suspects = [i for i, f in enumerate(flats)
+                            if f is not None and not bool(torch.isfinite(f.sum()))]
             if not suspects:
                 return keep, p, sums
-            bad = {i for i, (u, f) in enumerate(zip(keep, flats))
-                   if f is not None and u.rank in suspects and not bool(torch.isfinite(f).all())}
+            bad = {i for i in suspects if not bool(torch.isfinite(flats[i]).all())}
             if not bad and not self.sums_uploads:
                 return keep, p, None  # only our check's sum overflowed; the values are finite
             if not bad:
-                for u in keep:
-                    rejected[str(u.client_id)] = (
-                        f"the weighted sum of this round's updates overflows {self.dtype}: factors "
-                        "this large are a diverged client; lower the learning rate or clip the "
-                        "updates")
+                reason = overflow_reason("weighted sum of this round's updates", self.dtype)
+                rejected.update({str(u.client_id): reason for u in keep})
                 return [], [], None
             for i in bad:
                 rejected[str(keep[i].client_id)] = self._value_reason(keep[i]) or "non-finite values"
