@@ -3,9 +3,9 @@
 The work: the smoke run (tiny model, 6 clients of ranks 2/4/8, 10 local steps of batch 32, FedEx,
 server-side evaluation every round) for ``1 + K`` rounds. Per-round times after start-up:
 
-- ``harness``: ``fedlora.testing.run_inprocess`` (strategy objects + local training in one loop, no
+- ``harness``: ``fedlora.testing.run_harness`` (strategy objects + local training in one loop, no
   Flower): ``(T(1 + K rounds) − T(1 round)) / K`` — set-up and the first round excluded;
-- ``loopback``: the real ServerApp strategy loop + ClientApp over ``fedlora.sim.LoopbackGrid`` (Flower
+- ``loopback``: the real ServerApp strategy loop + ClientApp over ``fedlora.loopback.LoopbackGrid`` (Flower
   records and messages, no Ray): the server-measured ``round_seconds`` of rounds 2..1+K;
 - ``flower``: ``flwr run`` on Flower's simulation engine (Ray, ``clients.num_cpus`` CPUs per virtual
   client): ``round_seconds`` of rounds 2..1+K; the start-up (SuperLink, Ray, first round) is printed
@@ -26,8 +26,9 @@ import time
 from pathlib import Path
 
 from fedlora.config import load_config
-from fedlora.sim import prepare_run_dir, run_flower, run_inprocess
-from fedlora.testing import run_inprocess as harness
+from fedlora.loopback import run_loopback
+from fedlora.sim import prepare_run_dir, run_flower
+from fedlora.testing import run_harness as harness
 
 
 def _rows(run_dir: Path) -> list[dict]:
@@ -60,7 +61,7 @@ def main() -> None:
                                   f"clients.num={n}", f"clients.num_cpus={a.num_cpus}"])
 
     c = cfg("loopback")
-    run_inprocess(c)
+    run_loopback(c)
     loop = [r["round_seconds"] for r in _rows(tmp / "loopback")[1:]]
 
     c = cfg("flower")

@@ -36,6 +36,7 @@ from flwr.clientapp import ClientApp
 
 from fedlora import flower_io, rundata
 from fedlora.client import apply_payload, head_state, make_update
+from fedlora.config import ClientSpec
 from fedlora.lora import adapter_state, lora_layers
 from fedlora.node_cache import NodeCache, base_deltas, process_age_s
 from fedlora.train import OptimConfig, evaluate, release_memory, resolve_device, train_local
@@ -65,16 +66,15 @@ class ClientState:
 _MODELS: dict[str, ModelEntry] = {}
 
 
-def _model_key(spec: dict) -> str:
-    m = spec["model"]
-    name = m["name"].replace("hf:", "hf-").replace("/", "_")
-    digest = hashlib.sha256(rundata.spec_key(spec, "model", "data").encode()).hexdigest()[:10]
-    return f"{name}-seed{spec['seed']}-{digest}"
+def _model_key(spec: ClientSpec) -> str:
+    name = spec.model.name.replace("hf:", "hf-").replace("/", "_")
+    digest = hashlib.sha256(spec.key("model", "data").encode()).hexdigest()[:10]
+    return f"{name}-seed{spec.seed}-{digest}"
 
 
-def get_model_entry(spec: dict, cache_dir: str | None = None) -> tuple[ModelEntry, float]:
+def get_model_entry(spec: ClientSpec, cache_dir: str | None = None) -> tuple[ModelEntry, float]:
     """The process's cached model for this spec (built or loaded once); ``(entry, load seconds)``."""
-    key = rundata.spec_key(spec, "model", "lora", "seed", "strategy", "scale", "data") + f"|{cache_dir}"
+    key = spec.key("model", "lora", "seed", "adapter", "scale", "data") + f"|{cache_dir}"
     if key in _MODELS:
         return _MODELS[key], 0.0
     t0 = time.perf_counter()
@@ -83,7 +83,7 @@ def get_model_entry(spec: dict, cache_dir: str | None = None) -> tuple[ModelEntr
         base = NodeCache(cache_dir).load_model(mkey, lambda: rundata.build_base(spec))
     else:
         base = rundata.build_base(spec)
-    _, head_names = rundata.inject(spec, base, max(1, int(spec["r_max"])))
+    _, head_names = rundata.inject(spec, base, max(1, spec.r_max))
     entry = ModelEntry(base, head_names, head_state(base, head_names), mkey)
     _MODELS.clear()  # one model per process: a new run spec replaces the old one
     _MODELS[key] = entry
@@ -166,13 +166,13 @@ def restore(entry: ModelEntry, st: ClientState | None, rank: int, seed: int) -> 
 
 # ---- helpers ------------------------------------------------------------------------------------
 
-def _node(context: Context, spec: dict) -> tuple[int, int, int, str]:
+def _node(context: Context, spec: ClientSpec) -> tuple[int, int, int, str]:
     nc = context.node_config
     pid = int(nc.get("partition-id", 0))
     nparts = int(nc.get("num-partitions", max(pid + 1, 1)))
-    ranks = spec.get("ranks") or [int(spec["r_max"])]
+    ranks = spec.ranks or [spec.r_max]
     rank = int(nc.get("rank", ranks[pid % len(ranks)]))
-    device = str(nc.get("device", spec.get("device", "cpu")))
+    device = str(nc.get("device", spec.device))
     return pid, nparts, rank, device
 
 
@@ -219,36 +219,34 @@ def train(msg: Message, context: Context) -> Message:
     elif from_version != held:
         raise ValueError(f"base version mismatch: this client holds version {held} but the payload's "
                          f"deltas start at version {from_version}; the server re-syncs it from 0")
-    restore(entry, st, rank, int(spec["seed"]))
+    restore(entry, st, rank, spec.seed)
     model = entry.model
     apply_payload(model, payload)
     apply_s = time.perf_counter() - t_apply
 
     train_ds, val_ds = rundata.client_data(spec, pid, nparts)
-    tr = spec["train"]
-    optim = OptimConfig(tr["optimizer"], tr["lr"], tr["weight_decay"], tr["momentum"])
+    tr = spec.train
+    optim = OptimConfig(tr.optimizer, tr.lr, tr.weight_decay, tr.momentum)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     metrics: dict[str, float | int] = {}
-    privacy = spec.get("privacy") or {}
     pstate = None
-    if privacy.get("enabled"):
+    if spec.privacy.get("enabled"):
         res, pmetrics, pstate = _train_private(context, spec, model, train_ds, optim, device, pid,
                                                flower_io.record_privacy(msg.content))
         metrics |= pmetrics
     else:
-        loader = rundata.loader(spec, train_ds, tr["batch_size"], True, int(spec["seed"]) + rnd - 1)
-        res = train_local(model, loader, steps=tr["local_steps"], optim=optim, device=device)
+        loader = rundata.loader(spec, train_ds, tr.batch_size, True, spec.seed + rnd - 1)
+        res = train_local(model, loader, steps=tr.local_steps, optim=optim, device=device)
     model.to("cpu")
     metrics |= {"loss": res.loss, "train-time-s": res.seconds, "steps": res.steps,
                 "peak-memory-bytes": peak_memory_bytes(device), "rank": rank, "partition-id": pid,
                 "overhead-process-s": age, "overhead-load-s": load_s, "overhead-apply-s": apply_s,
                 "base-version": payload.base_version}
-    if spec["strategy"] == "fedsa" and val_ds is not None and len(val_ds):
-        ev = evaluate(model, rundata.loader(spec, val_ds, spec["eval"]["batch_size"], False, 0), device="cpu")
+    if payload.personal_eval and val_ds is not None and len(val_ds):
+        ev = evaluate(model, rundata.loader(spec, val_ds, spec.eval.batch_size, False, 0), device="cpu")
         metrics |= {"eval-accuracy": ev.accuracy, "eval-loss": ev.loss, "eval-examples": ev.num_examples}
-    update = make_update(model, payload.client_id, len(train_ds), payload.base_version, spec["strategy"],
-                         head_names=entry.head_names)
+    update = make_update(model, payload, len(train_ds), head_names=entry.head_names)
     save_state(context, entry, ClientState(payload.base_version, rank, base_deltas(model),
                                            adapter_state(model), head_state(model, entry.head_names)))
     release_memory()
@@ -259,7 +257,7 @@ def train(msg: Message, context: Context) -> Message:
     return Message(reply, reply_to=msg)
 
 
-def _train_private(context: Context, spec: dict, model: nn.Module, train_ds, optim: OptimConfig,
+def _train_private(context: Context, spec: ClientSpec, model: nn.Module, train_ds, optim: OptimConfig,
                    device: torch.device, pid: int, server_copy: dict | None):
     """DP-SGD through fedlora.privacy, one accountant per client for the whole run.
 
@@ -270,21 +268,21 @@ def _train_private(context: Context, spec: dict, model: nn.Module, train_ds, opt
     """
     from fedlora.privacy import PrivacyConfig, PrivacyState, epsilon, train_private
 
-    cfg = PrivacyConfig.from_dict(spec["privacy"])
+    cfg = PrivacyConfig.from_dict(spec.privacy)
     cfg.validate(len(train_ds))
     delta = cfg.resolved_delta(len(train_ds))
     cache_dir = context.node_config.get("cache-dir")
     cache = NodeCache(str(cache_dir)) if cache_dir else None
-    record_name = f"privacy-{spec.get('run_uid', 'run')}-partition{pid}"
+    record_name = f"privacy-{spec.run_uid or 'run'}-partition{pid}"
     rec = context.state.config_records.get(STATE_PRIVACY)
     candidates = [PrivacyState.from_dict(dict(rec) if rec is not None else None),
                   PrivacyState.from_dict(server_copy)]
     if cache is not None:
         candidates.append(PrivacyState.from_dict(cache.load_record(record_name)))
     state = max(candidates, key=lambda s: (epsilon(s.history, delta, cfg.accountant), s.total_steps))
-    tr = spec["train"]
-    res = train_private(model, train_ds, cfg=cfg, state=state, batch_size=tr["batch_size"],
-                        steps=tr["local_steps"], planned_total_steps=int(spec["rounds"]) * tr["local_steps"],
+    tr = spec.train
+    res = train_private(model, train_ds, cfg=cfg, state=state, batch_size=tr.batch_size,
+                        steps=tr.local_steps, planned_total_steps=spec.rounds * tr.local_steps,
                         optim=optim, device=device, collate_fn=rundata.collate_fn(spec), seed=None)
     saved = res.state.to_dict()
     context.state[STATE_PRIVACY] = ConfigRecord(saved)

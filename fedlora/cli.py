@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.live import Live
 
 from fedlora.config import RunConfig, load_config
+from fedlora.strategies import strategy_names
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Federated LoRA fine-tuning on Flower (exact aggregation, mixed ranks).")
@@ -36,27 +37,28 @@ def _root() -> None:
 def resolve(config: Path | None, strategy: str | None, rounds: int | None, sets: list[str],
             resume: Path | None) -> RunConfig:
     overrides = list(sets)
+    values: dict = {}
     if strategy:
-        overrides.append(f"strategy.name={json.dumps(strategy)}")
+        values["strategy.name"] = strategy
     if rounds is not None:
-        overrides.append(f"rounds={rounds}")
+        values["rounds"] = rounds
     if resume is not None:
         cfg_path = Path(resume) / "config.toml"
         if not cfg_path.is_file():
             raise ValueError(f"--resume {resume}: no config.toml there (give a run folder written by "
                              "`fedlora simulate`, e.g. runs/smoke)")
-        cfg = load_config(cfg_path, overrides)
+        cfg = load_config(cfg_path, overrides, values=values)
         cfg.run_dir = str(Path(resume).absolute())
         return cfg
     path = config if config is not None else (SMOKE if SMOKE.is_file() else None)
-    return load_config(path, overrides)
+    return load_config(path, overrides, values=values)
 
 
 @app.command()
 def simulate(
     config: Annotated[Path | None, typer.Argument(help="run TOML (default: simulations/smoke.toml)")] = None,
-    strategy: Annotated[str | None, typer.Option("--strategy", "-s",
-                                                 help="fedavg | fedex | flora | fedsb | fedsa")] = None,
+    strategy: Annotated[str | None, typer.Option(
+        "--strategy", "-s", help="a registered strategy: " + " | ".join(strategy_names()))] = None,
     rounds: Annotated[int | None, typer.Option("--rounds", "-r", help="number of rounds")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="override: section.key=value")] = None,
     resume: Annotated[Path | None, typer.Option("--resume", help="continue runs/<name> from its "
@@ -84,7 +86,9 @@ def simulate(
     def work() -> None:
         try:
             if engine == "inprocess":
-                result["summary"] = sim.run_inprocess(cfg, resume=resume is not None)
+                from fedlora.loopback import run_loopback
+
+                result["summary"] = run_loopback(cfg, resume=resume is not None)
                 result["rc"] = 0
             else:
                 r = sim.run_flower({"config-path": str(cfg_path), "resume": resume is not None},
@@ -121,7 +125,7 @@ def simulate(
 @app.command()
 def compare(
     config: Path = typer.Argument(None, help="run TOML (default: simulations/smoke.toml)"),
-    strategies: str = typer.Option("fedavg,fedex,flora,fedsb,fedsa", "--strategies",
+    strategies: str = typer.Option(",".join(strategy_names()), "--strategies",
                                    help="comma-separated strategy names"),
     set_: list[str] = typer.Option([], "--set", help="override: section.key=value (TOML value)"),
     centralized: bool = typer.Option(False, "--centralized", help="add the pooled-data baseline"),

@@ -1,10 +1,13 @@
 """Client side of the strategy contract: apply a payload to a model, make an update from it.
 
 ``apply_payload`` folds the payload's base deltas into the frozen weights, in order (a ``reset``
-delta replaces the held base delta: the full delta since ``W0``), then loads or resets the adapter
-at the payload's rank and loads the shared head. FedSA payloads carry no B: the client keeps its
-own B (and head) — in a long-lived process that is the model itself; across processes the caller
-persists ``adapter_state(model)`` and restores it before calling ``apply_payload``.
+delta replaces the held base delta: the full delta since ``W0``), loads or resets the adapter at
+the payload's rank, loads the shared head and freezes every factor the payload does not train.
+``make_update`` uploads what the payload asks for (``payload.uploads``, the head if
+``payload.upload_head``). Both read only the payload: a client needs no strategy code, so a rule
+registered on the server alone runs on every client. FedSA payloads carry no B: the client keeps
+its own B (and head) — in a long-lived process that is the model itself; across processes the
+caller persists ``adapter_state(model)`` and restores it before calling ``apply_payload``.
 """
 
 from __future__ import annotations
@@ -12,12 +15,22 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from fedlora.lora import lora_layers
-from fedlora.strategies import ClientPayload, ClientUpdate, Strategy
+from fedlora.lora import LoRALinear, lora_layers
+from fedlora.strategies import ClientPayload, ClientUpdate, Dense, LowRank, SBCore, Strategy
 
-#: factor keys each strategy uploads
-UPLOAD_KEYS = {"fedavg": ("A", "B"), "fedex": ("A", "B"), "flora": ("A", "B"), "fedsb": ("R",),
-               "fedsa": ("A",)}
+_FACTOR_MODULES = {"A": "lora_a", "B": "lora_b", "R": "lora_r"}
+
+
+def _fold_form(layer: LoRALinear, delta, payload: ClientPayload, name: str):
+    """A payload delta in the form ``LoRALinear`` folds: dense, or ``(U, V)``."""
+    if isinstance(delta, SBCore):  # s·B·M·A with the layer's frozen factors
+        f = payload.factors[name]
+        return layer.sb_delta(delta.M, f.get("B"), f.get("A"))
+    if isinstance(delta, LowRank):
+        return delta.U, delta.V
+    if isinstance(delta, Dense):
+        return delta.D
+    raise ValueError(f"layer {name!r}: unknown base delta {type(delta).__name__}")
 
 
 def apply_payload(model: nn.Module, payload: ClientPayload) -> None:
@@ -29,15 +42,13 @@ def apply_payload(model: nn.Module, payload: ClientPayload) -> None:
     for bd in payload.base_deltas:
         for name, delta in bd.layers.items():
             layer = layers[name]
-            if isinstance(delta, dict):  # a Fed-SB tail core: s·B·M·A with the frozen factors
-                f, t = payload.factors[name], tails.get(name)
-                if t is not None:
-                    layer.sb_tail = (t["B_tail"], t["A_tail"])
-                delta = layer.sb_delta(delta["M"], f.get("B"), f.get("A"))
+            if name in tails:
+                layer.sb_tail = (tails[name]["B_tail"], tails[name]["A_tail"])
+            d = _fold_form(layer, delta, payload, name)
             if bd.reset:
-                layer.set_base_delta_(delta)
+                layer.set_base_delta_(d)
             else:
-                layer.fold_into_base_(delta)
+                layer.fold_into_base_(d)
     with torch.no_grad():
         for name, layer in layers.items():
             f = payload.factors[name]
@@ -47,10 +58,13 @@ def apply_payload(model: nn.Module, payload: ClientPayload) -> None:
                 layer.reset_(payload.rank)  # FedSA at a new rank: a fresh personal B
             if "R" in f and layer.mode != "sb":
                 raise ValueError(f"payload for {name!r} carries R but the layer is in lora mode: "
-                                 "inject with LoRAConfig(mode='sb') for fedsb")
+                                 "inject with the strategy's adapter kind (LoRAConfig(mode='sb'))")
             layer.set_factors_(f.get("A"), f.get("B"), f.get("R"))
             if name in tails:  # (after set_factors_: a new rank resets the layer)
                 layer.sb_tail = (tails[name]["B_tail"], tails[name]["A_tail"])
+            for key, attr in _FACTOR_MODULES.items():
+                if (lin := getattr(layer, attr)) is not None:
+                    lin.weight.requires_grad_(key in payload.trains)
         if payload.head is not None:
             for pname, t in payload.head.items():
                 p = model.get_parameter(pname)
@@ -66,23 +80,18 @@ def head_state(model: nn.Module, head_names: list[str]) -> dict[str, torch.Tenso
     return out
 
 
-def make_update(model: nn.Module, client_id: str, num_examples: int, base_version: int,
-                strategy_name: str, head_names: list[str] | None = None,
-                metrics: dict | None = None) -> ClientUpdate:
-    """The update a client uploads: factors per strategy (fedsb: R; fedsa: A; else A, B) + head."""
-    if strategy_name not in UPLOAD_KEYS:
-        raise ValueError(f"unknown strategy {strategy_name!r}; choose one of {sorted(UPLOAD_KEYS)}")
-    keys = UPLOAD_KEYS[strategy_name]
+def make_update(model: nn.Module, payload: ClientPayload, num_examples: int,
+                head_names: list[str] | None = None, metrics: dict | None = None) -> ClientUpdate:
+    """The update for ``payload``: the factors it asks for (``payload.uploads``) and the head."""
     layers = lora_layers(model)
     ranks = {m.rank for m in layers.values()}
     if len(ranks) != 1:
         raise ValueError(f"adapted layers have different ranks {sorted(ranks)}; one rank per client")
+    keys = set(payload.uploads)
     factors = {n: {k: v for k, v in m.factors().items() if k in keys} for n, m in layers.items()}
-    head = None
-    if head_names and strategy_name != "fedsa":  # FedSA keeps the head on the client
-        head = head_state(model, head_names)
-    return ClientUpdate(str(client_id), ranks.pop(), int(num_examples), int(base_version), factors,
-                        head, dict(metrics or {}))
+    head = head_state(model, head_names) if head_names and payload.upload_head else None
+    return ClientUpdate(payload.client_id, ranks.pop(), int(num_examples), int(payload.base_version),
+                        factors, head, dict(metrics or {}))
 
 
 def load_global(model: nn.Module, strategy: Strategy) -> None:

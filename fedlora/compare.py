@@ -20,51 +20,54 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
-from fedlora.config import STRATEGY_NAMES, RunConfig, _toml_value, load_config, parse_value
+from fedlora.config import RunConfig, load_config, parse_value
 from fedlora.report import write_report, write_sweep_report
+from fedlora.strategies import strategy_names
 
 
 def parse_strategies(text: str) -> list[str]:
     names = [s.strip() for s in text.split(",") if s.strip()]
-    bad = [s for s in names if s not in STRATEGY_NAMES]
+    bad = [s for s in names if s not in strategy_names()]
     if bad or not names:
-        raise ValueError(f"--strategies: unknown {bad or text!r}; choose from {list(STRATEGY_NAMES)}")
+        raise ValueError(f"--strategies: unknown {bad or text!r}; choose from {strategy_names()}")
     if len(set(names)) != len(names):
         raise ValueError(f"--strategies lists a strategy twice: {names}")
     return names
 
 
 def plan(config: Path | None, strategies: list[str], overrides: list[str],
-         centralized: bool = False) -> tuple[Path, list[tuple[str, RunConfig]]]:
-    """Validate every run's config before any of them starts."""
-    base = load_config(config, overrides)
+         centralized: bool = False, values: dict | None = None) -> tuple[Path, list[tuple[str, RunConfig]]]:
+    """Validate every run's config before any of them starts (``overrides``: the user's ``--set``
+    strings; ``values``: dotted key -> value set on top, e.g. one sweep value)."""
+    values = dict(values or {})
+    base = load_config(config, overrides, values=values)
     root = Path(base.run_dir) if base.run_dir else Path(base.output_dir) / base.name
     runs = []
     for s in strategies:
-        cfg = load_config(config, overrides + [f"strategy.name={json.dumps(s)}",
-                                               f"run_dir={json.dumps(str(root / s))}"])
+        cfg = load_config(config, overrides, values=values | {"strategy.name": s, "run_dir": str(root / s)})
         runs.append((s, cfg))
     if centralized:
         per_round = max(1, math.ceil(base.clients.num * base.clients.fraction_train))
-        cfg = load_config(config, overrides + [
-            'strategy.name="fedavg"', f"run_dir={json.dumps(str(root / 'centralized'))}",
-            "clients.num=1", f"clients.ranks=[{base.r_max}]", "clients.fraction_train=1.0",
-            f"train.local_steps={base.train.local_steps * per_round}",
+        cfg = load_config(config, overrides, values=values | {
+            "strategy.name": "fedavg", "run_dir": str(root / "centralized"),
+            "clients.num": 1, "clients.ranks": [base.r_max], "clients.fraction_train": 1.0,
+            "train.local_steps": base.train.local_steps * per_round,
             # synthetic data is drawn per client: the pooled client draws everybody's examples
-            f"data.examples_per_client={base.data.examples_per_client * base.clients.num}"])
+            "data.examples_per_client": base.data.examples_per_client * base.clients.num})
         runs.append(("centralized", cfg))
     return root, runs
 
 
 def compare(config: Path | None, strategies: list[str], overrides: list[str],
             run_one: Callable[[RunConfig], Path], centralized: bool = False,
-            target: float | None = None) -> Path:
+            target: float | None = None, values: dict | None = None) -> Path:
     """Run each planned config with ``run_one`` (returns its run folder), then write the report."""
-    root, runs = plan(config, strategies, overrides, centralized)
+    root, runs = plan(config, strategies, overrides, centralized, values)
     dirs = [run_one(cfg) for _, cfg in runs]
     base = runs[0][1]
     notes = (f"Config `{config or 'simulations/smoke.toml'}`"
-             + (f" with `{' '.join(overrides)}`" if overrides else "")
+             + (f" with `{' '.join(overrides + [f'{k}={v}' for k, v in (values or {}).items()])}`"
+                if overrides or values else "")
              + f": model `{base.model.name}`, data `{base.data.name}` ({base.data.partition}), "
              f"{base.clients.num} clients of ranks {base.clients.ranks}, {base.rounds} rounds, "
              f"{base.train.local_steps} local steps, seed {base.seed}."
@@ -79,7 +82,9 @@ def run_config(cfg: RunConfig, engine: str = "flower", timeout: float = 24 * 360
 
     run_dir = cfg.resolved_run_dir()
     if engine == "inprocess":
-        sim.run_inprocess(cfg)
+        from fedlora.loopback import run_loopback
+
+        run_loopback(cfg)
     elif engine == "flower":
         cfg_path = sim.prepare_run_dir(cfg)
         r = sim.run_flower({"config-path": str(cfg_path), "resume": False}, cfg.clients.num,
@@ -115,15 +120,15 @@ def sweep_tag(key: str, value) -> str:
 
 
 def plan_sweep(config: Path | None, strategies: list[str], overrides: list[str], key: str,
-               values: list, centralized: bool = False) -> tuple[Path, list[tuple[object, list[str]]]]:
-    """Every value's overrides, each validated (all its runs planned) before anything runs."""
+               values: list, centralized: bool = False) -> tuple[Path, list[tuple[object, dict]]]:
+    """Every value's settings, each validated (all its runs planned) before anything runs."""
     base = load_config(config, overrides)
     root = Path(base.run_dir) if base.run_dir else Path(base.output_dir) / base.name
     out = []
     for v in values:
-        ov = overrides + [f"{key}={_toml_value(v)}", f"run_dir={json.dumps(str(root / sweep_tag(key, v)))}"]
-        plan(config, strategies, ov, centralized)  # raises on a bad value, before any work
-        out.append((v, ov))
+        setting = {key: v, "run_dir": str(root / sweep_tag(key, v))}
+        plan(config, strategies, overrides, centralized, setting)  # raises on a bad value, first
+        out.append((v, setting))
     return root, out
 
 
@@ -133,8 +138,8 @@ def sweep(config: Path | None, strategies: list[str], overrides: list[str], key:
     """``compare`` once per value of ``key``; then ``sweep.md`` + ``sweep.png`` over all of them."""
     root, planned = plan_sweep(config, strategies, overrides, key, values, centralized)
     per_value = []
-    for v, ov in planned:
-        report = compare(config, strategies, ov, run_one, centralized, target)
+    for v, setting in planned:
+        report = compare(config, strategies, overrides, run_one, centralized, target, setting)
         per_value.append((v, report.parent))
     names = strategies + (["centralized"] if centralized else [])
     return write_sweep_report(root, key, [(v, [d / n for n in names]) for v, d in per_value],

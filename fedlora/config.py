@@ -1,4 +1,4 @@
-"""Run configuration: dataclasses, TOML loading, ``--set`` overrides, validation (before any work).
+"""Run configuration: typed models (pydantic v2), TOML loading, ``--set`` overrides, validation.
 
 A run is one TOML file; every section and key is optional (the defaults are the smoke run)::
 
@@ -6,7 +6,8 @@ A run is one TOML file; every section and key is optional (the defaults are the 
     output_dir = "runs"       # the run folder is <output_dir>/<name> unless run_dir is given
     [model]     name = "tiny"          kwargs = {}
     [lora]      targets = []  head = []   alpha = 16.0   scale = 0.0   dropout = 0.0   rslora = false
-    [strategy]  name = "fedex"  weighting = "samples"  r_max = 0  fedsb_init_examples = 64 ...
+    [strategy]  name = "fedex"  weighting = "samples"  r_max = 0  check_exactness = true
+                plugins = []  fedsb_init_examples = 64 ...
     [clients]   num = 6  ranks = [2, 4, 8]  fraction_train = 1.0  min_nodes = 0  round_timeout = 600.0
                 min_replies = 0
     [data]      name = "synthetic"  examples_per_client = 256  partition = "iid" ...
@@ -14,11 +15,18 @@ A run is one TOML file; every section and key is optional (the defaults are the 
     [eval]      every = 1  batch_size = 256
     [privacy]   enabled = false ...   (fedlora.privacy.PrivacyConfig)
 
-Rules: ``lora.scale = 0`` means ``alpha / r_max`` (one scale for every client, whatever its rank);
-``strategy.r_max = 0`` means ``max(clients.ranks)``; ``clients.min_nodes = 0`` means every sampled
-node; client ``i`` (Flower ``partition-id``) has rank ``clients.ranks[i % len(ranks)]`` unless its
-node config sets ``rank``. Unknown sections or keys, wrong types and bad values raise
-``ValueError`` naming the key and the fix.
+Why pydantic: the types, unknown keys (``extra="forbid"``) and strict coercion (no bool for an
+int, no string for a number; ints are accepted for floats) are declared once on the models below;
+``validate`` then checks what types cannot (ranges, choices from the registries: strategies,
+models, data sets, partitions, files). Every error is a ``ValueError`` naming the key, the value
+and the fix. TOML is written with ``tomli-w``.
+
+Rules: ``lora.scale = 0`` means ``lora_scale(alpha, r_max, rslora)`` (one scale for every client,
+whatever its rank); ``strategy.r_max = 0`` means ``max(clients.ranks)``; ``clients.min_nodes = 0``
+means every sampled node; client ``i`` (Flower ``partition-id``) has rank
+``clients.ranks[i % len(ranks)]`` unless its node config sets ``rank``. ``strategy.plugins`` lists
+modules or ``.py`` files that register strategies (``fedlora.strategies.register_strategy``); they
+are imported before ``strategy.name`` is looked up (relative paths: against the config file).
 
 Overrides (``--set``) are ``section.key=value`` with a TOML value (``train.lr=0.01``,
 ``clients.ranks=[2,8]``, ``strategy.name="flora"``; a bare word is read as a string). The flat
@@ -29,19 +37,17 @@ Flower run-config keys are accepted as aliases (``strategy``, ``num-server-round
 from __future__ import annotations
 
 import copy
-import dataclasses
-import json
 import math
 import re
-import typing
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomli_w
 import tomllib
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-STRATEGY_NAMES = ("fedavg", "fedex", "flora", "fedsb", "fedsa")
-KNOWN_DATA = ("synthetic", "sst2", "agnews", "rte")
+from fedlora.lora import lora_scale
+
 PARTITIONS = ("iid", "dirichlet", "shards")
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 #: flat aliases (Flower run-config keys, deployment contract) -> dotted config keys
@@ -53,38 +59,50 @@ ALIASES = {
 }
 
 
-@dataclass
-class ModelSection:
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _list_in_a_string(cls, v: Any, info) -> Any:
+        # Flower run-config values are scalars: a list arrives as its TOML text ("[2, 8]")
+        field = cls.model_fields[info.field_name]
+        if isinstance(v, str) and v.strip().startswith("[") and "list" in str(field.annotation):
+            return parse_value(v.strip())
+        return v
+
+
+class ModelSection(Section):
     name: str = "tiny"  # tiny | minilm | hf:<local folder>
-    kwargs: dict = field(default_factory=dict)  # extra get_model keyword arguments
+    kwargs: dict[str, Any] = Field(default_factory=dict)  # extra get_model keyword arguments
 
 
-@dataclass
-class LoRASection:
-    targets: list[str] = field(default_factory=list)  # empty: the model's default targets
-    head: list[str] = field(default_factory=list)  # trainable head modules; empty: model default
+class LoRASection(Section):
+    targets: list[str] = Field(default_factory=list)  # empty: the model's default targets
+    head: list[str] = Field(default_factory=list)  # trainable head modules; empty: model default
     alpha: float = 16.0
-    scale: float = 0.0  # 0: alpha / r_max (or alpha / sqrt(r_max) with rslora)
+    scale: float = 0.0  # 0: lora_scale(alpha, r_max, rslora)
     dropout: float = 0.0
     rslora: bool = False
 
 
-@dataclass
-class StrategySection:
+class StrategySection(Section):
     name: str = "fedex"
     weighting: str = "samples"  # samples | uniform
     r_max: int = 0  # 0: max(clients.ranks)
     dtype: str = "float32"  # server-side precision: float32 | float64
-    fedsb_init_examples: int = 64  # server-held split for the Fed-SB init gradients
+    check_exactness: bool = True  # the aggregation-error diagnostic every round (in agg_seconds)
+    plugins: list[str] = Field(default_factory=list)  # modules / .py files that register strategies
+    # strategies with init_from = "server-gradients" (Fed-SB): the server-held init split
+    fedsb_init_examples: int = 64
     fedsb_init_batches: int = 2
     # size of the LoRA-SB init step U = -eta·sign(G); 0: train.lr (one AdamW-like first step)
     fedsb_eta: float = 0.0
 
 
-@dataclass
-class ClientsSection:
+class ClientsSection(Section):
     num: int = 6  # virtual clients (simulation)
-    ranks: list[int] = field(default_factory=lambda: [2, 4, 8])
+    ranks: list[int] = Field(default_factory=lambda: [2, 4, 8])
     fraction_train: float = 1.0
     min_nodes: int = 0  # 0: all sampled nodes must be connected before a round starts
     round_timeout: float = 600.0
@@ -95,14 +113,13 @@ class ClientsSection:
     poll_interval: float = 0.2  # seconds between the server's reply polls (Flower's default: 3)
 
 
-@dataclass
-class DataSection:
+class DataSection(Section):
     name: str = "synthetic"  # synthetic | sst2 | agnews | rte | path to a CSV/TSV file
     examples_per_client: int = 256  # synthetic: examples each client generates
     partition: str = "iid"  # iid | dirichlet | shards (synthetic iid: one seeded draw per client)
     alpha: float = 0.5  # Dirichlet concentration
     shards_per_partition: int = 2
-    val_fraction: float = 0.2  # each client's own validation shard (FedSA personal evaluation)
+    val_fraction: float = 0.2  # each client's own validation shard (personalised evaluation)
     server_examples: int = 512  # server's held-out split (synthetic size; real data: test-split cap)
     limit: int = 0  # real data: use at most this many training rows (0: all)
     root: str = ""  # data root (default: FEDLORA_DATA or shared/data)
@@ -111,8 +128,7 @@ class DataSection:
     max_length: int = 0  # tokenisation; 0: the data set's default (64)
 
 
-@dataclass
-class TrainSection:
+class TrainSection(Section):
     local_steps: int = 10
     batch_size: int = 32
     lr: float = 1e-2
@@ -121,27 +137,49 @@ class TrainSection:
     momentum: float = 0.0
 
 
-@dataclass
-class EvalSection:
+class EvalSection(Section):
     every: int = 1  # server-side evaluation every N rounds (the last round always); 0: last only
     batch_size: int = 256
 
 
-@dataclass
-class RunConfig:
+class ClientSpec(Section):
+    """What a ClientApp needs, sent inside every message (clients never read the server's files)."""
+
+    seed: int
+    rounds: int
+    strategy: str
+    adapter: str  # the strategy's adapter kind ("lora" / "sb"): the client builds the model with it
+    model: ModelSection
+    lora: LoRASection
+    r_max: int
+    scale: float
+    data: DataSection
+    train: TrainSection
+    eval: EvalSection
+    privacy: dict[str, Any]
+    device: str
+    ranks: list[int]
+    run_uid: str = ""
+
+    def key(self, *parts: str) -> str:
+        """A stable JSON key of some fields (for caches)."""
+        return self.model_dump_json(include=set(parts))
+
+
+class RunConfig(Section):
     name: str = "smoke"
     seed: int = 0
     rounds: int = 3
     output_dir: str = "runs"
     run_dir: str = ""  # explicit run folder (absolute or relative to the working directory)
-    model: ModelSection = field(default_factory=ModelSection)
-    lora: LoRASection = field(default_factory=LoRASection)
-    strategy: StrategySection = field(default_factory=StrategySection)
-    clients: ClientsSection = field(default_factory=ClientsSection)
-    data: DataSection = field(default_factory=DataSection)
-    train: TrainSection = field(default_factory=TrainSection)
-    eval: EvalSection = field(default_factory=EvalSection)
-    privacy: dict = field(default_factory=dict)  # fedlora.privacy.PrivacyConfig fields
+    model: ModelSection = Field(default_factory=ModelSection)
+    lora: LoRASection = Field(default_factory=LoRASection)
+    strategy: StrategySection = Field(default_factory=StrategySection)
+    clients: ClientsSection = Field(default_factory=ClientsSection)
+    data: DataSection = Field(default_factory=DataSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    privacy: dict[str, Any] = Field(default_factory=dict)  # fedlora.privacy.PrivacyConfig fields
 
     # ---- derived ------------------------------------------------------------------------------
     @property
@@ -150,10 +188,13 @@ class RunConfig:
 
     @property
     def scale(self) -> float:
-        if self.lora.scale:
-            return float(self.lora.scale)
-        r = self.r_max
-        return self.lora.alpha / (math.sqrt(r) if self.lora.rslora else r)
+        return float(self.lora.scale) if self.lora.scale else lora_scale(self.lora.alpha, self.r_max,
+                                                                         self.lora.rslora)
+
+    def strategy_class(self):
+        from fedlora.strategies import strategy_class
+
+        return strategy_class(self.strategy.name)
 
     def rank_for(self, partition_id: int) -> int:
         return self.clients.ranks[partition_id % len(self.clients.ranks)]
@@ -164,119 +205,59 @@ class RunConfig:
         return (Path(base or ".") / self.output_dir / self.name).absolute()
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return self.model_dump()
 
     def to_toml(self) -> str:
-        return dumps_toml(self.to_dict())
+        return tomli_w.dumps(self.to_dict())
 
-    def client_spec(self) -> dict:
-        """What a ClientApp needs, sent inside every train message (clients never read files)."""
-        return {"seed": self.seed, "rounds": self.rounds, "strategy": self.strategy.name,
-                "model": asdict(self.model), "lora": asdict(self.lora), "r_max": self.r_max,
-                "scale": self.scale, "data": asdict(self.data), "train": asdict(self.train),
-                "eval": asdict(self.eval), "privacy": dict(self.privacy),
-                "device": self.clients.device, "ranks": list(self.clients.ranks)}
-
-
-SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+    def client_spec(self) -> ClientSpec:
+        return ClientSpec(seed=self.seed, rounds=self.rounds, strategy=self.strategy.name,
+                          adapter=self.strategy_class().adapter, model=self.model.model_copy(deep=True),
+                          lora=self.lora.model_copy(deep=True), r_max=self.r_max, scale=self.scale,
+                          data=self.data.model_copy(deep=True), train=self.train.model_copy(deep=True),
+                          eval=self.eval.model_copy(deep=True), privacy=dict(self.privacy),
+                          device=self.clients.device, ranks=list(self.clients.ranks))
 
 
-# ---- TOML writing (tomllib only reads) ------------------------------------------------------------
+# ---- loading ------------------------------------------------------------------------------------
 
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        return repr(v) if math.isfinite(v) else ("nan" if math.isnan(v) else ("inf" if v > 0 else "-inf"))
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, list | tuple):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(x)}" for k, x in v.items()) + "}"
-    if v is None:
-        raise ValueError("TOML has no null: leave the key out instead")
-    raise ValueError(f"cannot write {type(v).__name__} to TOML")
+_WHAT = {"int_type": "must be an integer", "int_from_float": "must be an integer",
+         "float_type": "must be a number", "bool_type": "must be true or false",
+         "list_type": "must be a list", "dict_type": "must be a table",
+         "model_type": "must be a table (section)", "model_attributes_type": "must be a table (section)"}
 
 
-def dumps_toml(d: dict) -> str:
-    """Top-level scalars first, then one table per dict (inline tables for nested dicts)."""
-    head = [f"{k} = {_toml_value(v)}" for k, v in d.items() if not isinstance(v, dict)]
-    out = "\n".join(head) + "\n"
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out += f"\n[{k}]\n" + "".join(f"{kk} = {_toml_value(vv)}\n" for kk, vv in v.items()
-                                          if vv is not None)
-    return out
-
-
-# ---- loading + validation ---------------------------------------------------------------------------
-
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp, key: str) -> Any:
-    """Check ``value`` against the field type (ints are accepted for floats)."""
-    origin = typing.get_origin(tp)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{key} must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{key} must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(f"{key} must be a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{key} must be a string, got {value!r} (quote it: {key}=\"...\")")
-        return value
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if isinstance(value, str) and value.strip().startswith("["):  # a list given as a string
-            value = parse_value(value.strip())  # (flat run-config values can only be strings)
-        if not isinstance(value, list):
-            raise ValueError(f"{key} must be a list of {_type_name(item)}, got {value!r}")
-        return [_coerce(x, item, f"{key}[{i}]") for i, x in enumerate(value)]
-    if tp is dict or origin is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"{key} must be a table, got {value!r}")
-        return dict(value)
-    raise TypeError(f"unsupported config type {tp} for {key}")  # pragma: no cover
-
-
-def _hints(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+def _config_error(e: ValidationError) -> ValueError:
+    """The first pydantic error as one line naming the key, the value and the fix."""
+    err = e.errors()[0]
+    loc = [str(x) for x in err["loc"]]
+    value = err.get("input")
+    if err["type"] == "extra_forbidden":
+        section, key = loc[:-1], loc[-1]
+        model: type[BaseModel] = RunConfig
+        for part in section:
+            model = model.model_fields[part].annotation
+        if section:
+            where = f"{'.'.join(section)}.{key!r}"
+            known = f"known keys of [{'.'.join(section)}]"
+        else:
+            where, known = repr(key), "known top-level keys and sections"
+        return ValueError(f"unknown config key {where}; {known}: {sorted(model.model_fields)}")
+    key = ".".join(loc)
+    what = _WHAT.get(err["type"])
+    if err["type"] == "string_type":
+        return ValueError(f"{key} must be a string, got {value!r} (quote it: {loc[-1]}=\"...\")")
+    if what is None:
+        return ValueError(f"{key}: {err['msg']}, got {value!r}")
+    return ValueError(f"{key} {what}, got {value!r}")
 
 
 def from_dict(d: dict) -> RunConfig:
     """A ``RunConfig`` from a parsed TOML dict; unknown keys and wrong types raise ``ValueError``."""
-    cfg = RunConfig()
-    top = _hints(RunConfig)
-    for key, value in d.items():
-        if key not in top:
-            raise ValueError(f"unknown config key {key!r}; known top-level keys and sections: "
-                             f"{sorted(top)}")
-        tp = top[key]
-        if dataclasses.is_dataclass(tp):
-            if not isinstance(value, dict):
-                raise ValueError(f"[{key}] must be a table (section), got {value!r}")
-            sec = getattr(cfg, key)
-            hints = _hints(tp)
-            for k, v in value.items():
-                if k not in hints:
-                    raise ValueError(f"unknown config key {key}.{k!r}; known keys of [{key}]: "
-                                     f"{sorted(hints)}")
-                setattr(sec, k, _coerce(v, hints[k], f"{key}.{k}"))
-        else:
-            setattr(cfg, key, _coerce(value, tp, key))
-    return cfg
+    try:
+        return RunConfig.model_validate(d)
+    except ValidationError as e:
+        raise _config_error(e) from None
 
 
 def parse_value(text: str) -> Any:
@@ -287,13 +268,9 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def apply_override(d: dict, item: str) -> None:
-    """``section.key=value`` (or a flat alias) into the raw dict ``d``."""
-    if "=" not in item:
-        raise ValueError(f"override {item!r} must look like section.key=value (e.g. train.lr=0.01)")
-    key, _, text = item.partition("=")
+def set_key(d: dict, key: str, value: Any) -> None:
+    """``d[section][key] = value`` for a dotted (or flat alias) key, in the raw dict."""
     key = ALIASES.get(key.strip(), key.strip())
-    value = parse_value(text.strip())
     parts = key.split(".")
     if len(parts) > 2 or not all(parts):
         raise ValueError(f"override key {key!r} must be 'key' or 'section.key'")
@@ -306,9 +283,18 @@ def apply_override(d: dict, item: str) -> None:
         d[parts[0]] = value
 
 
+def apply_override(d: dict, item: str) -> None:
+    """``section.key=value`` (a ``--set`` string, TOML value) into the raw dict ``d``."""
+    if "=" not in item:
+        raise ValueError(f"override {item!r} must look like section.key=value (e.g. train.lr=0.01)")
+    key, _, text = item.partition("=")
+    set_key(d, key, parse_value(text.strip()))
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                validate_data: bool = True) -> RunConfig:
-    """Read ``path`` (TOML; ``None``: defaults = the smoke run), apply ``overrides``, validate."""
+                validate_data: bool = True, values: dict[str, Any] | None = None) -> RunConfig:
+    """Read ``path`` (TOML; ``None``: defaults = the smoke run), apply ``overrides`` (``--set``
+    strings) and ``values`` (dotted key -> typed value), validate."""
     raw: dict = {}
     if path is not None:
         p = Path(path)
@@ -322,7 +308,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     raw = copy.deepcopy(raw)
     for item in overrides or []:
         apply_override(raw, item)
+    for key, value in (values or {}).items():
+        set_key(raw, key, value)
     cfg = from_dict(raw)
+    base = Path(path).parent if path is not None else Path(".")
+    cfg.strategy.plugins = [str((base / p).resolve()) if p.endswith(".py") and not Path(p).is_absolute()
+                            else p for p in cfg.strategy.plugins]
     validate(cfg, config_path=path if validate_data else None, check_data=validate_data)
     return cfg
 
@@ -348,8 +339,15 @@ def validate(cfg: RunConfig, config_path: str | Path | None = None, check_data: 
            f"must be >= 0 (0 means alpha / r_max), got {cfg.lora.scale}")
     _check(0 <= cfg.lora.dropout < 1, "lora.dropout", f"must be in [0, 1), got {cfg.lora.dropout}")
     s = cfg.strategy
-    _check(s.name in STRATEGY_NAMES, "strategy.name",
-           f"unknown strategy {s.name!r}; choose one of {list(STRATEGY_NAMES)}")
+    from fedlora.strategies import load_plugin, strategy_class, strategy_names
+
+    for ref in s.plugins:
+        try:
+            load_plugin(ref)
+        except Exception as e:  # noqa: BLE001 - any import error is a config error here
+            raise ValueError(f"strategy.plugins: {ref!r} could not be loaded: {e}") from e
+    _check(s.name in strategy_names(), "strategy.name",
+           f"unknown strategy {s.name!r}; choose one of {strategy_names()}")
     _check(s.weighting in ("samples", "uniform"), "strategy.weighting",
            f"must be 'samples' or 'uniform', got {s.weighting!r}")
     _check(s.dtype in ("float32", "float64"), "strategy.dtype",
@@ -381,15 +379,18 @@ def validate(cfg: RunConfig, config_path: str | Path | None = None, check_data: 
     _check(0 <= d.val_fraction < 1, "data.val_fraction", f"must be in [0, 1), got {d.val_fraction}")
     _check(d.server_examples >= 1, "data.server_examples", "must be >= 1")
     _check(d.limit >= 0 and d.max_length >= 0, "data.limit", "limit and max_length must be >= 0")
-    if cfg.strategy.name == "fedsa":
+    if strategy_class(s.name).personal_eval():
         _check(d.val_fraction > 0, "data.val_fraction",
-               "fedsa evaluates personalised models on each client's own validation shard: set "
+               f"{s.name} evaluates personalised models on each client's own validation shard: set "
                "data.val_fraction > 0 (e.g. 0.2)")
-    if d.name not in KNOWN_DATA:
+    from fedlora.data import KNOWN_DATASETS
+
+    known_data = ["synthetic", *KNOWN_DATASETS]
+    if d.name not in known_data:
         base = Path(config_path).parent if config_path else Path(".")
         p = Path(d.name) if Path(d.name).is_absolute() else base / d.name
         _check(not check_data or p.is_file() or Path(d.name).is_file(), "data.name",
-               f"{d.name!r} is neither one of {list(KNOWN_DATA)} nor an existing CSV/TSV file")
+               f"{d.name!r} is neither one of {known_data} nor an existing CSV/TSV file")
     t = cfg.train
     _check(t.local_steps >= 1, "train.local_steps", f"must be >= 1, got {t.local_steps}")
     _check(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
@@ -413,6 +414,3 @@ def privacy_config(cfg: RunConfig):
         raise ValueError(msg if msg.startswith("privacy") else f"privacy: {msg}") from e
     return pc
 
-
-def config_from_spec_json(text: str) -> dict:
-    return json.loads(text)

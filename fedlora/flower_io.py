@@ -30,7 +30,9 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from fedlora.config import ClientSpec
 from fedlora.strategies import BaseDelta, ClientPayload, ClientUpdate
+from fedlora.strategies.deltas import from_tensors
 
 SEP = "::"
 FACTORS, DELTAS, HEAD, PAYLOAD, RUN = ("fedlora.factors", "fedlora.deltas", "fedlora.head",
@@ -67,13 +69,13 @@ def _npy_view(a: Array) -> np.ndarray | None:
         return None
 
 
-def _tensors_flat(arrays: list[Array]) -> list[torch.Tensor]:
+def _tensors_flat(arrays: list[Array]) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """Arrays decoded as consecutive views of one flat tensor (one copy each, as ``np.load``
-    makes), so a strategy can sum a whole update in one pass; separate tensors when their dtypes
-    differ or one is not a plain ``.npy``."""
+    makes), so a strategy can sum a whole update in one pass: ``(views, flat)``; separate tensors
+    and ``None`` when their dtypes differ or one is not a plain ``.npy``."""
     views = [_npy_view(a) for a in arrays]
     if not views or any(v is None for v in views) or len({v.dtype for v in views}) != 1:
-        return [_tensor(a) for a in arrays]
+        return [_tensor(a) for a in arrays], None
     flat = np.empty(sum(v.size for v in views), dtype=views[0].dtype)
     out, off = [], 0
     base = torch.from_numpy(flat)
@@ -81,7 +83,7 @@ def _tensors_flat(arrays: list[Array]) -> list[torch.Tensor]:
         flat[off:off + v.size] = v.reshape(-1)
         out.append(base[off:off + v.size].view(v.shape))
         off += v.size
-    return out
+    return out, base
 
 
 def _record(items: dict[str, torch.Tensor]) -> ArrayRecord:
@@ -117,19 +119,15 @@ def _split(key: str, n: int, what: str) -> list[str]:
 
 # ---- payloads -----------------------------------------------------------------------------------
 
-def payload_to_record(p: ClientPayload, spec: dict | None = None, round: int = 0,
+def payload_to_record(p: ClientPayload, spec: ClientSpec | None = None, round: int = 0,
                       from_version: int = 0) -> RecordDict:
     """A payload (+ the run spec for the client) as a RecordDict; see the module docstring."""
     factors = {f"{layer}{SEP}{k}": t for layer, f in p.factors.items() for k, t in f.items()}
     deltas: dict[str, torch.Tensor] = {}
     for i, bd in enumerate(p.base_deltas):
         for layer, d in bd.layers.items():
-            if isinstance(d, tuple):
-                deltas[f"{i}{SEP}{layer}{SEP}U"], deltas[f"{i}{SEP}{layer}{SEP}V"] = d
-            elif isinstance(d, dict):
-                deltas[f"{i}{SEP}{layer}{SEP}M"] = d["M"]
-            else:
-                deltas[f"{i}{SEP}{layer}{SEP}D"] = d
+            for k, t in d.tensors().items():
+                deltas[f"{i}{SEP}{layer}{SEP}{k}"] = t
     rd = RecordDict({FACTORS: _record(factors), DELTAS: _record(deltas)})
     if p.head is not None:
         rd[HEAD] = _record(p.head)
@@ -142,8 +140,10 @@ def payload_to_record(p: ClientPayload, spec: dict | None = None, round: int = 0
         "delta_versions": [int(bd.version) for bd in p.base_deltas] or [0],
         "delta_resets": [bool(bd.reset) for bd in p.base_deltas] or [False],
         "num_deltas": len(p.base_deltas), "meta": json.dumps(p.meta, default=str),
-        "bytes_down": int(p.bytes_down), "from_version": int(from_version)})
-    rd[RUN] = ConfigRecord({"spec": json.dumps(spec or {}), "round": int(round)})
+        "bytes_down": int(p.bytes_down), "from_version": int(from_version),
+        "trains": list(p.trains), "uploads": list(p.uploads), "upload_head": bool(p.upload_head),
+        "personal_eval": bool(p.personal_eval)})
+    rd[RUN] = run_record(spec, round)
     return rd
 
 
@@ -168,8 +168,7 @@ def record_to_payload(rd: RecordDict) -> ClientPayload:
         per[int(i)].setdefault(layer, {})[k] = _tensor(a)
     deltas = []
     for i in range(n):
-        layers = {layer: (d["U"], d["V"]) if "U" in d else {"M": d["M"]} if "M" in d else d["D"]
-                  for layer, d in per[i].items()}
+        layers = {layer: from_tensors(d) for layer, d in per[i].items()}
         deltas.append(BaseDelta(int(versions[i]), layers, bool(resets[i])))
     head = None
     if HEAD in rd.array_records:
@@ -178,14 +177,24 @@ def record_to_payload(rd: RecordDict) -> ClientPayload:
     seed = int(c["seed"])
     return ClientPayload(str(c["client_id"]), int(c["rank"]), _nested(rd.array_records[FACTORS]), deltas,
                          int(c["base_version"]), bool(c["reset"]), None if seed < 0 else seed, head,
-                         frozen, json.loads(str(c["meta"])), int(c["bytes_down"]))
+                         frozen, json.loads(str(c["meta"])), int(c["bytes_down"]),
+                         tuple(str(k) for k in c["trains"]), tuple(str(k) for k in c["uploads"]),
+                         bool(c["upload_head"]), bool(c["personal_eval"]))
 
 
-def payload_context(rd: RecordDict) -> tuple[dict, int, int]:
+def run_record(spec: ClientSpec | None, round: int = 0) -> ConfigRecord:
+    """The run's typed client spec (as JSON) and the round, sent with every message."""
+    return ConfigRecord({"spec": spec.model_dump_json() if spec is not None else "", "round": int(round)})
+
+
+def payload_context(rd: RecordDict) -> tuple[ClientSpec, int, int]:
     """``(spec, round, from_version)`` carried next to the payload."""
     run = rd.config_records.get(RUN)
-    spec = json.loads(str(run["spec"])) if run is not None else {}
-    rnd = int(run["round"]) if run is not None else 0
+    if run is None or not str(run["spec"]):
+        raise ValueError("message carries no run spec (record 'fedlora.run'): send it with "
+                         "flower_io.run_record(cfg.client_spec())")
+    spec = ClientSpec.model_validate_json(str(run["spec"]))
+    rnd = int(run["round"])
     from_version = int(rd.config_records[PAYLOAD]["from_version"]) if PAYLOAD in rd.config_records else 0
     return spec, rnd, from_version
 
@@ -235,12 +244,13 @@ def record_to_update(rd: RecordDict) -> ClientUpdate:
     for (_, k), a in [(fk, a) for fk, a in keys if fk[0] == "head"]:
         head[k] = _tensor(a)
     factor_keys = [(fk, a) for fk, a in keys if fk[0] != "head"]
-    for ((layer, k), _), t in zip(factor_keys, _tensors_flat([a for _, a in factor_keys])):
+    views, flat = _tensors_flat([a for _, a in factor_keys])
+    for ((layer, k), _), t in zip(factor_keys, views):
         factors.setdefault(layer, {})[k] = t
     metrics = dict(rd.metric_records[METRICS]) if METRICS in rd.metric_records else {}
     n = int(metrics.get("num-examples", 0))
     return ClientUpdate(str(meta["client_id"]), int(meta["rank"]), n, int(meta["base_version"]),
-                        factors, head or None, metrics)
+                        factors, head or None, metrics, flat)
 
 
 # ---- state records (client side: context.state) ---------------------------------------------------

@@ -1,11 +1,11 @@
-"""The model and data of a run, built from the client spec (``RunConfig.client_spec()``).
+"""The model and data of a run, built from the typed client spec (``config.ClientSpec``).
 
 Shared by the ServerApp (server-held splits, the model's adapted layer shapes) and the ClientApp
 (a client's partition), so both sides build exactly the same thing from the same spec.
 
 Synthetic data (``data.name = "synthetic"``), partition ``iid``: client ``i`` draws its own
 ``examples_per_client`` examples with seed ``seed·1000 + i`` (the in-process harness's draw, so a
-Flower run and ``fedlora.testing.run_inprocess`` train on the same data), and its validation shard
+Flower run and ``fedlora.testing.run_harness`` train on the same data), and its validation shard
 with seed ``seed·1000 + i + 500000``. Other partitions split one pooled draw with
 ``fedlora.data.partition``. The server's held-out split is seed ``seed + 10000``; Fed-SB's init
 split is seed ``seed + 20000``. Real data (``sst2``/``agnews``/``rte`` or a CSV/TSV path): the
@@ -18,13 +18,14 @@ rows of that held-out pool: server data, disjoint from the clients' and from the
 
 from __future__ import annotations
 
-import json
 from functools import lru_cache
 
 import numpy as np
 import torch.nn as nn
+from pydantic import BaseModel
 from torch.utils.data import DataLoader, Dataset
 
+from fedlora.config import ClientSpec, DataSection
 from fedlora.lora import LoRAConfig, inject_lora
 from fedlora.models import default_targets, get_model
 from fedlora.synthetic import SyntheticTask, make_loader
@@ -32,42 +33,34 @@ from fedlora.synthetic import SyntheticTask, make_loader
 VAL_SEED_OFFSET = 500_000
 
 
-def mode_for(strategy: str) -> str:
-    return "sb" if strategy == "fedsb" else "lora"
-
-
-def spec_key(spec: dict, *parts: str) -> str:
-    return json.dumps({p: spec.get(p) for p in parts}, sort_keys=True, default=str)
-
-
-def num_classes(spec: dict) -> int:
-    d = spec["data"]
-    if d["name"] == "synthetic":
+def num_classes(spec: ClientSpec) -> int:
+    d = spec.data
+    if d.name == "synthetic":
         return SyntheticTask().num_classes
     from fedlora import data as fdata
 
-    if d["name"] in fdata.KNOWN_DATASETS:
-        return fdata.KNOWN_DATASETS[d["name"]].num_classes
-    return len(_real_train_pool(json.dumps(spec, sort_keys=True)).features["label"].names)
+    if d.name in fdata.KNOWN_DATASETS:
+        return fdata.KNOWN_DATASETS[d.name].num_classes
+    return len(_real_train_pool(spec.key("data", "seed")).features["label"].names)
 
 
-def build_base(spec: dict) -> nn.Module:
+def build_base(spec: ClientSpec) -> nn.Module:
     """The pretrained model (no adapters), seeded by the run seed."""
-    m = spec["model"]
-    return get_model(m["name"], seed=spec["seed"], num_classes=num_classes(spec), **m.get("kwargs", {}))
+    m = spec.model
+    return get_model(m.name, seed=spec.seed, num_classes=num_classes(spec), **m.kwargs)
 
 
-def lora_config(spec: dict, model: nn.Module, rank: int) -> tuple[LoRAConfig, list[str]]:
-    lo = spec["lora"]
-    targets, head = default_targets(spec["model"]["name"], model)
-    head = list(lo.get("head") or head)
-    cfg = LoRAConfig(targets=list(lo.get("targets") or targets), rank=rank, alpha=lo["alpha"],
-                     dropout=lo["dropout"], rslora=lo["rslora"], mode=mode_for(spec["strategy"]),
-                     scale=float(spec["scale"]), trainable=head, seed=spec["seed"])
+def lora_config(spec: ClientSpec, model: nn.Module, rank: int) -> tuple[LoRAConfig, list[str]]:
+    lo = spec.lora
+    targets, head = default_targets(spec.model.name, model)
+    head = list(lo.head or head)
+    cfg = LoRAConfig(targets=list(lo.targets or targets), rank=rank, alpha=lo.alpha,
+                     dropout=lo.dropout, rslora=lo.rslora, mode=spec.adapter,
+                     scale=spec.scale, trainable=head, seed=spec.seed)
     return cfg, head
 
 
-def inject(spec: dict, model: nn.Module, rank: int) -> tuple[list[str], list[str]]:
+def inject(spec: ClientSpec, model: nn.Module, rank: int) -> tuple[list[str], list[str]]:
     """Put adapters of ``rank`` into ``model``; ``(adapted layer names, head module names)``."""
     cfg, head = lora_config(spec, model, rank)
     return inject_lora(model, cfg), head
@@ -75,16 +68,21 @@ def inject(spec: dict, model: nn.Module, rank: int) -> tuple[list[str], list[str
 
 # ---- data --------------------------------------------------------------------------------------
 
-def _is_text(spec: dict) -> bool:
-    return spec["data"]["name"] != "synthetic"
+def _is_text(spec: ClientSpec) -> bool:
+    return spec.data.name != "synthetic"
 
 
 #: a CSV/TSV file without a test file: this share of its rows is the server's held-out split
 SERVER_SHARE = 0.1
 
 
+class _DataSeed(BaseModel):
+    data: DataSection
+    seed: int
+
+
 @lru_cache(maxsize=4)
-def _real_pools(spec_json: str):
+def _real_pools(spec_key: str):
     """``(client pool, server pool)`` of a real data set, disjoint.
 
     Known data sets: the training file (``data.limit`` rows) and the test file. A CSV/TSV path: a
@@ -92,65 +90,65 @@ def _real_pools(spec_json: str):
     """
     from fedlora import data as fdata
 
-    spec = json.loads(spec_json)
-    d = spec["data"]
-    limit = d["limit"] or None
-    if d["name"] in fdata.KNOWN_DATASETS:
-        train = fdata.load_known(d["name"], "train", root=d["root"] or None, limit=limit, seed=spec["seed"])
-        test = fdata.load_known(d["name"], "test", root=d["root"] or None, seed=spec["seed"])
+    spec = _DataSeed.model_validate_json(spec_key)  # (a string key, so lru_cache can hold it)
+    d = spec.data
+    limit = d.limit or None
+    if d.name in fdata.KNOWN_DATASETS:
+        train = fdata.load_known(d.name, "train", root=d.root or None, limit=limit, seed=spec.seed)
+        test = fdata.load_known(d.name, "test", root=d.root or None, seed=spec.seed)
         return train, test
-    rows = fdata.load_text_classification(d["name"], d["text_col"], d["label_col"], seed=spec["seed"])
-    clients, server = fdata.train_val_split(rows, SERVER_SHARE, seed=spec["seed"] + 10_000)
+    rows = fdata.load_text_classification(d.name, d.text_col, d.label_col, seed=spec.seed)
+    clients, server = fdata.train_val_split(rows, SERVER_SHARE, seed=spec.seed + 10_000)
     if limit is not None and limit < len(clients):
-        keep = np.random.default_rng(spec["seed"]).permutation(len(clients))[:limit]
+        keep = np.random.default_rng(spec.seed).permutation(len(clients))[:limit]
         clients = clients.select(np.sort(keep))
     return clients, server
 
 
-def _real_train_pool(spec_json: str):
-    return _real_pools(spec_json)[0]
+def _real_train_pool(spec_key: str):
+    return _real_pools(spec_key)[0]
 
 
-def _tokenize(spec: dict, ds):
+def _tokenize(spec: ClientSpec, ds):
     from fedlora import data as fdata
     from fedlora.hf_models import get_tokenizer
 
-    name = spec["model"]["name"]
+    name = spec.model.name
     if not (name == "minilm" or name.startswith("hf:")):
-        raise ValueError(f"data.name={spec['data']['name']!r} is text: use a pretrained model with a "
+        raise ValueError(f"data.name={spec.data.name!r} is text: use a pretrained model with a "
                          f"tokenizer (model.name = 'minilm' or 'hf:<path>'), not {name!r}")
-    spec_d = fdata.KNOWN_DATASETS.get(spec["data"]["name"])
-    max_len = spec["data"]["max_length"] or (spec_d.max_length if spec_d else 64)
+    spec_d = fdata.KNOWN_DATASETS.get(spec.data.name)
+    max_len = spec.data.max_length or (spec_d.max_length if spec_d else 64)
     return fdata.tokenize(ds, get_tokenizer(name), max_length=max_len)
 
 
 _CLIENT_DATA: dict[tuple, tuple[Dataset, Dataset | None]] = {}
 
 
-def client_data(spec: dict, partition_id: int, num_partitions: int) -> tuple[Dataset, Dataset | None]:
+def client_data(spec: ClientSpec, partition_id: int, num_partitions: int) -> tuple[Dataset, Dataset | None]:
     """``(train, val)`` of one client (cached per process)."""
-    d, seed = spec["data"], spec["seed"]
-    key = (spec_key(spec, "data", "seed", "model"), partition_id, num_partitions)
+    d, seed = spec.data, spec.seed
+    key = (spec.key("data", "seed", "model"), partition_id, num_partitions)
     if key in _CLIENT_DATA:
         return _CLIENT_DATA[key]
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} outside 0..num-partitions-1={num_partitions - 1}")
     task = SyntheticTask()
-    n_val = max(1, round(d["examples_per_client"] * d["val_fraction"])) if d["val_fraction"] > 0 else 0
-    if d["name"] == "synthetic" and d["partition"] == "iid":
-        train = task.generate(d["examples_per_client"], seed=seed * 1000 + partition_id)
+    n_val = max(1, round(d.examples_per_client * d.val_fraction)) if d.val_fraction > 0 else 0
+    if d.name == "synthetic" and d.partition == "iid":
+        train = task.generate(d.examples_per_client, seed=seed * 1000 + partition_id)
         val = task.generate(n_val, seed=seed * 1000 + partition_id + VAL_SEED_OFFSET) if n_val else None
     else:
         from fedlora import data as fdata
 
-        if d["name"] == "synthetic":
-            pool = task.generate(d["examples_per_client"] * num_partitions, seed=seed)
+        if d.name == "synthetic":
+            pool = task.generate(d.examples_per_client * num_partitions, seed=seed)
         else:
-            pool = _real_train_pool(json.dumps(spec, sort_keys=True))
-        part = fdata.partition(pool, num_partitions, d["partition"], alpha=d["alpha"],
-                               shards_per_partition=d["shards_per_partition"], seed=seed)[partition_id]
-        train, val = fdata.train_val_split(part, d["val_fraction"], seed=seed + partition_id)
-        if d["val_fraction"] == 0:
+            pool = _real_train_pool(spec.key("data", "seed"))
+        part = fdata.partition(pool, num_partitions, d.partition, alpha=d.alpha,
+                               shards_per_partition=d.shards_per_partition, seed=seed)[partition_id]
+        train, val = fdata.train_val_split(part, d.val_fraction, seed=seed + partition_id)
+        if d.val_fraction == 0:
             val = None
         if _is_text(spec):
             train = _tokenize(spec, train)
@@ -159,37 +157,37 @@ def client_data(spec: dict, partition_id: int, num_partitions: int) -> tuple[Dat
     return train, val
 
 
-def _server_rows(spec: dict, examples: int, offset: int):
+def _server_rows(spec: ClientSpec, examples: int, offset: int):
     """``examples`` rows of the server's held-out pool after the first ``offset`` (seeded order)."""
-    pool = _real_pools(json.dumps(spec, sort_keys=True))[1]
+    pool = _real_pools(spec.key("data", "seed"))[1]
     n = len(pool)
     if offset + examples > n and offset:
-        raise ValueError(f"the server's held-out split of {spec['data']['name']!r} has {n} rows: too "
+        raise ValueError(f"the server's held-out split of {spec.data.name!r} has {n} rows: too "
                          f"few for data.server_examples={offset} evaluation rows plus "
                          f"strategy.fedsb_init_examples={examples} Fed-SB init rows; lower one of them")
-    perm = np.random.default_rng(spec["seed"]).permutation(n)
+    perm = np.random.default_rng(spec.seed).permutation(n)
     return pool.select(np.sort(perm[offset:offset + examples]))
 
 
-def server_eval_data(spec: dict) -> Dataset:
+def server_eval_data(spec: ClientSpec) -> Dataset:
     """The server's held-out evaluation split: ``data.server_examples`` rows of the test file
     (a CSV/TSV path: of its held-out share), never seen by a client."""
-    d = spec["data"]
-    if d["name"] == "synthetic":
-        return SyntheticTask().generate(d["server_examples"], seed=spec["seed"] + 10_000)
-    return _tokenize(spec, _server_rows(spec, d["server_examples"], 0))
+    d = spec.data
+    if d.name == "synthetic":
+        return SyntheticTask().generate(d.server_examples, seed=spec.seed + 10_000)
+    return _tokenize(spec, _server_rows(spec, d.server_examples, 0))
 
 
-def fedsb_init_data(spec: dict, examples: int) -> Dataset:
+def init_data(spec: ClientSpec, examples: int) -> Dataset:
     """The server-held split for Fed-SB's init gradients: public to the server, disjoint from every
     client's data and from the evaluation rows (the next ``examples`` rows of the held-out pool)."""
-    d = spec["data"]
-    if d["name"] == "synthetic":
-        return SyntheticTask().generate(examples, seed=spec["seed"] + 20_000)
-    return _tokenize(spec, _server_rows(spec, examples, d["server_examples"]))
+    d = spec.data
+    if d.name == "synthetic":
+        return SyntheticTask().generate(examples, seed=spec.seed + 20_000)
+    return _tokenize(spec, _server_rows(spec, examples, d.server_examples))
 
 
-def loader(spec: dict, ds: Dataset, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
+def loader(spec: ClientSpec, ds: Dataset, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
     if _is_text(spec):
         from fedlora.data import make_text_loader
 
@@ -197,9 +195,11 @@ def loader(spec: dict, ds: Dataset, batch_size: int, shuffle: bool, seed: int) -
     return make_loader(ds, batch_size, shuffle=shuffle, seed=seed)
 
 
-def collate_fn(spec: dict):
+def collate_fn(spec: ClientSpec):
     if _is_text(spec):
         from fedlora.data import TextCollator
+        from fedlora.hf_models import get_tokenizer
 
-        return TextCollator(0)
+        pad = get_tokenizer(spec.model.name).pad_token_id
+        return TextCollator(pad if pad is not None else 0)  # the tokenizer's pad id, as make_text_loader
     return None

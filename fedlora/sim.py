@@ -1,4 +1,4 @@
-"""Simulation launchers: Flower's engine through ``flwr run``, and an in-process grid for tests.
+"""The launcher of Flower's simulation engine (``flwr run``), and the run folder it writes first.
 
 ``run_flower(...)``: starts a SuperLink in simulation mode (``flower-superlink --simulation``) on
 free local ports under a project-local ``FLWR_HOME`` (``$FLWR_HOME`` if set, else
@@ -10,116 +10,24 @@ process group) when the run ends, fails or is interrupted. Telemetry, update che
 dependency installation are off (``FLWR_TELEMETRY_ENABLED=0``, ``FLWR_DISABLE_UPDATE_CHECK=1``,
 ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1``).
 
-``LoopbackGrid``: a ``flwr.serverapp.Grid`` that delivers each Message straight to the real
-``ClientApp`` of the target node, in this process (no Ray, no daemons): the same ServerApp
-strategy loop and ClientApp code, in about a second. A ClientApp that raises becomes an error reply,
-as Flower's engines do.
+The in-process grid (no Ray, no daemons) is ``fedlora.loopback``.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from flwr.app import Context, Error, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+import tomli_w
 
 ROOT = Path(__file__).resolve().parents[1]
 CONNECTION = "fedlora-sim"
 FLWR_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
-#: Flower's error code for an exception raised in a ClientApp
-CLIENT_APP_RAISED_EXCEPTION = 2
-
-
-# ---- the in-process grid ------------------------------------------------------------------------
-
-def ensure_task_identity(run_id: int = 1, node_id: int = 0, task_id: int = 1) -> None:
-    """Messages can only be built inside a run: set an identity when none is set (tests)."""
-    for attr, val in (("run_id", run_id), ("node_id", node_id), ("task_id", task_id)):
-        try:
-            getattr(TaskIdentity, attr)
-        except RuntimeError:
-            setattr(TaskIdentity, attr, val)
-
-
-class LoopbackGrid:
-    """In-process Grid: node ``i`` runs ``client_app`` with its own ``Context`` (node config,
-    persistent ``state``); replies are produced synchronously on push."""
-
-    def __init__(self, client_app, node_configs: list[dict], run_config: dict | None = None,
-                 run_id: int = 1) -> None:
-        ensure_task_identity(run_id)
-        self.client_app = client_app
-        self.run_id = run_id
-        self._ids = itertools.count(1)
-        self.contexts: dict[int, Context] = {}
-        for i, nc in enumerate(node_configs):
-            nid = 1000 + 7 * i + run_id  # arbitrary, distinct per run (like Flower's random ids)
-            self.contexts[nid] = Context(run_id=run_id, node_id=nid, node_config=dict(nc),
-                                         state=RecordDict(), run_config=dict(run_config or {}))
-        self._replies: dict[str, Message] = {}
-        self.sent = 0
-        self.delivered: list[tuple[Message, Message]] = []  # (message, its reply), in order
-
-    # Grid API ------------------------------------------------------------------------------------
-    def set_run(self, run) -> None:  # pragma: no cover - not used in process
-        pass
-
-    @property
-    def run(self):  # pragma: no cover
-        return None
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:
-        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id,
-                       ttl=ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.contexts)
-
-    def push_messages(self, messages: Iterable[Message]) -> list[str]:
-        ids = []
-        for msg in messages:
-            mid = uuid.uuid4().hex
-            msg.metadata.__dict__["_message_id"] = mid
-            nid = msg.metadata.dst_node_id
-            self.sent += 1
-            try:
-                reply = self.client_app(msg, self.contexts[nid])
-            except Exception as e:  # noqa: BLE001 - what Flower's engines do: an error reply
-                reply = Message(Error(CLIENT_APP_RAISED_EXCEPTION, f"{type(e).__name__}: {e}"), reply_to=msg)
-            reply.metadata.__dict__["_message_id"] = uuid.uuid4().hex
-            self.delivered.append((msg, reply))
-            self._replies[mid] = reply
-            ids.append(mid)
-        return ids
-
-    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
-        return [self._replies.pop(m) for m in list(message_ids) if m in self._replies]
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        return self.pull_messages(self.push_messages(messages))
-
-
-def loopback_nodes(num: int, ranks: list[int] | None = None,
-                   extra: dict[int, dict] | None = None) -> list[dict]:
-    """Node configs as Flower's simulation sets them (``partition-id``, ``num-partitions``)."""
-    out = []
-    for i in range(num):
-        nc: dict = {"partition-id": i, "num-partitions": num}
-        if ranks:
-            nc["rank"] = ranks[i % len(ranks)]
-        nc.update((extra or {}).get(i, {}))
-        out.append(nc)
-    return out
 
 
 def write_run_config(cfg) -> Path:
@@ -138,6 +46,7 @@ def prepare_run_dir(cfg, resume: bool = False) -> Path:
 
     if not resume:
         shutil.rmtree(cfg.resolved_run_dir() / "checkpoints", ignore_errors=True)
+    (cfg.resolved_run_dir() / "summary.json").unlink(missing_ok=True)  # the run writes its own
     if cfg.data.name != "synthetic" and not cfg.data.root:
         # the apps run from Flower's copy of the project (FLWR_HOME/apps/...): pin the data root
         # found from here, so the server and the simulated clients read the same files
@@ -145,22 +54,6 @@ def prepare_run_dir(cfg, resume: bool = False) -> Path:
 
         cfg.data.root = str(resolve_data_root())
     return write_run_config(cfg)
-
-
-def run_inprocess(cfg, node_extra: dict[int, dict] | None = None, stop_after_round: int | None = None,
-                  resume: bool = False, grid_out: list | None = None) -> dict:
-    """The real ServerApp strategy loop + the real ClientApp over a LoopbackGrid
-    (``cfg.clients.num`` nodes with Flower's simulation node config); ``grid_out`` receives the
-    grid (its ``delivered`` messages) for inspection."""
-    from clients.app import app as client_app
-    from server.app import run_server
-
-    run_config = {"config-path": str(prepare_run_dir(cfg, resume)), "resume": resume}
-    grid = LoopbackGrid(client_app, loopback_nodes(cfg.clients.num, extra=node_extra), run_config,
-                        run_id=2 if resume else 1)
-    if grid_out is not None:
-        grid_out.append(grid)
-    return run_server(grid, run_config, stop_after_round=stop_after_round)
 
 
 # ---- Flower's simulation engine through `flwr run` -----------------------------------------------
@@ -176,9 +69,8 @@ def flwr_home() -> Path:
 
 def run_config_arg(run_config: dict) -> str:
     """``{"config-path": "/x.toml", "resume": True}`` → ``config-path="/x.toml" resume=true``."""
-    from fedlora.config import _toml_value
-
-    return " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())
+    # each value as its TOML text: tomli-w writes one `k = v` line per key
+    return " ".join(tomli_w.dumps({k: v}).strip().replace(" = ", "=", 1) for k, v in run_config.items())
 
 
 @dataclass

@@ -16,7 +16,7 @@ import torch.nn as nn
 from fedlora.client import apply_payload, load_global, make_update
 from fedlora.lora import LoRAConfig, inject_lora, lora_layers
 from fedlora.models import get_model
-from fedlora.strategies import LayerSpec, Strategy, create_strategy
+from fedlora.strategies import LayerSpec, Strategy, create_strategy, strategy_class
 from fedlora.synthetic import SyntheticTask, make_loader
 from fedlora.train import OptimConfig, accumulate_weight_gradients, evaluate, train_local
 
@@ -28,12 +28,13 @@ class HarnessResult:
     clients: dict[str, nn.Module] = field(default_factory=dict)
 
 
-def run_inprocess(strategy_name: str, ranks: list[int], rounds: int = 3, local_steps: int = 10,
+def run_harness(strategy_name: str, ranks: list[int], rounds: int = 3, local_steps: int = 10,
                   seed: int = 0, lr: float = 1e-2, alpha: float = 16.0, batch_size: int = 32,
                   examples_per_client: int = 256, fraction: float = 1.0) -> HarnessResult:
     r_max = max(ranks)
     scale = alpha / r_max  # one scale for every client, whatever its rank
-    mode = "sb" if strategy_name == "fedsb" else "lora"
+    cls = strategy_class(strategy_name)
+    mode = cls.adapter
     task = SyntheticTask()
     base = get_model("tiny", seed=seed)
     cfg = LoRAConfig(targets=["attn.q", "attn.v"], rank=r_max, scale=scale, mode=mode,
@@ -44,7 +45,7 @@ def run_inprocess(strategy_name: str, ranks: list[int], rounds: int = 3, local_s
     strategy = create_strategy(strategy_name, layers=layers, r_max=r_max, scale=scale, seed=seed,
                                dtype=torch.float32)
     test = make_loader(task.generate(512, seed=seed + 10_000), 256, shuffle=False)
-    if strategy_name == "fedsb":  # server-side init on a public split
+    if cls.init_from == "server-gradients":  # server-side init on a public split
         public = make_loader(task.generate(64, seed=seed + 20_000), 32, shuffle=False)
         strategy.initialize(accumulate_weight_gradients(server_model, public, names, 2, "cpu"), eta=lr)
     clients: dict[str, nn.Module] = {}
@@ -71,8 +72,7 @@ def run_inprocess(strategy_name: str, ranks: list[int], rounds: int = 3, local_s
             res = train_local(m, make_loader(data[cid], batch_size, seed=seed + t), steps=local_steps,
                               optim=OptimConfig(lr=lr), device="cpu")
             losses[cid] = res.loss
-            updates.append(make_update(m, cid, len(data[cid]), p.base_version, strategy_name,
-                                       head_names=["head"]))
+            updates.append(make_update(m, p, len(data[cid]), head_names=["head"]))
             if not strategy.has_global_model:
                 personal[cid] = evaluate(m, test, device="cpu").accuracy
         report = strategy.aggregate(updates)

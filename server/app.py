@@ -31,7 +31,6 @@ so a resumed run and a restarted node map to the same fedlora client. Sampling i
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -77,18 +76,16 @@ class StopRun(Exception):
 
 def resolve_config(run_config: Mapping) -> RunConfig:
     """The RunConfig from ``config-path`` (or defaults) + the flat run-config overrides."""
-    from fedlora.config import _toml_value
-
     path = str(run_config.get("config-path", "") or "")
-    overrides = []
+    values = {}
     for key, unset in RUN_CONFIG_UNSET.items():
         if key in ("config-path", "resume") or key not in run_config:
             continue
         v = run_config[key]
         if v == unset or (isinstance(unset, float) and float(v) == unset):
             continue
-        overrides.append(f"{key}={_toml_value(v)}")
-    return load_config(path or None, overrides)
+        values[key] = v
+    return load_config(path or None, values=values)
 
 
 class PollingGrid:
@@ -180,8 +177,8 @@ class FedLoraStrategy(Strategy):
             self.start_round = int(ck["round"])
             self.rows = list(ck.get("metrics") or [])[: self.start_round]
             log.info("resumed %s from %s (round %d)", cfg.name, ck_path, self.start_round)
-        elif cfg.strategy.name == "fedsb":
-            self._fedsb_init()
+        elif self.fl.init_from == "server-gradients":
+            self._init_from_server_gradients()
         self.log.reset(self.rows)
         # each DP client's accountant history as it last reported it (rebuilt from the metrics
         # rows on resume); sent back with its payloads
@@ -189,7 +186,7 @@ class FedLoraStrategy(Strategy):
                                          for c in r["clients"] if c.get("privacy_state")}
         # one id per run, kept by --resume: clients key what must outlive their process by it
         # (a DP client's accountant history in its node cache)
-        self.spec["run_uid"] = self._run_uid(resume)
+        self.spec.run_uid = self._run_uid(resume)
 
     # ---- setup helpers -------------------------------------------------------------------------
     def _run_uid(self, resume: bool) -> str:
@@ -203,9 +200,9 @@ class FedLoraStrategy(Strategy):
         path.write_text(uid + "\n")
         return uid
 
-    def _fedsb_init(self) -> None:
+    def _init_from_server_gradients(self) -> None:
         s = self.cfg.strategy
-        ds = rundata.fedsb_init_data(self.spec, s.fedsb_init_examples)
+        ds = rundata.init_data(self.spec, s.fedsb_init_examples)
         loader = rundata.loader(self.spec, ds, self.cfg.train.batch_size, False, 0)
         grads = accumulate_weight_gradients(self.model, loader, self.layer_names, s.fedsb_init_batches, "cpu")
         self.fl.initialize(grads, eta=s.fedsb_eta or self.cfg.train.lr)
@@ -223,7 +220,7 @@ class FedLoraStrategy(Strategy):
         return {"accuracy": ev.accuracy, "loss": ev.loss, "eval_examples": ev.num_examples}
 
     def _run_record(self, rnd: int) -> ConfigRecord:
-        return ConfigRecord({"spec": json.dumps(self.spec), "round": rnd})
+        return flower_io.run_record(self.spec, rnd)
 
     # ---- capability discovery (QUERY) ----------------------------------------------------------
     def discover(self, grid: Grid, node_ids: list[int]) -> list[dict]:
@@ -443,4 +440,7 @@ def run_server(grid: Grid, run_config: Mapping, stop_after_round: int | None = N
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    run_server(grid, dict(context.run_config))
+    rc = dict(context.run_config)
+    # "stop-after-round": a test hook (fedlora.loopback): the server dies after that round
+    stop = int(rc.pop("stop-after-round", 0) or 0) or None
+    run_server(grid, rc, stop_after_round=stop)

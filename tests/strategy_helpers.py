@@ -36,16 +36,13 @@ def w0(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: m.base.weight.detach().clone() for n, m in lora_layers(model).items()}
 
 
-def train_randomly(model: nn.Module, gen: torch.Generator, strategy: str) -> None:
-    """Stand-in for local training: move every trainable factor randomly."""
+def train_randomly(model: nn.Module, gen: torch.Generator, strategy: str | None = None) -> None:
+    """Stand-in for local training: move every factor the payload left trainable, randomly."""
     with torch.no_grad():
         for m in lora_layers(model).values():
-            if m.mode == "sb":
-                m.lora_r.weight.add_(torch.randn(m.lora_r.weight.shape, generator=gen,
-                                                 dtype=m.lora_r.weight.dtype))
-                continue
-            m.lora_a.weight.add_(torch.randn(m.lora_a.weight.shape, generator=gen, dtype=torch.float64))
-            m.lora_b.weight.add_(torch.randn(m.lora_b.weight.shape, generator=gen, dtype=torch.float64))
+            for lin in (m.lora_a, m.lora_b, m.lora_r):
+                if lin is not None and lin.weight.requires_grad:
+                    lin.weight.add_(torch.randn(lin.weight.shape, generator=gen, dtype=lin.weight.dtype))
 
 
 def state_tensors(strategy) -> dict[str, torch.Tensor]:

@@ -85,9 +85,10 @@ def test_real_strategy_state_restores(tmp_path):
     ups = []
     for i, r in enumerate([2, 4]):
         m = Multi(0, r, 1.5, "lora")
-        apply_payload(m, s.payload(f"c{i}", r, 0))
+        p = s.payload(f"c{i}", r, 0)
+        apply_payload(m, p)
         train_randomly(m, gen, "fedex")
-        ups.append(make_update(m, f"c{i}", 5, 0, "fedex"))
+        ups.append(make_update(m, p, 5))
     s.aggregate(ups)
     save_checkpoint(checkpoint_path(tmp_path, 1), strategy=s.name, round=1, state=s.state_dict(),
                     scale=s.scale, r_max=4)

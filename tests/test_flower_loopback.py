@@ -1,7 +1,7 @@
-"""The real ServerApp strategy loop + the real ClientApp over fedlora.sim.LoopbackGrid (no Ray).
+"""The real ServerApp strategy loop + the real ClientApp over fedlora.loopback.LoopbackGrid (no Ray).
 
 Every strategy with mixed ranks: completes, metrics.jsonl is valid, loss falls; fedex/flora/fedsb
-(and fedavg) end with the same global delta as ``fedlora.testing.run_inprocess`` (the in-process
+(and fedavg) end with the same global delta as ``fedlora.testing.run_harness`` (the in-process
 harness: same seed, same per-client data draws, same local training) — the same math through Flower.
 """
 
@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from fedlora.config import load_config
-from fedlora.sim import run_inprocess
-from fedlora.testing import run_inprocess as harness
+from fedlora.loopback import run_loopback
+from fedlora.testing import run_harness as harness
 
 RANKS = [2, 4, 8, 2]
 
@@ -41,7 +41,7 @@ def _rows(run_dir):
 @pytest.mark.parametrize("name", ["fedavg", "fedex", "flora", "fedsb", "fedsa"])
 def test_strategy_through_flower_apps(tmp_path, name):
     cfg = _cfg(tmp_path, name)
-    summary = run_inprocess(cfg)
+    summary = run_loopback(cfg)
     run_dir = tmp_path / name
     rows = _rows(run_dir)
     assert [r["round"] for r in rows] == [1, 2] and summary["rounds"] == 2 and summary["failures"] == 0
@@ -71,7 +71,7 @@ def test_strategy_through_flower_apps(tmp_path, name):
 
 def test_a_failing_client_does_not_stop_the_round(tmp_path):
     cfg = _cfg(tmp_path, "fedex")
-    run_inprocess(cfg, node_extra={1: {"fail-at-round": 1}})
+    run_loopback(cfg, node_extra={1: {"fail-at-round": 1}})
     rows = _rows(tmp_path / "fedex")
     r1, r2 = rows
     assert len(r1["failures"]) == 1 and r1["failures"][0]["client"] == "client-1"
@@ -86,12 +86,12 @@ def test_a_failing_client_does_not_stop_the_round(tmp_path):
 
 def test_resume_equals_uninterrupted(tmp_path):
     full = _cfg(tmp_path, "fedex", rounds=3)
-    run_inprocess(full)
+    run_loopback(full)
     cut = _cfg(tmp_path, "fedex", rounds=3, extra=[f"run_dir={json.dumps(str(tmp_path / 'cut'))}"])
-    out = run_inprocess(cut, stop_after_round=2)  # the server dies before round 3
+    out = run_loopback(cut, stop_after_round=2)  # the server dies before round 3
     assert out["stopped"] and len(_rows(tmp_path / "cut")) == 2
     assert not (tmp_path / "cut" / "global_delta.safetensors").exists()
-    run_inprocess(cut, resume=True)  # fresh clients (a new Flower run), server state from round 2
+    run_loopback(cut, resume=True)  # fresh clients (a new Flower run), server state from round 2
     rows = _rows(tmp_path / "cut")
     assert [r["round"] for r in rows] == [1, 2, 3]
     a = load_file(str(tmp_path / "fedex" / "global_delta.safetensors"))
@@ -104,7 +104,7 @@ def test_resume_equals_uninterrupted(tmp_path):
 def test_dp_clients_compose_epsilon_across_rounds(tmp_path):
     cfg = _cfg(tmp_path, "fedex", extra=["privacy.enabled=true", "privacy.noise_multiplier=0.8",
                                          "train.local_steps=3"])
-    run_inprocess(cfg)
+    run_loopback(cfg)
     r1, r2 = _rows(tmp_path / "fedex")
     assert not r1["failures"] and not r2["failures"]
     for c1, c2 in zip(r1["clients"], r2["clients"]):
@@ -136,7 +136,7 @@ def test_bytes_are_the_messages_flower_moves(tmp_path):
     from fedlora.flower_io import wire_bytes
 
     grids: list = []
-    run_inprocess(_cfg(tmp_path, "fedex"), grid_out=grids)
+    run_loopback(_cfg(tmp_path, "fedex"), grid_out=grids)
     rows = _rows(tmp_path / "fedex")
     sent = grids[0].delivered
     queries = [(m, r) for m, r in sent if m.metadata.message_type == MessageType.QUERY]
@@ -162,10 +162,10 @@ def test_dp_accountant_survives_a_server_restart(tmp_path):
     """A resumed run has fresh client contexts: the server's copy of each client's accountant
     history (public σ, q, steps) keeps ε composing from where it was, as in the uninterrupted run."""
     dp = ["privacy.enabled=true", "privacy.noise_multiplier=0.8", "train.local_steps=3"]
-    run_inprocess(_cfg(tmp_path, "fedex", rounds=3, extra=dp))
+    run_loopback(_cfg(tmp_path, "fedex", rounds=3, extra=dp))
     cut = _cfg(tmp_path, "fedex", rounds=3, extra=[*dp, f"run_dir={json.dumps(str(tmp_path / 'cut'))}"])
-    run_inprocess(cut, stop_after_round=2)
-    run_inprocess(cut, resume=True)
+    run_loopback(cut, stop_after_round=2)
+    run_loopback(cut, resume=True)
     full, resumed = _rows(tmp_path / "fedex"), _rows(tmp_path / "cut")
     eps = lambda rows, r: {c["id"]: c["metrics"]["epsilon"] for c in rows[r]["clients"]}  # noqa: E731
     assert all(eps(resumed, 2)[k] > eps(resumed, 1)[k] for k in eps(resumed, 2))
@@ -193,7 +193,7 @@ def test_fedsb_init_step_is_the_learning_rate(tmp_path):
 def test_polling_grid_ends_a_train_exchange_at_min_replies():
     from flwr.app import Message, MessageType, RecordDict
 
-    from fedlora.sim import ensure_task_identity
+    from fedlora.loopback import ensure_task_identity
     from server.app import PollingGrid
 
     ensure_task_identity()

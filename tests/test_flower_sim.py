@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from fedlora.config import load_config
-from fedlora.sim import run_inprocess
+from fedlora.loopback import run_loopback
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -59,7 +59,7 @@ def _check(tmp_path: Path, strategy: str) -> None:
         return
     # the same run through the LoopbackGrid: the same global delta (Flower's engine adds no math)
     cfg = load_config(run_dir / "config.toml", [f"run_dir={json.dumps(str(tmp_path / 'loop'))}"])
-    run_inprocess(cfg)
+    run_loopback(cfg)
     a = load_file(str(run_dir / "global_delta.safetensors"))
     b = load_file(str(tmp_path / "loop" / "global_delta.safetensors"))
     assert set(a) == set(b) and a

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from fedlora.testing import run_inprocess
+from fedlora.testing import run_harness
 
 
 @pytest.mark.parametrize("name", ["fedavg", "fedex", "flora", "fedsb", "fedsa"])
 def test_every_strategy_learns_with_mixed_ranks(name):
-    res = run_inprocess(name, [2, 4, 8, 4], rounds=3, local_steps=15, seed=0)
+    res = run_harness(name, [2, 4, 8, 4], rounds=3, local_steps=15, seed=0)
     first, last = res.rounds[0], res.rounds[-1]
     assert last["train_loss"] < 0.9 * first["train_loss"]
     assert last["accuracy"] > 0.7  # chance is 0.5
@@ -21,6 +21,6 @@ def test_every_strategy_learns_with_mixed_ranks(name):
 
 
 def test_partial_participation_still_learns_and_syncs():
-    res = run_inprocess("fedex", [2, 8, 4, 8, 2], rounds=4, local_steps=10, seed=1, fraction=0.5)
+    res = run_harness("fedex", [2, 8, 4, 8, 2], rounds=4, local_steps=10, seed=1, fraction=0.5)
     assert res.rounds[-1]["accuracy"] > 0.7
     assert all(r["aggregation_error"] < 1e-4 for r in res.rounds)

@@ -54,7 +54,7 @@ def _run(name: str, ranks: list[int], r_max: int, rounds: int, seed: int, weight
                     g = base[n] + s.global_delta(n)
                     worst_sync = max(worst_sync, float((e[n] - g).norm() / g.norm()))
             train_randomly(clients[i], gen, name)
-            updates.append(make_update(clients[i], f"c{i}", n_ex[i], held[i], name))
+            updates.append(make_update(clients[i], p, n_ex[i]))
             W[i] = effective(clients[i])
         report = s.aggregate(updates)
         assert report.rejected == {}
@@ -103,9 +103,10 @@ def test_fedavg_is_inexact_on_random_factors_and_reports_it():
     ups = []
     for i, r in enumerate([2, 4, 4]):
         m = Multi(0, r, SCALE, "lora")
-        apply_payload(m, s2.payload(f"c{i}", r, 0))
+        p = s2.payload(f"c{i}", r, 0)
+        apply_payload(m, p)
         train_randomly(m, gen, "fedavg")
-        ups.append(make_update(m, f"c{i}", 10, 0, "fedavg"))
+        ups.append(make_update(m, p, 10))
     assert s2.aggregate(ups).aggregation_error > 1e-3
 
 
@@ -122,5 +123,5 @@ def test_exact_strategies_report_zero_error():
             p = s.payload(f"c{i}", r, 0)
             apply_payload(m, p)
             train_randomly(m, gen, name)
-            ups.append(make_update(m, f"c{i}", 5 + i, p.base_version, name))
+            ups.append(make_update(m, p, 5 + i))
         assert s.aggregate(ups).aggregation_error < 1e-12, name

@@ -23,7 +23,9 @@ from fedlora.strategies import (
     STRATEGIES,
     BaseDelta,
     ClientUpdate,
+    Dense,
     LayerSpec,
+    LowRank,
     create_strategy,
 )
 
@@ -47,8 +49,7 @@ def _round(s, ranks, n_ex=None, gen=None, clients=None, held=None):
         p = s.payload(f"c{i}", r, held[i] if held else s.version)
         apply_payload(clients[i], p)
         train_randomly(clients[i], gen, s.name)
-        ups.append(make_update(clients[i], f"c{i}", (n_ex or [10] * len(ranks))[i], p.base_version,
-                               s.name))
+        ups.append(make_update(clients[i], p, (n_ex or [10] * len(ranks))[i]))
     return ups, clients
 
 
@@ -128,14 +129,15 @@ def test_flora_and_fedex_agree_after_one_full_round():
     ups_x, ups_f = [], []
     for i, r in enumerate([2, 4, 4]):
         mx, mf = Multi(0, r, 1.5, "lora"), Multi(0, r, 1.5, "lora")
-        apply_payload(mx, sx.payload(f"c{i}", r, 0))
-        apply_payload(mf, sf.payload(f"c{i}", r, 0))
+        px, pf = sx.payload(f"c{i}", r, 0), sf.payload(f"c{i}", r, 0)
+        apply_payload(mx, px)
+        apply_payload(mf, pf)
         train_randomly(mx, gen, "fedex")
         for a, b in zip(lora_layers(mf).values(), lora_layers(mx).values()):
             a.set_factors_(b.lora_a.weight.detach(), b.lora_b.weight.detach())  # same trained factors
         # flora's base starts at W0, fedex's client base holds its tail (0 at version 0: B̄ = 0)
-        ups_x.append(make_update(mx, f"c{i}", 7 + i, 0, "fedex"))
-        ups_f.append(make_update(mf, f"c{i}", 7 + i, 0, "flora"))
+        ups_x.append(make_update(mx, px, 7 + i))
+        ups_f.append(make_update(mf, pf, 7 + i))
     sx.aggregate(ups_x)
     sf.aggregate(ups_f)
     for n in SHAPES:
@@ -153,16 +155,16 @@ def test_fedex_residual_transport_factored_vs_dense():
 
     s.aggregate([upd("a", 2), upd("b", 2)])
     d = s.base.deltas[1]["w"]
-    assert isinstance(d, tuple) and d[0].shape == (64, 6) and d[1].shape == (6, 48)  # ρ = 2+2+2
+    assert isinstance(d, LowRank) and d.U.shape == (64, 6) and d.V.shape == (6, 48)  # ρ = 2+2+2
     s.aggregate([upd("a", 2), upd("b", 2)])
     p = s.payload("late", 2, 1)  # missed one small residual: it comes factored, not reset
     assert [bd.version for bd in p.base_deltas] == [2] and not p.base_deltas[0].reset
-    assert isinstance(p.base_deltas[0].layers["w"], tuple)
+    assert isinstance(p.base_deltas[0].layers["w"], LowRank)
     s.aggregate([upd(f"c{i}", 2) for i in range(20)])  # ρ = 42: 42·112 > 64·48 → dense
-    assert isinstance(s.base.deltas[3]["w"], torch.Tensor) and s.base.deltas[3]["w"].shape == (64, 48)
+    assert isinstance(s.base.deltas[3]["w"], Dense) and s.base.deltas[3]["w"].D.shape == (64, 48)
     p = s.payload("later", 2, 1)  # factored + dense > one dense full delta → a reset
     assert len(p.base_deltas) == 1 and p.base_deltas[0].reset
-    torch.testing.assert_close(p.base_deltas[0].layers["w"], s.base.cum["w"])
+    torch.testing.assert_close(p.base_deltas[0].layers["w"].D, s.base.cum["w"])
 
 
 def test_fold_into_bf16_model_keeps_fp32_master():
@@ -289,10 +291,11 @@ def test_head_is_averaged_with_the_same_weights():
     ms = [WithHead(), WithHead()]
     ups = []
     for i, (m, n) in enumerate(zip(ms, [1, 3])):
-        apply_payload(m, s.payload(f"c{i}", 2, 0))
+        p = s.payload(f"c{i}", 2, 0)
+        apply_payload(m, p)
         with torch.no_grad():
             m.head.weight.fill_(float(i))
-        ups.append(make_update(m, f"c{i}", n, 0, "fedex", head_names=["head"]))
+        ups.append(make_update(m, p, n, head_names=["head"]))
     s.aggregate(ups)
     torch.testing.assert_close(s.global_head()["head.weight"], torch.full((2, 4), 0.75, dtype=F64))
     p = s.payload("c0", 2, s.version)
@@ -336,7 +339,7 @@ def test_bytes_accounting_matches_tensor_sizes():
     assert rep.bytes_down == per  # round 0: adapter slices only, no base deltas yet
     p = s.payload("c0", 2, 0)  # it trained on version 0: it gets the residual it missed
     deltas = sum(t.numel() * 8 for bd in p.base_deltas for d in bd.layers.values()
-                 for t in (d if isinstance(d, tuple) else (d,)))
+                 for t in d.tensors().values())
     assert p.bytes_down == per["c0"] + deltas and deltas > 0
     assert isinstance(p.base_deltas[0], BaseDelta)
 

@@ -40,7 +40,7 @@ def _updates(s, ranks, gen, dtype=torch.float64):
         p = s.payload(f"c{i}", r, s.version)
         apply_payload(m, p)
         train_randomly(m, gen, s.name)
-        ups.append(make_update(m, f"c{i}", 10 + 7 * i, p.base_version, s.name))
+        ups.append(make_update(m, p, 10 + 7 * i))
     return ups
 
 
@@ -64,8 +64,7 @@ def test_decoded_updates_are_one_flat_buffer_and_aggregate_like_separate_tensors
         for u in ups:  # the same payloads sent by both, so both account the same bytes down
             flat_s.payload(u.client_id, u.rank, flat_s.version)
         wire = [_wire(u) for u in ups]
-        assert all(flat_s._flat(u) is not None for u in wire)
-        assert all(sep_s._flat(u) is None for u in ups)  # separate tensors: the per-tensor path
+        assert all(u.flat is not None for u in wire) and all(u.flat is None for u in ups)
         # mixed in one round: half decoded, half separate
         mixed = [w if i % 2 else u for i, (u, w) in enumerate(zip(ups, wire))]
         rep_flat, rep_sep = flat_s.aggregate(mixed), sep_s.aggregate(ups)
@@ -81,7 +80,7 @@ def test_non_finite_values_in_flat_updates_are_found_through_the_group_sums(name
     s = _strategy(name)
     ups = _updates(s, [2, 2, 2, 4, 3], gen)
     wire = [_wire(u) for u in ups]
-    key = sorted(s.upload_keys)[-1]
+    key = sorted(s.uploads)[-1]
     wire[1].factors["enc.v"][key][0, 0] = float("nan")
     wire[2].factors["dec.o"][key][-1, -1] = float("inf")  # same rank group as c1
     wire[4].factors["enc.q"][key][0, 1] = float("-inf")   # a group of its own
@@ -120,7 +119,7 @@ def test_flora_accepts_a_finite_update_whose_plain_sum_overflows():
     for f in ups[0].factors.values():  # Σ of B's entries is ∞ in float32; B·A is small
         f["B"].fill_(1e37)
         f["A"].fill_(1e-30)
-    assert not torch.isfinite(s._flat(ups[0]).sum())
+    assert not torch.isfinite(ups[0].flat.sum())
     rep = s.aggregate(ups)
     assert rep.accepted == ["c0"]
     assert all(torch.isfinite(s.global_delta(n)).all() for n in SHAPES)
@@ -135,10 +134,10 @@ def test_a_group_sum_that_overflows_rejects_the_round_and_changes_nothing(name, 
     ups = [_wire(u) for u in _updates(s, [2, 2], gen)]
     real = type(s)._group_sums
 
-    def overflowing(self, updates, p, flats):
-        sums, bufs = real(self, updates, p, flats)
-        next(iter(bufs.values()))[0] = float("inf")
-        return sums, bufs
+    def overflowing(self, updates, p):
+        sums = real(self, updates, p)
+        next(iter(sums.bufs.values()))[0] = float("inf")
+        return sums
 
     monkeypatch.setattr(type(s), "_group_sums", overflowing)
     before, v = state_tensors(s), s.version

@@ -1,40 +1,38 @@
-"""Aggregation strategies: pure torch objects, no Flower import (see base.py for the contract)."""
+"""Aggregation strategies: pure torch objects, no Flower import.
+
+``base.py`` is the contract; one file per rule, each registering itself with
+``@register_strategy``. ``create_strategy(name, ...)`` builds any registered rule, the built-in
+ones and those a user registers (``register_strategy``, config ``strategy.plugins``).
+"""
 
 from __future__ import annotations
 
 import torch
 
-from fedlora.strategies.base import (
-    BaseDelta,
-    ClientPayload,
-    ClientUpdate,
-    LayerSpec,
-    RoundReport,
-    Strategy,
+# the built-in rules register themselves on import, in this order
+from fedlora.strategies import fedavg, fedex, fedsa, fedsb, flora  # noqa: E402, F401, I001
+from fedlora.strategies.base import Strategy
+from fedlora.strategies.deltas import Delta, Dense, LowRank, SBCore
+from fedlora.strategies.registry import (
+    _REGISTRY,
+    load_plugin,
+    register_strategy,
+    strategy_class,
+    strategy_names,
 )
-from fedlora.strategies.fedavg import FedAvg
-from fedlora.strategies.fedex import FedEx
-from fedlora.strategies.fedsa import FedSA
-from fedlora.strategies.fedsb import FedSB
-from fedlora.strategies.flora import FLoRA
+from fedlora.strategies.types import BaseDelta, ClientPayload, ClientUpdate, LayerSpec, RoundReport
 
-STRATEGIES: dict[str, type[Strategy]] = {
-    "fedavg": FedAvg,
-    "fedex": FedEx,
-    "flora": FLoRA,
-    "fedsb": FedSB,
-    "fedsa": FedSA,
-}
+#: every registered strategy by name (live: strategies registered later appear here too)
+STRATEGIES = _REGISTRY
 
 
 def create_strategy(name: str, *, layers: dict[str, LayerSpec], r_max: int, scale: float,
                     weighting: str = "samples", seed: int = 0, dtype: torch.dtype = torch.float32,
                     **kw) -> Strategy:
-    """Build a strategy by name (``fedavg``, ``fedex``, ``flora``, ``fedsb``, ``fedsa``)."""
-    if name not in STRATEGIES:
-        raise ValueError(f"unknown strategy {name!r}; choose one of {sorted(STRATEGIES)}")
-    return STRATEGIES[name](layers, r_max, scale, weighting=weighting, seed=seed, dtype=dtype, **kw)
+    """Build a registered strategy by name (``strategy_names()`` lists them)."""
+    return strategy_class(name)(layers, r_max, scale, weighting=weighting, seed=seed, dtype=dtype, **kw)
 
 
-__all__ = ["STRATEGIES", "BaseDelta", "ClientPayload", "ClientUpdate", "LayerSpec", "RoundReport",
-           "Strategy", "create_strategy"]
+__all__ = ["STRATEGIES", "BaseDelta", "ClientPayload", "ClientUpdate", "Delta", "Dense", "LayerSpec",
+           "LowRank", "RoundReport", "SBCore", "Strategy", "create_strategy", "load_plugin",
+           "register_strategy", "strategy_class", "strategy_names"]

@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import torch
 
-from fedlora.strategies.base import ClientPayload, ClientUpdate, GroupSums, Strategy
+from fedlora.strategies.base import GroupSums, Strategy
+from fedlora.strategies.exactness import Term, low_rank
+from fedlora.strategies.registry import register_strategy
+from fedlora.strategies.types import ClientPayload, ClientUpdate
 
 Tensor = torch.Tensor
 
 
+@register_strategy
 class FedAvg(Strategy):
     name = "fedavg"
 
@@ -31,15 +35,19 @@ class FedAvg(Strategy):
                    for n in self.layers}
         return ClientPayload(client_id, rank, factors, [], self.version)
 
-    def _average(self, sums: GroupSums) -> None:
+    def _aggregate(self, updates: list[ClientUpdate], p: list[float], sums: GroupSums) -> None:
+        self._old = (self.A, self.B)
         self.A = self._component_means(self.A, "A", 0, sums)
         self.B = self._component_means(self.B, "B", 1, sums)
 
-    def _aggregate(self, updates: list[ClientUpdate], p: list[float], sums: GroupSums) -> None:
-        self._average(sums)
+    def client_change(self, u: ClientUpdate, layer: str) -> list[Term]:
+        f, s = u.factors[layer], self.scale
+        return [low_rank(s, f["B"], f["A"]), low_rank(-s, self.B[layer], self.A[layer])]
 
-    def _client_delta(self, u: ClientUpdate, layer: str) -> Tensor:
-        return self.scale * u.factors[layer]["B"] @ u.factors[layer]["A"]
+    def global_change(self, layer: str) -> list[Term]:
+        A_old, B_old = self._old
+        s = self.scale
+        return [low_rank(s, self.B[layer], self.A[layer]), low_rank(-s, B_old[layer], A_old[layer])]
 
     def global_delta(self, layer: str) -> Tensor:
         return self.scale * self.B[layer] @ self.A[layer]

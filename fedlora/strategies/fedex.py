@@ -23,22 +23,21 @@ from __future__ import annotations
 
 import torch
 
-from fedlora.strategies.base import (
-    BaseDelta,
-    ClientPayload,
-    ClientUpdate,
-    GroupSums,
-    factored_or_dense,
-    require_finite,
-)
+from fedlora.strategies.base import GroupSums, require_finite
+from fedlora.strategies.deltas import Dense, LowRank, cheapest
+from fedlora.strategies.exactness import Term, from_delta, low_rank
 from fedlora.strategies.fedavg import FedAvg
 from fedlora.strategies.history import BaseHistory
+from fedlora.strategies.registry import register_strategy
+from fedlora.strategies.types import BaseDelta, ClientPayload, ClientUpdate
 
 Tensor = torch.Tensor
 
 
+@register_strategy
 class FedEx(FedAvg):
     name = "fedex"
+    exact = True
 
     def __init__(self, *args, **kw) -> None:
         super().__init__(*args, **kw)
@@ -46,11 +45,6 @@ class FedEx(FedAvg):
         # global factors per version, for the tails of clients that skipped rounds
         self.factors_at: dict[int, tuple[dict[str, Tensor], dict[str, Tensor]]] = {
             0: (dict(self.A), dict(self.B))}
-
-    def _tail(self, A: Tensor, B: Tensor, r: int) -> tuple[Tensor, Tensor] | None:
-        if r >= self.r_max:
-            return None
-        return self.scale * B[:, r:], A[r:]
 
     def _payload(self, client_id: str, rank: int, base_version: int) -> ClientPayload:
         cur, v = self.version, base_version
@@ -63,7 +57,7 @@ class FedEx(FedAvg):
             extra = None
             if rank < self.r_max and 0 < v < cur:  # tail(cur, r) − tail(v, r), factored
                 A_v, B_v = self.factors_at[v]
-                extra = BaseDelta(cur, {n: (
+                extra = BaseDelta(cur, {n: LowRank(
                     torch.cat([self.scale * self.B[n][:, rank:], -self.scale * B_v[n][:, rank:]], 1),
                     torch.cat([self.A[n][rank:], A_v[n][rank:]], 0)) for n in self.layers})
             deltas = self.base.choose(v, cur, extra, tails_now)
@@ -72,18 +66,18 @@ class FedEx(FedAvg):
         return ClientPayload(client_id, rank, factors, deltas, cur)
 
     def _full_reset(self, extra: dict[str, Tensor] | None) -> BaseDelta:
-        return BaseDelta(self.version, {n: self.base.cum[n] + (extra[n] if extra else 0)
+        return BaseDelta(self.version, {n: Dense(self.base.cum[n] + (extra[n] if extra else 0))
                                         for n in self.layers}, reset=True)
 
     def _aggregate(self, updates: list[ClientUpdate], p: list[float], sums: GroupSums) -> None:
-        A_old, B_old = self.A, self.B
+        A_old, B_old = self._old = (self.A, self.B)
         A_new = self._component_means(A_old, "A", 0, sums)
         B_new = self._component_means(B_old, "B", 1, sums)
         tail_w: dict[int, float] = {}
         for u, pi in zip(updates, p):
             if u.rank < self.r_max:
                 tail_w[u.rank] = tail_w.get(u.rank, 0.0) + pi
-        transport, dense = {}, {}
+        transport, products = {}, {}
         s = self.scale
         # U's column scales (the same for every layer): s·p_i per client column, −s for B̄, s·w_r
         # for the rank-r tails; applied once to the concatenation instead of scaling copies
@@ -98,20 +92,23 @@ class FedEx(FedAvg):
             for r in tail_w:
                 Uts.append(B_old[n][:, r:].T)
                 Vs.append(A_old[n][r:])
-            transport[n], dense[n] = factored_or_dense(torch.cat(Uts, 0).mul_(col).T,
-                                                       torch.cat(Vs, 0))
-        require_finite(dense, "residual", self.dtype)
+            transport[n], products[n] = cheapest(torch.cat(Uts, 0).mul_(col).T, torch.cat(Vs, 0))
+        require_finite(products, "residual", self.dtype)
         self.A, self.B = A_new, B_new
-        self.base.push(self.version + 1, transport, dense)
+        self.base.push(self.version + 1, transport, products)
         self.factors_at[self.version + 1] = (dict(self.A), dict(self.B))
         for old in [v for v in self.factors_at if v <= self.version + 1 - self.history]:
             del self.factors_at[old]
 
-    def _client_delta(self, u: ClientUpdate, layer: str) -> Tensor:
-        d = self.base.cum[layer] + self.scale * u.factors[layer]["B"] @ u.factors[layer]["A"]
-        if u.rank < self.r_max:
-            d = d + self.scale * self.B[layer][:, u.rank:] @ self.A[layer][u.rank:]
-        return d
+    def client_change(self, u: ClientUpdate, layer: str) -> list[Term]:
+        terms = super().client_change(u, layer)  # s·B_i·A_i − s·B̄·Ā
+        if u.rank < self.r_max:  # + its tail s·B̄[:, r:]·Ā[r:] (part of its base)
+            terms.append(low_rank(self.scale, self.B[layer][:, u.rank:], self.A[layer][u.rank:]))
+        return terms
+
+    def global_change(self, layer: str) -> list[Term]:
+        residual = self.base.deltas[self.version + 1][layer]  # what was folded into the base
+        return super().global_change(layer) + [from_delta(residual)]
 
     def global_delta(self, layer: str) -> Tensor:
         return self.base.cum[layer] + self.scale * self.B[layer] @ self.A[layer]

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import torch
 
-from fedlora.strategies.base import ClientPayload, ClientUpdate, GroupSums, Strategy
+from fedlora.strategies.base import GroupSums, Strategy
+from fedlora.strategies.registry import register_strategy
+from fedlora.strategies.types import ClientPayload, ClientUpdate
 
 Tensor = torch.Tensor
 
 
+@register_strategy
 class FedSA(Strategy):
     name = "fedsa"
-    upload_keys = frozenset({"A"})
+    uploads = frozenset({"A"})
     has_global_model = False
     shares_head = False
 

@@ -14,7 +14,7 @@ Round (heterogeneous ranks: client i trains the leading r_i×r_i block)::
 For Sync, a client of rank r holds ``W0 + tail_r`` with ``tail_r = s·B·(R − pad(R[:r,:r]))·A``, the
 entries it does not train. It receives the frozen components it does not train, ``B[:, r:]`` and
 ``A[r:]``, once with its first payload (``frozen``), so later tail changes travel as their
-r_max×r_max core ``{"M": M_cur − M_v}`` and the client folds ``s·B·M·A`` itself
+r_max×r_max core (``SBCore(M_cur − M_v)``) and the client folds ``s·B·M·A`` itself
 (``LoRALinear.sb_delta``). Communication per round: r_i² up, r_i² (+ r_max² below r_max) down per
 layer, independent of the number of clients; once per client: its B and A, r_max(d+k) per layer.
 """
@@ -25,14 +25,23 @@ import math
 
 import torch
 
-from fedlora.strategies.base import BaseDelta, ClientPayload, ClientUpdate, GroupSums, Strategy
+from fedlora.strategies.base import GroupSums, Strategy
+from fedlora.strategies.deltas import SBCore
+from fedlora.strategies.exactness import Term, low_rank
+from fedlora.strategies.registry import register_strategy
+from fedlora.strategies.types import BaseDelta, ClientPayload, ClientUpdate
 
 Tensor = torch.Tensor
 
 
+@register_strategy
 class FedSB(Strategy):
     name = "fedsb"
-    upload_keys = frozenset({"R"})
+    adapter = "sb"
+    trains = frozenset({"R"})
+    uploads = frozenset({"R"})
+    init_from = "server-gradients"
+    exact = True
 
     def __init__(self, *args, **kw) -> None:
         super().__init__(*args, **kw)
@@ -98,14 +107,14 @@ class FedSB(Strategy):
             if rank < self.r_max:
                 frozen = {n: {"A_tail": self.A[n][rank:].clone(), "B_tail": self.B[n][:, rank:].clone()}
                           for n in self.layers}
-                deltas = [BaseDelta(cur, {n: {"M": self._masked(self.R[n], rank)} for n in self.layers},
+                deltas = [BaseDelta(cur, {n: SBCore(self._masked(self.R[n], rank)) for n in self.layers},
                                     reset=True)]
             elif v != 0:  # an unknown base: back to W0
-                deltas = [BaseDelta(cur, {n: {"M": torch.zeros_like(self.R[n])} for n in self.layers},
+                deltas = [BaseDelta(cur, {n: SBCore(torch.zeros_like(self.R[n])) for n in self.layers},
                                     reset=True)]
         elif v != cur and rank < self.r_max:  # the change of its tail: an r_max×r_max core per layer
             R_v = self.R_at[v]
-            deltas = [BaseDelta(cur, {n: {"M": self._masked(self.R[n], rank) - self._masked(R_v[n], rank)}
+            deltas = [BaseDelta(cur, {n: SBCore(self._masked(self.R[n], rank) - self._masked(R_v[n], rank))
                                       for n in self.layers})]
         return ClientPayload(client_id, rank, factors, deltas, cur, frozen=frozen,
                              meta={"frozen_sent": fresh})
@@ -116,6 +125,7 @@ class FedSB(Strategy):
 
     def _aggregate(self, updates: list[ClientUpdate], p: list[float], sums: GroupSums) -> None:
         # Σ p_i·pad(R_i − R[:r_i, :r_i]) per rank group: Σ_{i∈g} p_i R_i − (Σ_{i∈g} p_i)·R[:r, :r]
+        self._old_R = dict(self.R)
         for i, n in enumerate(self.layers):
             R = self.R[n]
             new = R.clone()
@@ -126,11 +136,15 @@ class FedSB(Strategy):
         for old in [v for v in self.R_at if v <= self.version + 1 - self.history]:
             del self.R_at[old]
 
-    def _client_delta(self, u: ClientUpdate, layer: str) -> Tensor:
-        r = u.rank
-        M = self._masked(self.R[layer], r)
-        M[:r, :r] = u.factors[layer]["R"]
-        return self.scale * self.B[layer] @ M @ self.A[layer]
+    def client_change(self, u: ClientUpdate, layer: str) -> list[Term]:
+        # s·B·pad(R_i − R[:r, :r])·A: B is shared, so all the clients' terms merge into one
+        r, R = u.rank, self.R[layer]
+        X = torch.zeros_like(R)
+        X[:r, :r] = u.factors[layer]["R"] - R[:r, :r]
+        return [low_rank(self.scale, self.B[layer], X @ self.A[layer])]
+
+    def global_change(self, layer: str) -> list[Term]:
+        return [low_rank(self.scale, self.B[layer], (self.R[layer] - self._old_R[layer]) @ self.A[layer])]
 
     def global_delta(self, layer: str) -> Tensor:
         self._require_init()

@@ -17,21 +17,20 @@ from __future__ import annotations
 import torch
 
 from fedlora.lora import kaiming_a
-from fedlora.strategies.base import (
-    BaseDelta,
-    ClientPayload,
-    ClientUpdate,
-    Strategy,
-    factored_or_dense,
-    require_finite,
-)
+from fedlora.strategies.base import Strategy, require_finite
+from fedlora.strategies.deltas import Dense, cheapest
+from fedlora.strategies.exactness import Term, from_delta, low_rank
 from fedlora.strategies.history import BaseHistory
+from fedlora.strategies.registry import register_strategy
+from fedlora.strategies.types import BaseDelta, ClientPayload, ClientUpdate
 
 Tensor = torch.Tensor
 
 
+@register_strategy
 class FLoRA(Strategy):
     name = "flora"
+    exact = True
     sums_uploads = False
 
     def __init__(self, *args, **kw) -> None:
@@ -45,7 +44,7 @@ class FLoRA(Strategy):
     def _payload(self, client_id: str, rank: int, base_version: int) -> ClientPayload:
         cur, v = self.version, base_version
         if v > cur:
-            deltas = [BaseDelta(cur, {n: self.base.cum[n].clone() for n in self.layers}, reset=True)]
+            deltas = [BaseDelta(cur, {n: Dense(self.base.cum[n].clone()) for n in self.layers}, reset=True)]
         else:
             deltas = self.base.choose(v, cur, None, None)
         factors = {n: {"A": kaiming_a(rank, s.d_in, self.round_seed(i), self.dtype)}
@@ -54,7 +53,7 @@ class FLoRA(Strategy):
                              seed=self.round_seed(0), meta={"round": self.round})
 
     def _aggregate(self, updates: list[ClientUpdate], p: list[float], sums: None) -> None:
-        transport, dense = {}, {}
+        transport, products = {}, {}
         # s·B_stack·A_stack with the weights on B's columns: U = [s·p_1B_1, …], V = [A_1; …]
         col = torch.tensor([self.scale * pi for u, pi in zip(updates, p) for _ in range(u.rank)],
                            dtype=self.dtype).unsqueeze(1)
@@ -62,12 +61,15 @@ class FLoRA(Strategy):
             # Uᵀ stacked by rows (each Bᵢᵀ a block of rows) copies 3× faster than U by columns
             U = torch.cat([u.factors[n]["B"].T for u in updates], 0).mul_(col).T
             V = torch.cat([u.factors[n]["A"] for u in updates], 0)
-            transport[n], dense[n] = factored_or_dense(U, V)
-        require_finite(dense, "stack product", self.dtype)
-        self.base.push(self.version + 1, transport, dense)
+            transport[n], products[n] = cheapest(U, V)
+        require_finite(products, "stack product", self.dtype)
+        self.base.push(self.version + 1, transport, products)
 
-    def _client_delta(self, u: ClientUpdate, layer: str) -> Tensor:
-        return self.base.cum[layer] + self.scale * u.factors[layer]["B"] @ u.factors[layer]["A"]
+    def client_change(self, u: ClientUpdate, layer: str) -> list[Term]:
+        return [low_rank(self.scale, u.factors[layer]["B"], u.factors[layer]["A"])]  # fresh adapter
+
+    def global_change(self, layer: str) -> list[Term]:
+        return [from_delta(self.base.deltas[self.version + 1][layer])]
 
     def global_delta(self, layer: str) -> Tensor:
         return self.base.cum[layer].clone()

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from fedlora.strategies.base import BaseDelta, Delta, LayerSpec, numel, pack_delta, unpack_delta
+from fedlora.strategies.deltas import Delta, Dense, from_tensors
+from fedlora.strategies.types import BaseDelta, LayerSpec
 
 Tensor = torch.Tensor
 
@@ -55,18 +56,18 @@ class BaseHistory:
         if inc is not None:
             if extra is not None:
                 inc.append(extra)
-            n_inc = sum(numel(d) for bd in inc for d in bd.layers.values())
+            n_inc = sum(d.numel() for bd in inc for d in bd.layers.values())
             if n_inc < self.dense_numbers():
                 return inc
         full = {n: self.cum[n] + (reset_extra[n] if reset_extra else 0) for n in self.layers}
-        return [BaseDelta(cur, {n: t.clone() for n, t in full.items()}, reset=True)]
+        return [BaseDelta(cur, {n: Dense(t.clone()) for n, t in full.items()}, reset=True)]
 
     def state(self) -> dict:
         return {"cum": self.cum,
-                "deltas": {str(v): {n: pack_delta(d) for n, d in ds.items()}
+                "deltas": {str(v): {n: d.tensors() for n, d in ds.items()}
                            for v, ds in self.deltas.items()}}
 
     def load(self, st: dict) -> None:
         self.cum = {n: t.to(self.dtype).clone() for n, t in st["cum"].items()}
-        self.deltas = {int(v): {n: unpack_delta({k: t.to(self.dtype) for k, t in d.items()})
+        self.deltas = {int(v): {n: from_tensors({k: t.to(self.dtype) for k, t in d.items()})
                                 for n, d in ds.items()} for v, ds in st["deltas"].items()}

@@ -1,0 +1,87 @@
+"""Strategies by name: the built-in ones and any a user registers.
+
+``@register_strategy`` on a ``Strategy`` subclass (or ``register_strategy(cls)``) makes it known to
+``create_strategy``, the config validator and the CLI under ``cls.name``. A strategy defined
+outside the package is loaded with ``load_plugin("my_pkg.my_rule")`` or
+``load_plugin("path/to/rule.py")`` — what the config key ``strategy.plugins`` does, in the CLI and
+in the ServerApp, before the name is looked up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fedlora.strategies.base import Strategy
+
+_REGISTRY: dict[str, type[Strategy]] = {}
+
+
+def register_strategy(cls: type[Strategy]) -> type[Strategy]:
+    """Register ``cls`` under ``cls.name`` (usable as a class decorator)."""
+    from fedlora.strategies.base import Strategy
+
+    if not (isinstance(cls, type) and issubclass(cls, Strategy)):
+        raise TypeError(f"register_strategy takes a Strategy subclass, got {cls!r}")
+    name = getattr(cls, "name", "")
+    if not isinstance(name, str) or not name or name == "base" or not name.replace("-", "_").isidentifier():
+        raise ValueError(f"{cls.__qualname__}.name must be a short identifier (e.g. 'ffa'), got {name!r}")
+    old = _REGISTRY.get(name)
+    if old is not None and _origin(old) != _origin(cls):  # the same class imported twice is fine
+        raise ValueError(f"strategy name {name!r} is taken by {old.__module__}.{old.__qualname__}")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def _origin(cls: type) -> tuple[str, str]:
+    try:
+        where = str(Path(inspect.getfile(cls)).resolve())
+    except (TypeError, OSError):
+        where = cls.__module__
+    return where, cls.__qualname__
+
+
+def strategy_names() -> list[str]:
+    return list(_REGISTRY)
+
+
+def strategy_class(name: str) -> type[Strategy]:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown strategy {name!r}; choose one of {strategy_names()} (or register "
+                         "your own: fedlora.strategies.register_strategy, config strategy.plugins)")
+    return _REGISTRY[name]
+
+
+def load_plugin(ref: str, base_dir: str | Path | None = None):
+    """Import a module that registers strategies: a dotted module name or a ``.py`` file path
+    (relative paths against ``base_dir``, else the working directory)."""
+    if ref.endswith(".py"):
+        path = Path(ref).expanduser()
+        if not path.is_absolute():
+            path = Path(base_dir or ".") / path
+        path = path.resolve()
+        if not path.is_file():
+            raise ValueError(f"strategy plugin {ref!r}: no such file {str(path)!r}")
+        mod_name = f"fedlora_plugin_{path.stem}_{hashlib.sha256(str(path).encode()).hexdigest()[:10]}"
+        if mod_name in sys.modules:
+            return sys.modules[mod_name]
+        spec = importlib.util.spec_from_file_location(mod_name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[mod_name] = module
+        try:
+            spec.loader.exec_module(module)
+        except Exception:
+            del sys.modules[mod_name]
+            raise
+        return module
+    try:
+        return importlib.import_module(ref)
+    except ImportError as e:
+        raise ValueError(f"strategy plugin {ref!r} cannot be imported ({e}); give a module on the "
+                         "Python path or a path to a .py file") from e

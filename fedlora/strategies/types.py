@@ -1,0 +1,87 @@
+"""The records a strategy exchanges: layer shapes, payloads down, updates up, round reports."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from fedlora.strategies.deltas import Delta
+
+Tensor = torch.Tensor
+#: ``{layer: {factor key: tensor}}`` (keys ``A``, ``B``, ``R``)
+Factors = dict[str, dict[str, Tensor]]
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    d_out: int
+    d_in: int
+
+
+@dataclass
+class BaseDelta:
+    """Deltas for the clients' frozen weights (nn.Linear orientation d×k), one version step.
+
+    ``reset=True``: the client's base delta becomes this (the full delta since ``W0``); else it adds.
+    """
+
+    version: int
+    layers: dict[str, Delta]
+    reset: bool = False
+
+
+@dataclass
+class ClientPayload:
+    """What one client loads before a round.
+
+    ``trains``: the factor keys the client trains this round (the others stay frozen);
+    ``uploads``: the keys its update carries; ``upload_head``: whether it uploads its head;
+    ``personal_eval``: whether it evaluates its own model on its validation shard (no global model).
+    """
+
+    client_id: str
+    rank: int
+    factors: Factors
+    base_deltas: list[BaseDelta]
+    base_version: int
+    reset: bool = False  # fresh adapter (B = 0) before loading ``factors``
+    seed: int | None = None
+    head: dict[str, Tensor] | None = None
+    frozen: Factors | None = None
+    meta: dict = field(default_factory=dict)
+    bytes_down: int = 0
+    trains: tuple[str, ...] = ("A", "B")
+    uploads: tuple[str, ...] = ("A", "B")
+    upload_head: bool = True
+    personal_eval: bool = False
+
+
+@dataclass
+class ClientUpdate:
+    """A client's upload. ``flat`` (optional): all factors in one 1-D buffer, layers in the
+    strategy's order and keys sorted (``flower_io`` decodes replies so); when it is set the
+    factors are read from it, so a rank group is summed in one ``add_``."""
+
+    client_id: str
+    rank: int
+    num_examples: int
+    base_version: int
+    factors: Factors
+    head: dict[str, Tensor] | None = None
+    metrics: dict = field(default_factory=dict)
+    flat: Tensor | None = None
+
+
+@dataclass
+class RoundReport:
+    round: int
+    accepted: list[str]
+    rejected: dict[str, str]
+    weights: dict[str, float]
+    bytes_up: dict[str, int]
+    bytes_down: dict[str, int]
+    agg_seconds: float  # validation + aggregation + the exactness diagnostic
+    aggregation_error: float | None
+    version: int
+    diagnostic_seconds: float = 0.0

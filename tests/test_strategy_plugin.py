@@ -1,0 +1,180 @@
+"""A strategy that exists nowhere else (FFA-LoRA, arXiv 2403.12313), registered from this file.
+
+It runs through the in-process harness, the loopback Flower grid and ``fedlora simulate``
+(``strategy.plugins`` names this file) with no other file of the project knowing about it: the
+clients learn from each payload what to train (only B) and what to upload.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedlora.lora import lora_layers
+from fedlora.strategies import (
+    BaseDelta,
+    ClientPayload,
+    ClientUpdate,
+    LowRank,
+    Strategy,
+    create_strategy,
+    register_strategy,
+    strategy_names,
+)
+from fedlora.strategies.base import GroupSums
+from fedlora.strategies.exactness import Term, low_rank
+
+ROOT = Path(__file__).resolve().parents[1]
+HERE = str(Path(__file__).resolve())
+
+
+@register_strategy
+class FFATest(Strategy):
+    """FFA-LoRA: A frozen at its seeded initialisation, only B trained and averaged (exact).
+
+    A client of rank r trains ``B[:, :r]`` against ``A[:r]`` and holds the tail
+    ``s·B̄[:, r:]·A[r:]`` in its base (sent as a factored reset each round), so with
+    ``B̃_i = [B_i, B̄_old[:, r_i:]]``::
+
+        B̄ = Σ p_i B̃_i,      W_g = W0 + s·B̄·A = Σ p_i W_i
+    """
+
+    name = "ffa_test"
+    trains = frozenset({"B"})
+    uploads = frozenset({"B"})
+    exact = True
+
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.A = {n: self._init_a(i, s) for i, (n, s) in enumerate(self.layers.items())}
+        self.B = {n: self._zeros(s.d_out, self.r_max) for n, s in self.layers.items()}
+
+    def _payload(self, client_id: str, rank: int, base_version: int) -> ClientPayload:
+        factors = {n: {"A": self.A[n][:rank].clone(), "B": self.B[n][:, :rank].clone()} for n in self.layers}
+        deltas = []
+        if rank < self.r_max:
+            deltas = [BaseDelta(self.version, {n: LowRank(self.scale * self.B[n][:, rank:], self.A[n][rank:])
+                                               for n in self.layers}, reset=True)]
+        elif base_version:
+            deltas = [BaseDelta(self.version, {n: LowRank(self._zeros(s.d_out, 1), self._zeros(1, s.d_in))
+                                               for n, s in self.layers.items()}, reset=True)]
+        return ClientPayload(client_id, rank, factors, deltas, self.version)
+
+    def _aggregate(self, updates: list[ClientUpdate], p: list[float], sums: GroupSums) -> None:
+        self._old = self.B
+        new = {}
+        for i, n in enumerate(self.layers):
+            B = torch.zeros_like(self.B[n])
+            for r, by in sums.by_key.items():
+                B[:, :r] += by["B"][i]
+                B[:, r:] += sums.weight[r] * self.B[n][:, r:]
+            new[n] = B
+        self.B = new
+
+    def client_change(self, u: ClientUpdate, layer: str) -> list[Term]:
+        r = u.rank
+        return [low_rank(self.scale, u.factors[layer]["B"] - self.B[layer][:, :r], self.A[layer][:r])]
+
+    def global_change(self, layer: str) -> list[Term]:
+        return [low_rank(self.scale, self.B[layer] - self._old[layer], self.A[layer])]
+
+    def global_delta(self, layer: str) -> torch.Tensor:
+        return self.scale * self.B[layer] @ self.A[layer]
+
+    def _state(self) -> dict:
+        return {"A": self.A, "B": self.B}
+
+    def _load_state(self, st: dict) -> None:
+        self.A = {n: t.to(self.dtype).clone() for n, t in st["A"].items()}
+        self.B = {n: t.to(self.dtype).clone() for n, t in st["B"].items()}
+
+
+def test_registered_and_exact_with_mixed_ranks_frozen_a():
+    # (imported here: `fedlora simulate` loads this file as a plugin, outside the tests' path)
+    from strategy_helpers import SHAPES, Multi, apply_payload, effective, layer_specs, make_update, w0
+
+    assert "ffa_test" in strategy_names()
+    s = create_strategy("ffa_test", layers=layer_specs(), r_max=4, scale=1.5, dtype=torch.float64, seed=3)
+    gen = torch.Generator().manual_seed(0)
+    ranks, n_ex = [1, 4, 2, 4], [5, 9, 3, 7]
+    clients = [Multi(0, r, 1.5, "lora") for r in ranks]
+    base = w0(clients[0])
+    for _ in range(3):
+        ups, W = [], []
+        for i, m in enumerate(clients):
+            p = s.payload(f"c{i}", ranks[i], s.version)
+            apply_payload(m, p)
+            for n in SHAPES:  # Sync: every client starts on the global model
+                torch.testing.assert_close(effective(m)[n], base[n] + s.global_delta(n), rtol=1e-12,
+                                           atol=1e-12)
+            for lin in lora_layers(m).values():  # local "training": what the payload left trainable
+                assert not lin.lora_a.weight.requires_grad and lin.lora_b.weight.requires_grad
+                with torch.no_grad():
+                    lin.lora_b.weight.add_(torch.randn(lin.lora_b.weight.shape, generator=gen,
+                                                       dtype=torch.float64))
+            ups.append(make_update(m, p, n_ex[i]))
+            assert all(set(f) == {"B"} for f in ups[-1].factors.values())
+            W.append(effective(m))
+        rep = s.aggregate(ups)
+        assert rep.rejected == {} and rep.aggregation_error < 1e-12
+        total = sum(n_ex)
+        for n in SHAPES:  # Exact: W_g = Σ p_i W_i, against the clients' own weights
+            target = sum(n_ex[i] / total * W[i][n] for i in range(len(ranks)))
+            torch.testing.assert_close(base[n] + s.global_delta(n), target, rtol=1e-10, atol=1e-10)
+
+
+def test_harness_learns_with_the_plugin():
+    from fedlora.testing import run_harness
+
+    res = run_harness("ffa_test", [2, 4, 4], rounds=3, local_steps=10, seed=0)
+    assert res.strategy.name == "ffa_test"
+    assert all(r["rejected"] == {} for r in res.rounds)
+    assert res.rounds[-1]["accuracy"] > 0.6  # chance is 0.5 on the synthetic task
+
+
+def _cfg_values(tmp_path: Path, name: str) -> dict:
+    return {"strategy.name": "ffa_test", "strategy.plugins": [HERE], "rounds": 2,
+            "clients.num": 3, "clients.ranks": [2, 4], "train.local_steps": 5,
+            "run_dir": str(tmp_path / name)}
+
+
+def test_loopback_grid_runs_the_plugin(tmp_path):
+    from fedlora.config import load_config
+    from fedlora.loopback import run_loopback
+
+    cfg = load_config(None, values=_cfg_values(tmp_path, "loop"))
+    summary = run_loopback(cfg)
+    rows = [json.loads(x) for x in (tmp_path / "loop" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["strategy"] for r in rows] == ["ffa_test"] * 2
+    assert all(c["accepted"] for r in rows for c in r["clients"])
+    assert all(r["aggregation_error"] < 1e-6 for r in rows)
+    assert summary["final_accuracy"] is not None
+
+
+def _simulate(tmp_path: Path, engine: str) -> subprocess.CompletedProcess:
+    run = tmp_path / f"sim-{engine}"
+    return subprocess.run(
+        [sys.executable, "-m", "fedlora.cli", "simulate", "--strategy", "ffa_test", "--rounds", "2",
+         "--engine", engine, "--set", f"strategy.plugins=[{json.dumps(HERE)}]", "--set", "clients.num=3",
+         "--set", "train.local_steps=5", "--set", f"run_dir={json.dumps(str(run))}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+
+def test_fedlora_simulate_runs_the_plugin_in_process(tmp_path):
+    res = _simulate(tmp_path, "inprocess")
+    assert res.returncode == 0, res.stdout + res.stderr
+    s = json.loads((tmp_path / "sim-inprocess" / "summary.json").read_text())
+    assert s["rounds"] == 2 and s["final_accuracy"] is not None
+
+
+@pytest.mark.slow
+def test_fedlora_simulate_runs_the_plugin_on_flowers_engine(tmp_path):
+    res = _simulate(tmp_path, "flower")
+    assert res.returncode == 0, res.stdout + res.stderr
+    rows = (tmp_path / "sim-flower" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["strategy"] for r in rows] == ["ffa_test"] * 2
