@@ -1,8 +1,14 @@
-"""Real text-classification data: files → ``datasets.Dataset`` → partitions → cached token ids.
+"""Real text-classification data: files → ``datasets.Dataset`` → partitions → token ids → batches.
 
-- ``load_text_classification(path, ...)``: a CSV/TSV file (TSV read with ``csv.QUOTE_NONE``, as the
-  GLUE files need) → a ``datasets.Dataset`` with columns ``text``, [``text_pair``], ``label`` (int,
-  a ``ClassLabel`` whose names are the original labels).
+Everything goes through the libraries made for it:
+
+- ``load_text_classification(path, ...)``: a ``.csv`` / ``.tsv`` (``.tab``) / ``.json`` /
+  ``.jsonl`` / ``.parquet`` file, read by ``datasets.load_dataset("csv" | "json" | "parquet")``
+  (TSV: delimiter tab, ``csv.QUOTE_NONE``, as the GLUE files need), → a ``datasets.Dataset`` with
+  columns ``text``, [``text_pair``], ``label`` (int, a ``ClassLabel`` whose names are the original
+  labels). The Arrow cache of ``load_dataset`` and of the ``.map`` that builds these columns lives
+  under ``$FEDLORA_CACHE/datasets`` (default ``~/.cache/fedlora/datasets``), never next to the
+  data file.
 - ``KNOWN_DATASETS`` (``sst2``, ``agnews``, ``rte``) and ``load_known(name, split)``: the data sets
   under the data root (``resolve_data_root``: ``FEDLORA_DATA``, else ``shared/data`` found next
   to the config file or the repository; see ``shared/data/*/SOURCE.md``).
@@ -10,25 +16,29 @@
   ``DirichletPartitioner`` (label skew, α) and ``ShardPartitioner`` (pathological label shards),
   on a ``datasets.Dataset`` or on any dataset with ``.labels`` and ``.subset`` (the synthetic
   ``TensorDictDataset``, ``TokenizedDataset``). ``train_val_split`` for a client's validation set.
-- ``tokenize(ds, tokenizer, max_length)``: unpadded token ids, memoised in-process and cached on
-  disk (key: tokenizer content, data content, max length), so rounds never re-tokenise;
-  ``make_text_loader`` batches them with dynamic padding (``collate_text``) into the dicts
-  ``fedlora.train`` expects.
+- ``tokenize(ds, tokenizer, max_length)``: unpadded token ids from ``Dataset.map(batched=True)``,
+  cached by ``datasets`` in an Arrow file named after the tokenizer's content, the data set's
+  ``datasets`` fingerprint and the max length (and memoised in-process), so rounds and later
+  processes never re-tokenise.
+- ``text_collator(ds)`` / ``make_text_loader``: one collate path for DP and non-DP training —
+  transformers' ``DataCollatorWithPadding`` over the data set's own tokenizer (its pad id), right
+  padding to each batch's longest row, with ``attention_mask``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import hashlib
 import itertools
 import os
-import sys
 import tempfile
 import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +52,10 @@ DATA_ENV = "FEDLORA_DATA"
 CACHE_ENV = "FEDLORA_CACHE"
 DATA_HINT = "see shared/data/SOURCE.md (each data set's folder has one)"
 METHODS = ("iid", "dirichlet", "shards")
-_CACHE_FORMAT = "fedlora-tokens/1"
+_CACHE_FORMAT = "fedlora-tokens/2"
+# file suffix → the datasets builder that reads it
+FILE_FORMATS = {".csv": "csv", ".tsv": "csv", ".tab": "csv", ".json": "json", ".jsonl": "json",
+                ".parquet": "parquet"}
 
 
 def _datasets():
@@ -52,6 +65,22 @@ def _datasets():
         raise ImportError("real data needs the optional 'models' extra (datasets, flwr-datasets): "
                           'pip install -e ".[models]"') from e
     return datasets
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    """``datasets``' progress bars off for one call (a simulation has many clients), then as before."""
+    from datasets import config
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    switch = not are_progress_bars_disabled() and config.HF_DATASETS_DISABLE_PROGRESS_BARS is not False
+    if switch:
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        if switch:
+            enable_progress_bars()
 
 
 # ---- where the data live ------------------------------------------------------------------------
@@ -98,32 +127,112 @@ def missing_file_error(path: Path, config_key: str, what: str = "data file") -> 
         f"to get them: {DATA_HINT}")
 
 
+def cache_root() -> Path:
+    """fedlora's cache folder: ``$FEDLORA_CACHE``, else ``$XDG_CACHE_HOME/fedlora`` (``~/.cache``)."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path(
+        os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fedlora"
+
+
+def default_cache_dir() -> Path:
+    """Where ``tokenize`` keeps its Arrow files: ``cache_root() / "tokens"``."""
+    return cache_root() / "tokens"
+
+
+def _writable_dir(path: Path) -> bool:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(path, os.W_OK | os.X_OK)
+
+
 # ---- reading files -----------------------------------------------------------------------------
 
-def _read_rows(path: Path) -> tuple[list[str], list[list[str]]]:
+def _root_cause(e: BaseException) -> BaseException:
+    """The innermost exception (``datasets`` wraps a pandas error in ``DatasetGenerationError``)."""
+    seen = {id(e)}
+    while True:
+        nxt = e.__cause__ if e.__cause__ is not None else (
+            None if e.__suppress_context__ else e.__context__)
+        if nxt is None or id(nxt) in seen:
+            return e
+        e = nxt
+        seen.add(id(e))
+
+
+def _csv_options(suffix: str) -> dict[str, Any]:
+    """pandas/``datasets`` CSV options: every field a string as written (no NA guessing: a text
+    "NA" or "null" stays text), an over-long row an error rather than a silent index column."""
+    tsv = suffix in (".tsv", ".tab")
+    return {"delimiter": "\t" if tsv else ",", "quoting": csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL,
+            "keep_default_na": False, "index_col": False}
+
+
+def _csv_header(path: Path, opts: dict[str, Any]) -> list[str]:
+    import pandas as pd
+
+    try:
+        return [str(c) for c in pd.read_csv(path, nrows=0, sep=opts["delimiter"],
+                                            quoting=opts["quoting"], encoding="utf-8").columns]
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{str(path)!r} is empty (expected a header row)") from None
+    except (UnicodeDecodeError, pd.errors.ParserError) as e:
+        raise ValueError(f"{str(path)!r}: cannot read its header row as "
+                         f"{'TSV' if opts['delimiter'] == chr(9) else 'CSV'} (UTF-8): {e}") from e
+
+
+def _load_file(path: Path, cols: list[str]):
+    """``datasets.load_dataset`` on one local file → its ``train`` split, the ``cols`` checked."""
+    datasets = _datasets()
     suffix = path.suffix.lower()
-    if suffix in (".tsv", ".tab"):
-        kw: dict[str, Any] = {"delimiter": "\t", "quoting": csv.QUOTE_NONE}
-    elif suffix == ".csv":
-        kw = {"delimiter": ","}
-    else:
-        raise ValueError(f"{str(path)!r}: expected a .csv or .tsv file (got suffix {suffix!r})")
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f, **kw)
-        try:
-            header = next(reader)
-        except StopIteration:
-            raise ValueError(f"{str(path)!r} is empty (expected a header row)") from None
-        rows = []
-        for lineno, row in enumerate(reader, start=2):
-            if not row:
-                continue
-            if len(row) != len(header):
-                raise ValueError(f"{str(path)!r} line {lineno}: {len(row)} fields, the header has "
-                                 f"{len(header)} ({header})")
-            rows.append(row)
-    return header, rows
+    builder = FILE_FORMATS.get(suffix)
+    if builder is None:
+        raise ValueError(f"{str(path)!r}: expected a {', '.join(FILE_FORMATS)} file (got suffix "
+                         f"{suffix!r})")
+    kw: dict[str, Any] = {}
+    header: list[str] = []
+    if builder == "csv":
+        kw = _csv_options(suffix)
+        header = _csv_header(path, kw)
+        missing = [c for c in cols if c not in header]
+        if missing:
+            raise ValueError(f"{str(path)!r}: no column(s) {missing}; the columns are {header}")
+        # every column read (``usecols`` would hide rows longer than the header), as strings
+        kw.update(encoding="utf-8",
+                  features=datasets.Features({c: datasets.Value("string") for c in header}))
+    cache = cache_root() / "datasets"
+    tmp = None
+    if not _writable_dir(cache):  # a read-only cache: a throw-away one, the data kept in memory
+        tmp = tempfile.TemporaryDirectory(prefix="fedlora-datasets-")
+        warnings.warn(f"the data cache {str(cache)!r} is not writable; reading {str(path)!r} "
+                      "without a cache", stacklevel=3)
+        cache = Path(tmp.name)
+    import pandas as pd
+
+    try:
+        with _no_progress_bars(), warnings.catch_warnings():
+            # pandas warns (and drops a field) when the first row is longer than the header
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            ds = datasets.load_dataset(builder, data_files=str(path), split="train",
+                                       cache_dir=str(cache), keep_in_memory=tmp is not None, **kw)
+    except Exception as e:  # noqa: BLE001 - re-raised with the file named
+        cause = _root_cause(e)
+        if isinstance(cause, pd.errors.ParserWarning):
+            msg = (f"the first data row (line 2, unless blank lines come first) has more fields "
+                   f"than the header's {len(header)} ({header})")
+        elif "corresponds to no data" in str(cause):
+            msg = "no data rows"
+        else:
+            msg = f"{type(cause).__name__}: {cause}"
+        raise ValueError(f"{str(path)!r} (read as {builder}): {msg}") from e
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    missing = [c for c in cols if c not in ds.column_names]
+    if missing:
+        raise ValueError(f"{str(path)!r}: no column(s) {missing}; the columns are {ds.column_names}")
+    return ds
 
 
 def _label_names(raw: Sequence[str]) -> list[str]:
@@ -134,46 +243,93 @@ def _label_names(raw: Sequence[str]) -> list[str]:
         return uniq
 
 
+def _as_strings(col):
+    """An Arrow column as strings (JSON/Parquet integers → "1")."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        return col
+    return pc.cast(col, pa.string())
+
+
+def _bad_rows(mask) -> str:
+    rows = np.flatnonzero(np.asarray(mask))
+    first = ", ".join(str(int(i) + 1) for i in rows[:5])
+    return f"{len(rows)} row(s) (data rows {first}{', ...' if len(rows) > 5 else ''}; 1 = the first)"
+
+
+def _layout(batch, text_col: str, text_pair_col: str | None, label_col: str, keys: list[str],
+            ids: list[int]):
+    """One Arrow batch → ``text``, [``text_pair``], ``label`` (``keys[k]`` → ``ids[k]``)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    out = {"text": _as_strings(batch[text_col])}
+    if text_pair_col:
+        out["text_pair"] = _as_strings(batch[text_pair_col])
+    pos = pc.index_in(pc.utf8_trim_whitespace(_as_strings(batch[label_col])),
+                      value_set=pa.array(keys, pa.string()))
+    out["label"] = pa.array(np.asarray(ids, dtype=np.int64)[pos.to_numpy(zero_copy_only=False)])
+    return pa.table(out)
+
+
+def _fingerprint(*parts: Any) -> str:
+    return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:32]
+
+
 def load_text_classification(path: str | os.PathLike, text_col: str = "sentence",
                              label_col: str = "label", text_pair_col: str | None = None,
                              label_map: dict[str, int] | None = None, limit: int | None = None,
                              seed: int = 0, config_key: str = "data.path", offset: int = 0):
-    """A CSV/TSV file → ``datasets.Dataset`` with ``text``, [``text_pair``], ``label`` (int).
+    """A CSV/TSV/JSON(L)/Parquet file → ``datasets.Dataset`` with ``text``, [``text_pair``],
+    ``label`` (int).
+
+    The file is read by ``datasets.load_dataset`` by suffix: ``.csv`` (``"csv"``), ``.tsv`` /
+    ``.tab`` (``"csv"``, delimiter tab, no quoting, as the GLUE files need), ``.json`` / ``.jsonl``
+    (``"json"``: JSON lines or a list of records), ``.parquet`` (``"parquet"``). CSV/TSV fields
+    are read as written (strings; "NA" stays text). Its Arrow cache, and the ``.map`` building
+    the columns below, live under ``cache_root()/datasets`` (the data folder is never written;
+    an unwritable cache means a throw-away one, with a warning); ``datasets`` keys that cache on
+    the file's path and modification time, so a changed file is read again.
 
     Labels map through ``label_map`` (original string → int) or, without one, to their index in
-    the sorted unique labels (integers sorted numerically). The ``label`` column is a
-    ``ClassLabel`` whose names are the original labels. ``limit`` keeps a random subset of that
-    many rows (seeded, file order kept); ``offset`` skips the first ``offset`` rows of that seeded
-    order, so ``offset=N`` gives rows disjoint from ``limit=N`` (a second held-out split).
+    the sorted unique labels of the whole file (integers sorted numerically), so the ids do not
+    depend on ``limit``/``offset``. The ``label`` column is a ``ClassLabel`` whose names are the
+    original labels. A row without a label (a missing or empty field — also what a row with fewer
+    fields than the header gives) is an error. ``limit`` keeps a random subset of that many rows
+    (seeded, file order kept); ``offset`` skips the first ``offset`` rows of that seeded order, so
+    ``offset=N`` gives rows disjoint from ``limit=N`` (a second held-out split).
     """
+    import pyarrow.compute as pc
+
     datasets = _datasets()
     path = Path(path).expanduser()
     if not path.is_file():
         raise missing_file_error(path, config_key)
-    header, rows = _read_rows(path)
-    cols = [text_col, label_col] + ([text_pair_col] if text_pair_col else [])
-    missing = [c for c in cols if c not in header]
-    if missing:
-        raise ValueError(f"{str(path)!r}: no column(s) {missing}; the columns are {header}")
     if offset < 0:
         raise ValueError(f"offset must be >= 0, got {offset}")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
-    if offset or (limit is not None and limit < len(rows)):
-        if offset + (limit or 1) > len(rows):
-            raise ValueError(f"{str(path)!r} has {len(rows)} rows: too few for {limit or 'all'} rows "
-                             f"after the first {offset}")
-        perm = np.random.default_rng(seed).permutation(len(rows))
-        keep = np.sort(perm[offset:offset + limit] if limit is not None else perm[offset:])
-        rows = [rows[i] for i in keep]
-    li = header.index(label_col)
-    raw = [r[li].strip() for r in rows]
+    cols = [text_col, label_col] + ([text_pair_col] if text_pair_col else [])
+    ds = _load_file(path, cols)
+    n = len(ds)
+    for c in cols[:1] + cols[2:]:
+        nulls = pc.is_null(_column(ds, c)).to_numpy(zero_copy_only=False)
+        if nulls.any():
+            raise ValueError(f"{str(path)!r}: column {c!r} is missing in {_bad_rows(nulls)}")
+    raw = pc.utf8_trim_whitespace(_as_strings(_column(ds, label_col)))
+    empty = pc.fill_null(pc.equal(pc.utf8_length(raw), 0), True).to_numpy(zero_copy_only=False)
+    if empty.any():
+        raise ValueError(f"{str(path)!r}: no {label_col!r} value in {_bad_rows(empty)} (a row with "
+                         "fewer fields than the header leaves its last columns empty)")
+    present = pc.unique(raw).to_pylist()
     if label_map is None:
-        names = _label_names(raw)
-        label_map = {n: i for i, n in enumerate(names)}
+        names = _label_names(present)
+        label_map = {name: i for i, name in enumerate(names)}
     else:
         label_map = {str(k): int(v) for k, v in label_map.items()}
-        unknown = sorted(set(raw) - set(label_map))
+        unknown = sorted(set(present) - set(label_map))
         if unknown:
             raise ValueError(f"{str(path)!r}: labels {unknown[:10]} are not in label_map "
                              f"{label_map}")
@@ -182,15 +338,27 @@ def load_text_classification(path: str | os.PathLike, text_col: str = "sentence"
         names = [None] * len(set(label_map.values()))
         for k, v in label_map.items():
             names[v] = names[v] or k
-    data: dict[str, list] = {"text": [r[header.index(text_col)] for r in rows]}
-    if text_pair_col:
-        data["text_pair"] = [r[header.index(text_pair_col)] for r in rows]
-    data["label"] = [label_map[x] for x in raw]
+    if offset or (limit is not None and limit < n):
+        if offset + (limit or 1) > n:
+            raise ValueError(f"{str(path)!r} has {n} rows: too few for {limit or 'all'} rows "
+                             f"after the first {offset}")
+        perm = np.random.default_rng(seed).permutation(n)
+        keep = np.sort(perm[offset:offset + limit] if limit is not None else perm[offset:])
+        ds = ds.select(keep.tolist())
     feats = {"text": datasets.Value("string")}
     if text_pair_col:
         feats["text_pair"] = datasets.Value("string")
     feats["label"] = datasets.ClassLabel(names=[str(n) for n in names])
-    return datasets.Dataset.from_dict(data, features=datasets.Features(feats))
+    keys = list(label_map)
+    ids = [label_map[k] for k in keys]
+    with _no_progress_bars():
+        return ds.with_format("arrow").map(
+            _layout, batched=True, batch_size=10_000, remove_columns=ds.column_names,
+            features=datasets.Features(feats),
+            fn_kwargs={"text_col": text_col, "text_pair_col": text_pair_col, "label_col": label_col,
+                       "keys": keys, "ids": ids},
+            new_fingerprint=_fingerprint("layout/1", ds._fingerprint, text_col, text_pair_col,
+                                         label_col, keys, ids, names)).with_format(None)
 
 
 @dataclass(frozen=True)
@@ -239,7 +407,7 @@ def known_path(name: str, split: str = "train", root: str | os.PathLike | None =
 def _spec(name: str) -> DatasetSpec:
     if name not in KNOWN_DATASETS:
         raise ValueError(f"unknown data set {name!r}; known: {sorted(KNOWN_DATASETS)} (or give a "
-                         "CSV/TSV path with its text/label columns)")
+                         "CSV/TSV/JSON/Parquet path with its text/label columns)")
     return KNOWN_DATASETS[name]
 
 
@@ -396,26 +564,45 @@ def train_val_split(dataset: Any, val_fraction: float = 0.1, seed: int = 0) -> t
     return _select(dataset, np.sort(perm[n_val:])), _select(dataset, np.sort(perm[:n_val]))
 
 
-def label_histogram(dataset: Any, num_classes: int, label_col: str = "label") -> np.ndarray:
-    """Counts per class (for reports and skew checks)."""
-    return np.bincount(_labels_of(dataset, label_col).astype(np.int64), minlength=num_classes)
-
 
 # ---- tokenisation ------------------------------------------------------------------------------
 
 class TokenizedDataset(Dataset):
-    """Unpadded token ids, stored flat (``ids`` + ``offsets``) with an optional row index view.
+    """Unpadded token ids as a torch ``Dataset``: rows are dicts ``input_ids`` (1-D long),
+    [``token_type_ids``], ``labels`` (0-D long).
 
-    Rows are dicts ``input_ids`` (1-D long), [``token_type_ids``], ``labels`` (0-D long).
+    ``tokenize`` builds it from the ``datasets.Dataset`` that ``Dataset.map`` wrote (``.hf``):
+    its Arrow list columns are taken once as flat storage (``ids`` + ``offsets``, a copy of a few
+    MB), because indexing a ``datasets.Dataset`` row by row costs ~0.5-1 ms a row against ~30-70 µs here.
+    ``subset`` is a row-index view on the same storage. ``tokenizer`` (when known) is the one that
+    made the ids; ``text_collator`` pads with it.
     """
 
     def __init__(self, ids: torch.Tensor, offsets: torch.Tensor, labels: torch.Tensor,
                  type_ids: torch.Tensor | None = None, pad_token_id: int = 0,
-                 rows: torch.Tensor | None = None) -> None:
+                 rows: torch.Tensor | None = None, *, tokenizer: Any = None, hf: Any = None) -> None:
         self.ids, self.offsets, self.type_ids = ids, offsets, type_ids
         self._labels = labels.long()
         self.pad_token_id = int(pad_token_id)
         self.rows = rows  # None: all rows in order
+        self.tokenizer = tokenizer
+        self._hf = hf
+
+    @classmethod
+    def from_hf(cls, hf: Any, pad_token_id: int = 0, tokenizer: Any = None) -> TokenizedDataset:
+        """From a ``datasets.Dataset`` with ``input_ids`` [, ``token_type_ids``] (lists of ints) and
+        ``labels``."""
+        def flat(name: str, dtype: np.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+            col = _column(hf, name)
+            off = np.asarray(col.offsets, dtype=np.int64)
+            vals = np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=dtype)
+            return torch.from_numpy(vals.copy()), torch.from_numpy(off - off[0])
+
+        ids, offsets = flat("input_ids", np.int32)
+        tt = flat("token_type_ids", np.int8)[0] if "token_type_ids" in hf.column_names else None
+        labels = torch.from_numpy(_column(hf, "labels").to_numpy(zero_copy_only=False)
+                                  .astype(np.int64))
+        return cls(ids, offsets, labels, tt, pad_token_id, tokenizer=tokenizer, hf=hf)
 
     def __len__(self) -> int:
         return len(self._labels) if self.rows is None else len(self.rows)
@@ -445,47 +632,18 @@ class TokenizedDataset(Dataset):
         lens = self.offsets[1:] - self.offsets[:-1]
         return lens if self.rows is None else lens[self.rows]
 
+    @property
+    def hf(self) -> Any:
+        """The rows as a ``datasets.Dataset`` (``None`` when built from tensors)."""
+        if self._hf is None or self.rows is None:
+            return self._hf
+        return self._hf.select(self.rows.tolist())
+
     def subset(self, idx: torch.Tensor | Sequence[int]) -> TokenizedDataset:
         idx = torch.as_tensor(idx, dtype=torch.long)
         rows = idx if self.rows is None else self.rows[idx]
         return TokenizedDataset(self.ids, self.offsets, self._labels, self.type_ids,
-                                self.pad_token_id, rows)
-
-    # -- on-disk form (the full flat storage; a subset view is materialised first) --
-    def to_state(self) -> dict[str, Any]:
-        src = self if self.rows is None else _materialise(self)
-        st = {"format": _CACHE_FORMAT, "ids": src.ids, "offsets": src.offsets,
-              "labels": src._labels, "pad_token_id": src.pad_token_id}
-        if src.type_ids is not None:
-            st["type_ids"] = src.type_ids
-        return st
-
-    @classmethod
-    def from_state(cls, st: dict[str, Any]) -> TokenizedDataset:
-        if st.get("format") != _CACHE_FORMAT:
-            raise ValueError(f"not a {_CACHE_FORMAT} file")
-        return cls(st["ids"], st["offsets"], st["labels"], st.get("type_ids"),
-                   int(st["pad_token_id"]))
-
-
-def _materialise(ds: TokenizedDataset) -> TokenizedDataset:
-    lens = ds.lengths
-    offsets = torch.zeros(len(ds) + 1, dtype=torch.long)
-    offsets[1:] = torch.cumsum(lens, 0)
-    rows = ds.rows.tolist() if ds.rows is not None else range(len(ds))
-    ids = torch.cat([ds.ids[int(ds.offsets[r]):int(ds.offsets[r + 1])] for r in rows]) \
-        if len(ds) else ds.ids[:0]
-    tt = None if ds.type_ids is None else (torch.cat(
-        [ds.type_ids[int(ds.offsets[r]):int(ds.offsets[r + 1])] for r in rows]) if len(ds)
-        else ds.type_ids[:0])
-    return TokenizedDataset(ids, offsets, ds.labels.clone(), tt, ds.pad_token_id)
-
-
-def default_cache_dir() -> Path:
-    env = os.environ.get(CACHE_ENV)
-    base = Path(env).expanduser() if env else Path(
-        os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fedlora"
-    return base / "tokens"
+                                self.pad_token_id, rows, tokenizer=self.tokenizer, hf=self._hf)
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -506,22 +664,6 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return fp
 
 
-def dataset_fingerprint(dataset: Any) -> str:
-    """SHA-256 over the ``text``, [``text_pair``] and ``label`` columns (content, not identity)."""
-    h = hashlib.sha256()
-    for col in ("text", "text_pair", "label"):
-        if col not in dataset.column_names:
-            continue
-        h.update(f"|{col}|".encode())
-        vals = _column(dataset, col)
-        if col == "label":
-            h.update(vals.to_numpy().astype(np.int64).tobytes())
-        else:
-            h.update("\x1f".join(vals.to_pylist()).encode("utf-8", "surrogatepass"))
-    h.update(f"|n={len(dataset)}".encode())
-    return h.hexdigest()
-
-
 _MEMO: OrderedDict[str, TokenizedDataset] = OrderedDict()
 _MEMO_MAX = 32
 
@@ -533,126 +675,196 @@ def _memo_put(key: str, ds: TokenizedDataset) -> None:
         _MEMO.popitem(last=False)
 
 
+def _list_array(rows: list[list[int]], dtype: type):
+    """Python lists of ints → one Arrow ``list<dtype>`` array (no per-value Python objects)."""
+    import pyarrow as pa
+
+    lens = np.fromiter(map(len, rows), dtype=np.int32, count=len(rows))
+    off = np.zeros(len(rows) + 1, dtype=np.int32)
+    np.cumsum(lens, out=off[1:])
+    vals = np.fromiter(itertools.chain.from_iterable(rows), dtype=dtype, count=int(off[-1]))
+    return pa.ListArray.from_arrays(pa.array(off), pa.array(vals))
+
+
+def _encode(batch, tokenizer: Any, max_length: int, pair: bool, want_tt: bool):
+    """One Arrow batch of ``text`` [, ``text_pair``], ``label`` → token ids (``Dataset.map``)."""
+    import pyarrow as pa
+
+    enc = tokenizer(batch["text"].to_pylist(), batch["text_pair"].to_pylist() if pair else None,
+                    truncation="longest_first" if pair else True, max_length=max_length,
+                    padding=False, return_attention_mask=False, return_token_type_ids=want_tt)
+    out = {"input_ids": _list_array(enc["input_ids"], np.int32)}
+    if want_tt:
+        out["token_type_ids"] = _list_array(enc["token_type_ids"], np.int8)
+    out["labels"] = batch["label"]
+    return pa.table(out)
+
+
 def tokenize(dataset: Any, tokenizer: Any, max_length: int = 64,
              cache_dir: str | os.PathLike | None | bool = None,
              batch_size: int = 2000) -> TokenizedDataset:
     """Token ids of ``text`` (and ``text_pair``: ``truncation="longest_first"``), truncated to
-    ``max_length``, no padding.
+    ``max_length``, no padding, as a ``TokenizedDataset``.
 
-    Memoised in-process and cached on disk under ``cache_dir`` (default ``$FEDLORA_CACHE/tokens``
-    or ``~/.cache/fedlora/tokens``; ``False`` disables the disk cache), keyed by the tokenizer's
-    content, the data's content and ``max_length``: a later round or process reuses the ids.
+    ``dataset.map(batched=True)`` does the work; ``datasets`` caches its result in the Arrow file
+    ``<cache_dir>/<key>.arrow`` (default ``cache_dir``: ``$FEDLORA_CACHE/tokens`` or
+    ``~/.cache/fedlora/tokens``; ``False``: no file, ``keep_in_memory``), ``key`` hashing the
+    tokenizer's content, the data set's ``datasets`` fingerprint (which follows the file and
+    every ``select``/``map`` that made it) and ``max_length``; a later round or process reuses
+    it. The result is also memoised in-process (same key → the same object). The on-disk cache
+    is used because measured it is not slower: writing the Arrow file costs no more than building
+    the same table in memory (SST-2 train, 60,614 rows, MiniLM, 2 busy cores: ~7 s either way,
+    most of it the tokenizer; the former hand-written path ~9 s in the same run), and a hit takes
+    ~15 ms (the former ``.pt`` cache ~40 ms, most of it hashing the texts).
     """
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2, got {max_length}")
+    if not hasattr(dataset, "column_names") or not hasattr(dataset, "_fingerprint"):
+        raise TypeError(f"tokenize needs a datasets.Dataset, got {type(dataset).__name__}")
+    if "text" not in dataset.column_names or "label" not in dataset.column_names:
+        raise ValueError(f"tokenize needs 'text' and 'label' columns, got {dataset.column_names}")
     key = hashlib.sha256(f"{_CACHE_FORMAT}|{tokenizer_fingerprint(tokenizer)}|"
-                         f"{dataset_fingerprint(dataset)}|{int(max_length)}".encode()).hexdigest()
+                         f"{dataset._fingerprint}|{int(max_length)}".encode()).hexdigest()
     if key in _MEMO:
         _MEMO.move_to_end(key)
         return _MEMO[key]
+    datasets = _datasets()
+    pair = "text_pair" in dataset.column_names
+    want_tt = "token_type_ids" in getattr(tokenizer, "model_input_names", [])
+    feats = {"input_ids": datasets.List(datasets.Value("int32"))}
+    if want_tt:
+        feats["token_type_ids"] = datasets.List(datasets.Value("int8"))
+    feats["labels"] = datasets.Value("int64")
+    where: dict[str, Any] = {"keep_in_memory": True}
     path = None
     if cache_dir is not False:
-        path = Path(cache_dir if cache_dir not in (None, True) else default_cache_dir()) / \
-            f"{key}.pt"
-        if path.is_file():
-            try:
-                ds = TokenizedDataset.from_state(torch.load(path, weights_only=True))
-                _memo_put(key, ds)
-                return ds
-            except Exception:  # noqa: BLE001 - a corrupt cache file is rebuilt
-                pass
-    ds = _tokenize(dataset, tokenizer, max_length, batch_size)
-    if path is not None:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
-            os.close(fd)
-            torch.save(ds.to_state(), tmp)
-            os.replace(tmp, path)
-        except OSError as e:  # a read-only cache is not fatal
-            warnings.warn(f"could not write the token cache {path}: {e}", stacklevel=2)
+        folder = Path(cache_dir if cache_dir not in (None, True) else default_cache_dir())
+        if _writable_dir(folder):
+            path = folder / f"{key}.arrow"
+            where = {"cache_file_name": str(path)}
+        else:  # a read-only cache is not fatal
+            warnings.warn(f"the token cache {str(folder)!r} is not writable; tokenising in memory",
+                          stacklevel=2)
+
+    def run() -> Any:
+        with _no_progress_bars():
+            return dataset.with_format("arrow").map(
+                _encode, batched=True, batch_size=batch_size, remove_columns=dataset.column_names,
+                features=datasets.Features(feats), new_fingerprint=key[:32],
+                fn_kwargs={"tokenizer": tokenizer, "max_length": int(max_length), "pair": pair,
+                           "want_tt": want_tt}, **where).with_format(None)
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if len(dataset) == 0:  # .map on no rows makes no columns
+        none = torch.zeros(0, dtype=torch.long)
+        ds = TokenizedDataset(none.int(), torch.zeros(1, dtype=torch.long), none,
+                              none.to(torch.int8) if want_tt else None, pad, tokenizer=tokenizer)
+        _memo_put(key, ds)
+        return ds
+    cached = path is not None and path.is_file()
+    try:
+        out = run()
+    except Exception:
+        if not cached:
+            raise
+        path.unlink(missing_ok=True)  # a corrupt cache file is rebuilt
+        out = run()
+    ds = TokenizedDataset.from_hf(out, pad, tokenizer)
     _memo_put(key, ds)
     return ds
 
 
-def _tokenize(dataset: Any, tokenizer: Any, max_length: int, batch_size: int) -> TokenizedDataset:
-    if "text" not in dataset.column_names or "label" not in dataset.column_names:
-        raise ValueError(f"tokenize needs 'text' and 'label' columns, got {dataset.column_names}")
-    pair = "text_pair" in dataset.column_names
-    want_tt = "token_type_ids" in getattr(tokenizer, "model_input_names", [])
-    texts = _column(dataset, "text").to_pylist()
-    pairs = _column(dataset, "text_pair").to_pylist() if pair else None
-    ids: list[list[int]] = []
-    tts: list[list[int]] = []
-    for s in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[s:s + batch_size], pairs[s:s + batch_size] if pair else None,
-                        truncation="longest_first" if pair else True, max_length=max_length,
-                        padding=False, return_attention_mask=False,
-                        return_token_type_ids=want_tt)
-        ids += enc["input_ids"]
-        if want_tt:
-            tts += enc["token_type_ids"]
-    lens = torch.tensor([len(x) for x in ids], dtype=torch.long)
-    offsets = torch.zeros(len(ids) + 1, dtype=torch.long)
-    offsets[1:] = torch.cumsum(lens, 0)
-    vocab = len(tokenizer)
-    dtype = torch.int32 if vocab < 2**31 else torch.long
-    total = int(offsets[-1])
-    flat = torch.from_numpy(np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64,
-                                        count=total)).to(dtype)
-    tt = torch.from_numpy(np.fromiter(itertools.chain.from_iterable(tts), dtype=np.int8,
-                                      count=total)) if want_tt else None
-    labels = torch.as_tensor(_column(dataset, "label").to_numpy().astype(np.int64))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return TokenizedDataset(flat, offsets, labels, tt, pad)
-
-
 # ---- batching ----------------------------------------------------------------------------------
 
-class TextCollator:
-    """Dynamic padding: pads ``input_ids`` (with ``pad_token_id``) and ``token_type_ids`` (0) to the
-    batch's longest row; ``attention_mask`` is 1 on tokens, 0 on padding. Rows may carry
-    ``labels`` or ``label``; fixed-length rows (the synthetic task) pass through unchanged."""
+@lru_cache(maxsize=16)
+def _pad_only_tokenizer(pad_token_id: int):
+    """A transformers tokenizer that knows nothing but its pad token (id ``pad_token_id``), for
+    padding rows whose own tokenizer is unknown (``TextCollator(pad_token_id)``)."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
 
-    def __init__(self, pad_token_id: int = 0) -> None:
-        self.pad_token_id = int(pad_token_id)
+    backend = Tokenizer(WordLevel({"[PAD]": int(pad_token_id)}, unk_token="[PAD]"))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", padding_side="right",
+                                   model_input_names=["input_ids", "token_type_ids",
+                                                      "attention_mask"])
+
+
+def _right_padding(tokenizer: Any) -> Any:
+    """``tokenizer`` padding on the right with an attention mask (a shallow copy if it does not):
+    the real tokens keep positions 0..n-1, as unpadded, whatever the model family."""
+    names = list(getattr(tokenizer, "model_input_names", []))
+    if getattr(tokenizer, "padding_side", "right") == "right" and "attention_mask" in names:
+        return tokenizer
+    tok = copy.copy(tokenizer)
+    tok.padding_side = "right"
+    if "attention_mask" not in names:
+        tok.model_input_names = [*names, "attention_mask"]
+    return tok
+
+
+class TextCollator:
+    """Dynamic padding with transformers' ``DataCollatorWithPadding``: ``input_ids`` padded with
+    the pad id, ``token_type_ids`` with the tokenizer's pad type id (0), ``attention_mask`` 1 on
+    tokens and 0 on padding (a row's own mask is padded with 0), all to the batch's longest row,
+    on the right; ``label`` becomes ``labels``; every tensor ``long``. Fixed-length rows (the
+    synthetic task) pass through unchanged; an empty batch gives 0-row tensors.
+
+    ``TextCollator(pad_token_id)`` pads with that id; ``TextCollator(tokenizer=tok)`` with the
+    tokenizer's own (``text_collator(ds)`` picks the data set's). The same object serves DP
+    (Opacus) and non-DP loaders.
+    """
+
+    def __init__(self, pad_token_id: int | None = 0, tokenizer: Any = None) -> None:
+        from transformers import DataCollatorWithPadding
+
+        if tokenizer is not None and getattr(tokenizer, "pad_token_id", None) is None:
+            tokenizer = None  # no pad token: pad with pad_token_id (default 0), as before
+        if tokenizer is None:
+            tokenizer = _pad_only_tokenizer(0 if pad_token_id is None else int(pad_token_id))
+        elif pad_token_id is not None and int(pad_token_id) != tokenizer.pad_token_id:
+            raise ValueError(f"pad_token_id={pad_token_id} but the tokenizer pads with "
+                             f"{tokenizer.pad_token_id}")
+        self.tokenizer = _right_padding(tokenizer)
+        self.pad_token_id = int(self.tokenizer.pad_token_id)
+        # NumPy out, then torch.from_numpy: 2-3x faster than return_tensors="pt", whose
+        # torch.tensor(nested lists) dominates a batch (32 AG News rows: ~2 ms against ~5-7 ms)
+        self._pad = DataCollatorWithPadding(self.tokenizer, padding="longest", return_tensors="np")
 
     def __call__(self, rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        b = len(rows)
-        lens = [int(r["input_ids"].shape[0]) for r in rows]
-        t = max(lens, default=0)
-        input_ids = torch.full((b, t), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((b, t), dtype=torch.long)
-        has_tt = b > 0 and "token_type_ids" in rows[0]
-        tt = torch.zeros((b, t), dtype=torch.long) if has_tt else None
-        for i, (r, n) in enumerate(zip(rows, lens)):
-            input_ids[i, :n] = r["input_ids"]
-            if "attention_mask" in r:
-                mask[i, :n] = torch.as_tensor(r["attention_mask"])[:n]
-            else:
-                mask[i, :n] = 1
-            if tt is not None:
-                tt[i, :n] = r["token_type_ids"]
-        out = {"input_ids": input_ids, "attention_mask": mask}
-        if tt is not None:
-            out["token_type_ids"] = tt
-        key = "labels" if b == 0 or "labels" in rows[0] else "label"
-        out["labels"] = torch.as_tensor([int(r[key]) for r in rows], dtype=torch.long)
-        return out
+        if not rows:
+            empty = torch.zeros((0, 0), dtype=torch.long)
+            return {"input_ids": empty, "attention_mask": empty.clone(),
+                    "labels": torch.zeros(0, dtype=torch.long)}
+        return {k: torch.from_numpy(np.asarray(v)).long() for k, v in self._pad(rows).items()}
+
+
+def text_collator(dataset: Any) -> TextCollator:
+    """The collator for ``dataset``'s rows, padding with that data set's own pad id: its
+    tokenizer's (``DataCollatorWithPadding`` over it) for a ``TokenizedDataset`` from ``tokenize``,
+    else its ``.pad_token_id`` (0 when it has none, e.g. the synthetic task). ``make_text_loader``
+    uses it; a DP loader (Opacus) should too, so both pad alike."""
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset = dataset.dataset
+    tok = getattr(dataset, "tokenizer", None)
+    if tok is not None and getattr(tok, "pad_token_id", None) is not None:
+        return TextCollator(None, tokenizer=tok)
+    return TextCollator(getattr(dataset, "pad_token_id", 0))
 
 
 def collate_text(rows: list[dict[str, torch.Tensor]], pad_token_id: int = 0
                  ) -> dict[str, torch.Tensor]:
+    """``TextCollator(pad_token_id)(rows)``."""
     return TextCollator(pad_token_id)(rows)
 
 
 def make_text_loader(tok_ds: Dataset, batch_size: int = 32, shuffle: bool = True, seed: int = 0,
                      drop_last: bool = False, num_workers: int = 0) -> DataLoader:
     """Batches of ``input_ids`` / ``attention_mask`` / [``token_type_ids``] / ``labels``, each
-    padded to its own longest row. ``seed`` fixes the shuffle order."""
+    padded to its own longest row by ``text_collator(tok_ds)``. ``seed`` fixes the shuffle order."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     g = torch.Generator().manual_seed(int(seed))
-    pad = getattr(tok_ds, "pad_token_id", 0)
     return DataLoader(tok_ds, batch_size=batch_size, shuffle=shuffle, generator=g,
-                      collate_fn=TextCollator(pad), drop_last=drop_last, num_workers=num_workers)
+                      collate_fn=text_collator(tok_ds), drop_last=drop_last,
+                      num_workers=num_workers)
