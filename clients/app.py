@@ -283,7 +283,7 @@ def _train_private(context: Context, spec: ClientSpec, model: nn.Module, train_d
     tr = spec.train
     res = train_private(model, train_ds, cfg=cfg, state=state, batch_size=tr.batch_size,
                         steps=tr.local_steps, planned_total_steps=spec.rounds * tr.local_steps,
-                        optim=optim, device=device, collate_fn=rundata.collate_fn(spec), seed=None)
+                        optim=optim, device=device, collate_fn=rundata.collate_fn(spec, train_ds), seed=None)
     saved = res.state.to_dict()
     context.state[STATE_PRIVACY] = ConfigRecord(saved)
     if cache is not None:

@@ -62,8 +62,6 @@ ACCOUNTANTS = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("hooks", "functorch")
 #: A round is declined when ε after it would exceed ``target_epsilon + EPSILON_TOLERANCE``.
 EPSILON_TOLERANCE = 1e-6
-#: Fed-SB initialisation gradient sources (see ``assert_public_init``).
-INIT_SOURCES = ("server", "federated")
 
 History = list[tuple[float, float, int]]
 
@@ -515,27 +513,3 @@ def train_private(model: nn.Module, dataset: Dataset, *, cfg: PrivacyConfig, sta
     new_state = PrivacyState(new_history, sigma)
     return PrivateTrainResult(res, epsilon(new_history, delta, cfg.accountant), delta, new_state,
                               False, None, sigma, q)
-
-
-# ---- Fed-SB initialisation ----------------------------------------------------------------------
-
-def assert_public_init(source: str, dp_enabled: bool, *, privatised: bool = False) -> None:
-    """Refuse a Fed-SB initialisation that would leak private data under DP.
-
-    ``source`` is where the gradient for the LoRA-SB SVD comes from:
-
-    - ``"server"``: a public / held-out split at the server — always allowed;
-    - ``"federated"``: gradient sums computed on clients' private data — allowed with DP only
-      when ``privatised=True``, which the caller may pass only if those sums are clipped, noised
-      and the mechanism is added to every contributing client's accountant history.
-
-    Raises ``ValueError`` for an unknown source, or for private, un-privatised client data with DP.
-    """
-    if source not in INIT_SOURCES:
-        raise ValueError(f"Fed-SB init source must be one of {INIT_SOURCES} ('server' = a public "
-                         f"split at the server), got {source!r}")
-    if dp_enabled and source == "federated" and not privatised:
-        raise ValueError("with privacy enabled, the Fed-SB initialisation gradient must not come "
-                         "from clients' private data un-noised (the public Fed-SB code does this "
-                         "and does not count it in epsilon); use init source 'server' (a public "
-                         "split at the server) or a privatised federated init counted in epsilon")

@@ -195,11 +195,10 @@ def loader(spec: ClientSpec, ds: Dataset, batch_size: int, shuffle: bool, seed: 
     return make_loader(ds, batch_size, shuffle=shuffle, seed=seed)
 
 
-def collate_fn(spec: ClientSpec):
+def collate_fn(spec: ClientSpec, ds: Dataset):
+    """The batch collator of ``ds`` (the one ``loader`` uses; DP batches go through it too)."""
     if _is_text(spec):
-        from fedlora.data import TextCollator
-        from fedlora.hf_models import get_tokenizer
+        from fedlora.data import text_collator
 
-        pad = get_tokenizer(spec.model.name).pad_token_id
-        return TextCollator(pad if pad is not None else 0)  # the tokenizer's pad id, as make_text_loader
+        return text_collator(ds)
     return None

@@ -36,7 +36,6 @@ import math
 import random
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -47,20 +46,22 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedlora import flower_io, rundata
 from fedlora.checkpoint import (
-    export_peft_adapter,
+    checkpoint_path,
     latest_checkpoint,
     load_checkpoint,
     rng_restore,
     rng_snapshot,
     save_checkpoint,
 )
-from fedlora.client import load_global
 from fedlora.config import RunConfig, load_config
+from fedlora.evaluation import ServerEvaluator
+from fedlora.export import export_global
+from fedlora.ledger import Pending, RoundLedger
 from fedlora.lora import lora_layers
-from fedlora.node_cache import atomic_save_safetensors
+from fedlora.roster import ClientRoster
 from fedlora.runlog import RunLog, summarize, write_summary
 from fedlora.strategies import LayerSpec, create_strategy
-from fedlora.train import accumulate_weight_gradients, evaluate, release_memory
+from fedlora.train import accumulate_weight_gradients
 
 log = logging.getLogger("fedlora.server")
 app = ServerApp()
@@ -116,33 +117,11 @@ class PollingGrid:
         return out
 
 
-@dataclass
-class Pending:
-    client_id: str
-    node_id: int
-    rank: int
-    version: int  # the base version the payload brings the client to
-    bytes_down: int  # the whole message as Flower pushes it (flower_io.wire_bytes)
-    tensor_bytes_down: int  # the payload's tensors alone
-
-
-# ---- checkpoints ---------------------------------------------------------------------------------
-
-def _save_checkpoint(path: Path, **kw) -> None:
-    save_checkpoint(path, rng_state=rng_snapshot(), **kw)
-
-
-def _load_checkpoint(path: Path) -> dict:
-    ck = load_checkpoint(path)
-    if ck.rng_state is not None:
-        rng_restore(ck.rng_state)
-    return {"strategy": ck.strategy, "round": ck.round, "state": ck.state, "metrics": ck.metrics}
-
-
 # ---- the strategy ------------------------------------------------------------------------------
 
 class FedLoraStrategy(Strategy):
-    """Flower strategy around a fedlora strategy: per-node payloads, decoded updates, logs."""
+    """Flower's calls on one side; fedlora's units on the other: the strategy (``self.fl``), the
+    client roster, one ledger per round, the evaluator, checkpoints and exports."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path, resume: bool = False,
                  stop_after_round: int | None = None) -> None:
@@ -151,39 +130,33 @@ class FedLoraStrategy(Strategy):
         self.stop_after_round = stop_after_round
         torch.manual_seed(cfg.seed)
         self.model = rundata.build_base(self.spec)
-        names, _ = rundata.inject(self.spec, self.model, cfg.r_max)
-        self.layer_names = names
+        self.layer_names, _ = rundata.inject(self.spec, self.model, cfg.r_max)
         layers = {n: LayerSpec(m.out_features, m.in_features) for n, m in lora_layers(self.model).items()}
         dtype = torch.float64 if cfg.strategy.dtype == "float64" else torch.float32
         self.fl = create_strategy(cfg.strategy.name, layers=layers, r_max=cfg.r_max, scale=cfg.scale,
-                                  weighting=cfg.strategy.weighting, seed=cfg.seed, dtype=dtype)
+                                  weighting=cfg.strategy.weighting, seed=cfg.seed, dtype=dtype,
+                                  check_exactness=cfg.strategy.check_exactness)
+        self.evaluator = ServerEvaluator(self.model, self.spec)
         self.log = RunLog(self.run_dir)
-        self.caps: dict[int, dict] = {}  # node id -> capabilities
-        self.caps_log: list[int] = []  # node ids in discovery order
-        self.held: dict[str, int] = {}  # client id -> base version it holds (0: W0 / unknown)
-        self.ranks: dict[str, int] = {}
-        self.pending: dict[int, Pending] = {}
-        self._query_bytes = [0, 0]  # (down, up) of this round's capability queries
+        self.roster = ClientRoster()
+        self.ledger = RoundLedger(0)
         self.start_round = 0
         self.rows: list[dict] = []
-        self._t_round = 0.0
-        self._test_loader = None
         if resume and (ck_path := latest_checkpoint(self.run_dir)) is not None:
-            ck = _load_checkpoint(ck_path)
-            if ck["strategy"] != cfg.strategy.name:
-                raise ValueError(f"checkpoint {ck_path} is for strategy {ck['strategy']!r}, the config "
+            ck = load_checkpoint(ck_path)
+            if ck.strategy != cfg.strategy.name:
+                raise ValueError(f"checkpoint {ck_path} is for strategy {ck.strategy!r}, the config "
                                  f"says {cfg.strategy.name!r}")
-            self.fl.load_state_dict(ck["state"])
-            self.start_round = int(ck["round"])
-            self.rows = list(ck.get("metrics") or [])[: self.start_round]
+            if ck.rng_state:
+                rng_restore(ck.rng_state)
+            self.fl.load_state_dict(ck.state["strategy"])
+            self.roster = ClientRoster.from_state(ck.state["roster"])
+            self.start_round = int(ck.round)
+            self.rows = self.log.rows()[: self.start_round]  # the metrics file holds the history
             log.info("resumed %s from %s (round %d)", cfg.name, ck_path, self.start_round)
         elif self.fl.init_from == "server-gradients":
             self._init_from_server_gradients()
         self.log.reset(self.rows)
-        # each DP client's accountant history as it last reported it (rebuilt from the metrics
-        # rows on resume); sent back with its payloads
-        self.privacy: dict[str, dict] = {c["id"]: c["privacy_state"] for r in self.rows
-                                         for c in r["clients"] if c.get("privacy_state")}
         # one id per run, kept by --resume: clients key what must outlive their process by it
         # (a DP client's accountant history in its node cache)
         self.spec.run_uid = self._run_uid(resume)
@@ -207,48 +180,29 @@ class FedLoraStrategy(Strategy):
         grads = accumulate_weight_gradients(self.model, loader, self.layer_names, s.fedsb_init_batches, "cpu")
         self.fl.initialize(grads, eta=s.fedsb_eta or self.cfg.train.lr)
 
-    def test_loader(self):
-        if self._test_loader is None:
-            ds = rundata.server_eval_data(self.spec)
-            self._test_loader = rundata.loader(self.spec, ds, self.cfg.eval.batch_size, False, 0)
-        return self._test_loader
-
-    def evaluate_global(self) -> dict:
-        load_global(self.model, self.fl)
-        ev = evaluate(self.model, self.test_loader(), device="cpu")
-        release_memory()
-        return {"accuracy": ev.accuracy, "loss": ev.loss, "eval_examples": ev.num_examples}
-
-    def _run_record(self, rnd: int) -> ConfigRecord:
-        return flower_io.run_record(self.spec, rnd)
-
     # ---- capability discovery (QUERY) ----------------------------------------------------------
-    def discover(self, grid: Grid, node_ids: list[int]) -> list[dict]:
-        """Ask nodes not seen yet for their capabilities; returns failures."""
-        new = [n for n in node_ids if n not in self.caps]
+    def discover(self, grid: Grid, node_ids: list[int]) -> None:
+        """Ask nodes not seen yet for their capabilities (failures go to this round's ledger)."""
+        new = self.roster.unknown(node_ids)
         if not new:
-            return []
-        msgs = [Message(RecordDict({flower_io.RUN: self._run_record(0)}), dst_node_id=n,
+            return
+        msgs = [Message(RecordDict({flower_io.RUN: flower_io.run_record(self.spec, 0)}), dst_node_id=n,
                         message_type=MessageType.QUERY) for n in new]
-        self._query_bytes[0] += sum(flower_io.wire_bytes(m) for m in msgs)
+        self.ledger.query_bytes[0] += sum(flower_io.wire_bytes(m) for m in msgs)
         replies = grid.send_and_receive(msgs, timeout=self.cfg.clients.round_timeout)
-        self._query_bytes[1] += sum(flower_io.wire_bytes(m) for m in replies)
-        failures = []
+        self.ledger.query_bytes[1] += sum(flower_io.wire_bytes(m) for m in replies)
         for m in replies:
             nid = m.metadata.src_node_id
             if m.has_error():
-                failures.append({"node": nid, "stage": "query", "error": m.error.reason})
+                self.ledger.fail("query", m.error.reason, nid)
                 continue
-            caps = dict(m.content.metric_records["caps"])
-            caps["device"] = str(m.content.config_records["caps.config"]["device"])
-            caps["client_id"] = f"client-{int(caps['partition-id'])}"
-            caps["discovered"] = len(self.caps_log)  # a restarted node (new id) outranks its old id
-            self.caps_log.append(nid)
-            self.caps[nid] = caps
-        for n in new:
-            if n not in self.caps and not any(f["node"] == n for f in failures):
-                failures.append({"node": n, "stage": "query", "error": "no reply within round_timeout"})
-        return failures
+            caps = m.content.metric_records["caps"]
+            self.roster.add(nid, f"client-{int(caps['partition-id'])}", int(caps["rank"]),
+                            str(m.content.config_records["caps.config"]["device"]), int(caps["num-examples"]))
+        failed = {f["node"] for f in self.ledger.failures}
+        for n in self.roster.unknown(new):
+            if n not in failed:
+                self.ledger.fail("query", "no reply within round_timeout", n)
 
     # ---- Flower strategy API -------------------------------------------------------------------
     def summary(self) -> None:
@@ -260,127 +214,78 @@ class FedLoraStrategy(Strategy):
         rnd = self.start_round + server_round
         if self.stop_after_round is not None and rnd > self.stop_after_round:
             raise StopRun(f"stopped before round {rnd} (stop_after_round)")
-        self._t_round = time.perf_counter()
+        self.ledger = RoundLedger(rnd)
         c = self.cfg.clients
         _, all_nodes = sample_nodes(grid, c.min_nodes or c.num, 0)  # Flower's wait for the nodes
-        self._failures = self.discover(grid, sorted(all_nodes))
-        known = sorted((n for n in all_nodes if n in self.caps), key=lambda n: self.caps[n]["discovered"])
-        by_client = {self.caps[n]["client_id"]: n for n in known}  # the latest node of a client wins
+        self.discover(grid, sorted(all_nodes))
+        by_client = self.roster.by_client(list(all_nodes))
         k = max(1, math.ceil(c.fraction_train * len(by_client)))
         rng = random.Random(self.cfg.seed * 1_000_003 + rnd)
         chosen = sorted(rng.sample(sorted(by_client), min(k, len(by_client))),
                         key=lambda cid: int(cid.split("-")[1]))
-        self.pending = {}
         msgs = []
         for cid in chosen:
             nid = by_client[cid]
-            rank = int(self.caps[nid]["rank"])
-            if self.ranks.get(cid, rank) != rank:
-                self.held[cid] = 0  # a client that changed rank re-syncs from W0
-            self.ranks[cid] = rank
-            from_v = self.held.get(cid, 0)
+            rank = self.roster.nodes[nid].rank
+            from_v = self.roster.sync_point(cid, rank)
             p = self.fl.payload(cid, rank, from_v)
             rd = flower_io.payload_to_record(p, self.spec, rnd, from_v)
-            if cid in self.privacy:
-                rd[flower_io.PRIVACY] = flower_io.privacy_to_record(self.privacy[cid])
+            if cid in self.roster.privacy:
+                rd[flower_io.PRIVACY] = flower_io.privacy_to_record(self.roster.privacy[cid])
             msg = Message(rd, dst_node_id=nid, message_type=MessageType.TRAIN, group_id=str(rnd))
-            self.pending[nid] = Pending(cid, nid, rank, p.base_version, flower_io.wire_bytes(msg),
-                                        p.bytes_down)
+            self.ledger.expect(Pending(cid, nid, rank, p.base_version, flower_io.wire_bytes(msg),
+                                       p.bytes_down))
             msgs.append(msg)
         return msgs
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        rnd = self.start_round + server_round
-        rows: dict[str, dict] = {}
-        failures = list(getattr(self, "_failures", []))
+        led = self.ledger
         updates = []
         for m in replies:
             nid = m.metadata.src_node_id
-            pend = self.pending.pop(nid, None)
+            pend = led.reply(nid, flower_io.wire_bytes(m))
             if pend is None:
                 continue
-            row = {"id": pend.client_id, "node": nid, "rank": pend.rank, "bytes_down": pend.bytes_down,
-                   "bytes_up": flower_io.wire_bytes(m), "tensor_bytes_down": pend.tensor_bytes_down,
-                   "accepted": False}
-            rows[pend.client_id] = row
+            cid = pend.client_id
             if m.has_error():
-                row["error"] = m.error.reason
-                failures.append({"client": pend.client_id, "node": nid, "stage": "train",
-                                 "error": m.error.reason})
-                self.held[pend.client_id] = 0  # state unknown: re-sync from W0 next time
+                led.fail("train", m.error.reason, nid, cid)
+                self.roster.lost(cid)
                 continue
             try:
                 u = flower_io.record_to_update(m.content)
             except (ValueError, KeyError) as e:
-                row["error"] = f"undecodable reply: {e}"
-                failures.append({"client": pend.client_id, "node": nid, "stage": "decode", "error": str(e)})
-                self.held[pend.client_id] = 0
+                led.fail("decode", f"undecodable reply: {e}", nid, cid)
+                self.roster.lost(cid)
                 continue
-            if u.client_id != pend.client_id:
-                row["error"] = f"reply claims client id {u.client_id!r}"
-                failures.append({"client": pend.client_id, "node": nid, "stage": "decode",
-                                 "error": row["error"]})
+            if u.client_id != cid:
+                led.fail("decode", f"reply claims client id {u.client_id!r}", nid, cid)
                 continue
-            self.held[pend.client_id] = pend.version
-            if (ps := flower_io.record_privacy(m.content)) is not None:
-                self.privacy[pend.client_id] = row["privacy_state"] = ps
-            met = u.metrics
-            row |= {"loss": met.get("loss"), "examples": u.num_examples,
-                    "train_seconds": met.get("train-time-s"), "peak_memory": met.get("peak-memory-bytes"),
-                    "metrics": dict(met)}
+            self.roster.trained(cid, pend.version)
+            ps = flower_io.record_privacy(m.content)
+            if ps is not None:
+                self.roster.privacy[cid] = ps
+            led.trained(cid, u, ps)
             updates.append(u)
-        for nid, pend in self.pending.items():  # sampled, never answered
-            rows[pend.client_id] = {"id": pend.client_id, "node": nid, "rank": pend.rank,
-                                    "bytes_down": pend.bytes_down, "bytes_up": 0,
-                                    "tensor_bytes_down": pend.tensor_bytes_down, "accepted": False,
-                                    "error": "no reply within round_timeout"}
-            failures.append({"client": pend.client_id, "node": nid, "stage": "train",
-                             "error": "no reply within round_timeout"})
-            self.held[pend.client_id] = 0
-        self.pending = {}
+        for pend in led.unanswered():
+            self.roster.lost(pend.client_id)
         report = self.fl.aggregate(updates)
+        rows = list(led.rows.values())
         for cid in report.accepted:
-            rows[cid]["accepted"] = True
-            rows[cid]["weight"] = report.weights.get(cid)
-        for cid, reason in report.rejected.items():
-            if cid in rows:
-                rows[cid]["rejected"] = reason
-        ok = [r for r in rows.values() if r["accepted"]]
-        out = {"round": rnd, "strategy": self.fl.name, "version": report.version,
-               "clients": sorted(rows.values(), key=lambda r: int(r["id"].split("-")[1])),
-               "failures": failures,
-               "train_loss": (sum(r["loss"] for r in ok) / len(ok)) if ok else None,
-               "aggregation_error": report.aggregation_error, "agg_seconds": report.agg_seconds,
-               # capability queries (once per node) are part of this round's traffic
-               "query_bytes_up": self._query_bytes[1], "query_bytes_down": self._query_bytes[0],
-               "bytes_up": sum(r["bytes_up"] for r in rows.values()) + self._query_bytes[1],
-               "bytes_down": sum(r["bytes_down"] for r in rows.values()) + self._query_bytes[0],
-               "tensor_bytes_up": sum(report.bytes_up.values()),
-               "tensor_bytes_down": sum(report.bytes_down.values())}
-        self._query_bytes = [0, 0]
-        every = self.cfg.eval.every
-        if self.fl.has_global_model and ((every and rnd % every == 0) or rnd == self.cfg.rounds):
-            out |= self.evaluate_global()
-        if not self.fl.has_global_model:
-            pers = [(r["metrics"]["eval-accuracy"], r["metrics"].get("eval-examples", 1)) for r in ok
-                    if "eval-accuracy" in r.get("metrics", {})]
-            if pers:
-                out["personal_accuracy_mean"] = sum(a for a, _ in pers) / len(pers)
-                out["personal_accuracy_weighted"] = sum(a * n for a, n in pers) / sum(n for _, n in pers)
-                out["accuracy"] = out["personal_accuracy_weighted"]
-        out["round_seconds"] = time.perf_counter() - self._t_round
+            led.rows[cid]["accepted"] = True
+        evaluation = self.evaluator.round_metrics(self.fl, led.round, self.cfg.rounds, rows)
+        out = led.close(self.fl.name, report, evaluation)
         self.rows.append(out)
         self.log.append(out)
-        _save_checkpoint(self.run_dir / "checkpoints" / f"round-{rnd:04d}.ckpt", strategy=self.fl.name,
-                         round=rnd, state=self.fl.state_dict(), scale=self.fl.scale, r_max=self.fl.r_max,
-                         ranks=dict(self.ranks), base_version=self.fl.version, config=self.cfg.to_dict(),
-                         metrics=self.rows)
+        save_checkpoint(checkpoint_path(self.run_dir, led.round), strategy=self.fl.name, round=led.round,
+                        state={"strategy": self.fl.state_dict(), "roster": self.roster.state()},
+                        scale=self.fl.scale, r_max=self.fl.r_max, ranks=dict(self.roster.ranks),
+                        base_version=self.fl.version, config=self.cfg.to_dict(), rng_state=rng_snapshot())
         num = {k: float(v) for k, v in out.items() if isinstance(v, int | float) and not isinstance(v, bool)}
         return None, MetricRecord(num)
 
     def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
-        return []  # evaluation rides in the train round (server split / FedSA personal metrics)
+        return []  # evaluation rides in the train round (server split / personalised metrics)
 
     def aggregate_evaluate(self, server_round, replies) -> MetricRecord | None:
         return None
@@ -389,36 +294,13 @@ class FedLoraStrategy(Strategy):
     def finish(self) -> dict:
         out: dict = {}
         if self.fl.has_global_model:
-            deltas = {n: self.fl.global_delta(n).float() for n in self.fl.layers}
-            meta = {"strategy": self.fl.name, "round": str(len(self.rows))}
-            atomic_save_safetensors(self.run_dir / "global_delta.safetensors", deltas, meta)
-            out["adapter"] = self._export_adapter(deltas)
+            lcfg, _ = rundata.lora_config(self.spec, self.model, self.fl.r_max)
+            out["adapter"] = export_global(self.run_dir, self.fl, lcfg.targets, self.cfg.model.name,
+                                           len(self.rows))
         summary = summarize(self.rows, {"name": self.cfg.name, "run_dir": str(self.run_dir),
-                                        "ranks": self.ranks, **out})
+                                        "ranks": self.roster.ranks, **out})
         write_summary(self.run_dir, summary)
         return summary
-
-    def _export_adapter(self, deltas: dict[str, torch.Tensor]) -> str | None:
-        """The global model as a PEFT folder: ``ΔW = W_g − W0`` split exactly into a rank-r_max
-        adapter (top r_max singular directions, ``s·B·A``) plus the remainder as base deltas."""
-        factors, rest = {}, {}
-        s, r = self.fl.scale, self.fl.r_max
-        for n, d in deltas.items():
-            U, S, Vh = torch.linalg.svd(d.double(), full_matrices=False)
-            sq = S[:r].sqrt()
-            B, A = U[:, :r] * sq / math.sqrt(s), sq[:, None] * Vh[:r] / math.sqrt(s)
-            factors[n] = {"A": A.float(), "B": B.float()}
-            rest[n] = (d.double() - s * B @ A).float()
-        lcfg, _ = rundata.lora_config(self.spec, self.model, r)
-        try:
-            path = export_peft_adapter(self.run_dir / "adapter", factors=factors, scale=s,
-                                       target_modules=lcfg.targets, base_model=self.cfg.model.name,
-                                       base_deltas=rest, head=self.fl.global_head(), strategy=self.fl.name,
-                                       round=len(self.rows))
-        except Exception as e:  # noqa: BLE001 - the export must not lose a finished run
-            log.warning("adapter export failed: %s", e)
-            return None
-        return str(path)
 
 
 def run_server(grid: Grid, run_config: Mapping, stop_after_round: int | None = None) -> dict:

@@ -15,7 +15,6 @@ from fedlora.models import get_model
 from fedlora.privacy import (
     PrivacyConfig,
     PrivacyState,
-    assert_public_init,
     calibrate_noise,
     check_dp_compatible,
     epsilon,
@@ -339,16 +338,6 @@ def test_trainable_module_with_buffers_is_refused():
     model.head.register_buffer("running", torch.zeros(2))
     with pytest.raises(ValueError, match=r"head \(Linear\).*buffers"):
         check_dp_compatible(model)
-
-
-def test_fed_sb_init_must_be_public_under_dp():
-    assert_public_init("server", dp_enabled=True)
-    assert_public_init("federated", dp_enabled=False)
-    assert_public_init("federated", dp_enabled=True, privatised=True)
-    with pytest.raises(ValueError, match="'server'"):
-        assert_public_init("federated", dp_enabled=True)
-    with pytest.raises(ValueError, match="one of"):
-        assert_public_init("pooled", dp_enabled=False)
 
 
 def test_tensor_dict_dataset_batches_and_rates():

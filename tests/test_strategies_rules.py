@@ -18,7 +18,7 @@ from strategy_helpers import (
 )
 
 from fedlora.client import head_state
-from fedlora.lora import LoRALinear, kaiming_a, lora_layers
+from fedlora.lora import LoRALinear, lora_layers
 from fedlora.strategies import (
     STRATEGIES,
     BaseDelta,
@@ -110,16 +110,20 @@ def test_fedsa_b_never_leaves_the_client_and_survives_rounds():
 
 def test_flora_fresh_adapters_each_round():
     s = _strategy("flora")
+    first = s.payload("c0", 2, 0).factors
     ups, clients = _round(s, [2, 3])
     s.aggregate(ups)
-    p = s.payload("c0", 2, s.version)
+    p, wide = s.payload("c0", 2, s.version), s.payload("c1", 4, s.version)
     assert p.reset
     apply_payload(clients[0], p)
-    for i, (n, m) in enumerate(lora_layers(clients[0]).items()):
-        assert torch.count_nonzero(m.lora_b.weight) == 0
-        torch.testing.assert_close(m.lora_a.weight, kaiming_a(2, SHAPES[n][1], s.round_seed(i), F64))
-    # a new round draws a new A
-    assert s.round_seed(0) != _strategy("flora").round_seed(0)
+    for n, m in lora_layers(clients[0]).items():
+        assert torch.count_nonzero(m.lora_b.weight) == 0  # B = 0: the fresh adapter adds nothing
+        A = m.lora_a.weight
+        torch.testing.assert_close(A, p.factors[n]["A"])
+        assert float(A.abs().max()) <= 1 / SHAPES[n][1] ** 0.5  # Kaiming-uniform(a=√5) bound
+        # every client of the round draws the same A (leading slice), a new round a new one
+        torch.testing.assert_close(wide.factors[n]["A"][:2], A)
+        assert not torch.allclose(first[n]["A"], A)
 
 
 def test_flora_and_fedex_agree_after_one_full_round():

@@ -164,10 +164,11 @@ class Strategy:
                                time.perf_counter() - t0, None, self.version)
         if self.shares_head and accepted[0].head is not None:
             self._head = {k: sum(pi * u.head[k] for u, pi in zip(accepted, p)) for k in accepted[0].head}
-        t1 = time.perf_counter()
-        error = exactness.aggregation_error({n: self.global_change(n) for n in self.layers},
-                                            clients, p) if diagnose else None
-        diag_s = time.perf_counter() - t1
+        error, diag_s = None, 0.0
+        if diagnose:
+            t1 = time.perf_counter()
+            error = exactness.aggregation_error({n: self.global_change(n) for n in self.layers}, clients, p)
+            diag_s = time.perf_counter() - t1
         self.version += 1
         self.round += 1
         return RoundReport(self.round, [u.client_id for u in accepted], rejected,

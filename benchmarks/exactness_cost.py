@@ -1,0 +1,71 @@
+"""Cost of the exactness diagnostic next to the aggregation it checks, per strategy and K.
+
+24 layers of 768×768, r_max 16, client ranks cycling {4, 8, 16}, float32, updates decoded from
+Flower records (as the server receives them). For each strategy with a global model and each K,
+the same round is aggregated with ``check_exactness`` off and on, interleaved, ``--repeats``
+times; the table prints the medians of ``agg_seconds`` (off), the diagnostic's own seconds (on:
+``RoundReport.diagnostic_seconds``, part of its ``agg_seconds``) and their ratio.
+
+    python benchmarks/exactness_cost.py [--clients 8,32,128] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+
+import torch
+
+from fedlora.flower_io import record_to_update, update_to_record
+from fedlora.strategies import ClientUpdate, LayerSpec, create_strategy, strategy_class
+
+LAYERS = {f"encoder.{i}.{p}": LayerSpec(768, 768) for i in range(12) for p in ("query", "value")}
+RANKS = (4, 8, 16)
+R_MAX = 16
+SHAPE = {"A": lambda r: (r, 768), "B": lambda r: (768, r), "R": lambda r: (r, r)}
+
+
+def _updates(name: str, k: int, version: int, gen: torch.Generator) -> list[ClientUpdate]:
+    keys = sorted(strategy_class(name).uploads)
+    ups = []
+    for i in range(k):
+        r = RANKS[i % len(RANKS)]
+        f = {n: {key: torch.randn(*SHAPE[key](r), generator=gen) * 0.01 for key in keys} for n in LAYERS}
+        ups.append(record_to_update(update_to_record(ClientUpdate(f"c{i}", r, 100 + i, version, f))))
+    return ups
+
+
+def measure(name: str, k: int, repeats: int) -> tuple[float, float]:
+    gen = torch.Generator().manual_seed(0)
+    start = create_strategy(name, layers=LAYERS, r_max=R_MAX, scale=2.0)
+    if start.init_from:  # once: every repeat starts from the same initialised state
+        start.initialize({n: torch.randn(768, 768, generator=gen) for n in LAYERS})
+    ups = _updates(name, k, start.version, gen)
+    off, diag = [], []
+    for _ in range(repeats):
+        for check in (False, True):
+            s = copy.deepcopy(start)
+            s.check_exactness = check
+            rep = s.aggregate(ups)
+            assert len(rep.accepted) == k, rep.rejected
+            (diag if check else off).append(rep.diagnostic_seconds if check else rep.agg_seconds)
+    return statistics.median(off), statistics.median(diag)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--clients", default="8,32,128")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, float32, "
+          f"{len(LAYERS)} layers 768x768, r_max {R_MAX}, ranks {RANKS}")
+    print(f"{'strategy':8} {'K':>4} {'aggregate s':>11} {'diagnostic s':>12} {'ratio':>6}")
+    for k in [int(x) for x in args.clients.split(",")]:
+        for name in ("fedavg", "fedex", "flora", "fedsb"):
+            agg, diag = measure(name, k, args.repeats)
+            print(f"{name:8} {k:>4} {agg:>11.4f} {diag:>12.4f} {diag / agg:>6.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
