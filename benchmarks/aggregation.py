@@ -22,24 +22,22 @@ import time
 import torch
 
 from fedlora.flower_io import record_to_update, update_to_record
-from fedlora.strategies import ClientUpdate, LayerSpec, create_strategy
+from fedlora.strategies import ClientUpdate, LayerSpec, create_strategy, strategy_class
 
 LAYERS = {f"encoder.{i}.{p}": LayerSpec(768, 768) for i in range(12) for p in ("query", "value")}
 RANKS = (4, 8, 16)
 R_MAX = 16
 
 
+SHAPE = {"A": lambda r: (r, 768), "B": lambda r: (768, r), "R": lambda r: (r, r)}
+
+
 def _updates(name: str, k: int, version: int, gen: torch.Generator) -> list[ClientUpdate]:
+    keys = sorted(strategy_class(name).uploads)  # what the rule's clients upload
     ups = []
     for i in range(k):
         r = RANKS[i % len(RANKS)]
-        if name == "fedsb":
-            f = {n: {"R": torch.randn(r, r, generator=gen)} for n in LAYERS}
-        elif name == "fedsa":
-            f = {n: {"A": torch.randn(r, 768, generator=gen)} for n in LAYERS}
-        else:
-            f = {n: {"A": torch.randn(r, 768, generator=gen), "B": torch.randn(768, r, generator=gen)}
-                 for n in LAYERS}
+        f = {n: {key: torch.randn(*SHAPE[key](r), generator=gen) for key in keys} for n in LAYERS}
         ups.append(ClientUpdate(f"c{i}", r, 100 + i, version, f))
     return ups
 
@@ -58,7 +56,7 @@ def _timed_aggregate(name: str, k: int, repeats: int, wire: bool,
     times = []
     for _ in range(repeats):
         s = create_strategy(name, layers=LAYERS, r_max=R_MAX, scale=2.0, check_exactness=False)
-        if name == "fedsb":
+        if s.init_from:
             s.initialize({n: torch.randn(768, 768, generator=gen) for n in LAYERS})
         ups = _updates(name, k, s.version, gen)
         if wire:

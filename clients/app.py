@@ -92,14 +92,14 @@ def get_model_entry(spec: ClientSpec, cache_dir: str | None = None) -> tuple[Mod
 
 # ---- per-client state ---------------------------------------------------------------------------
 
-def _flat(st: ClientState) -> dict[str, torch.Tensor]:
+def state_tensors(st: ClientState) -> dict[str, torch.Tensor]:
     out = {f"D::{n}": d for n, d in st.deltas.items()}
     out |= {f"F::{n}::{k}": t for n, f in st.factors.items() for k, t in f.items()}
     out |= {f"H::{k}": t for k, t in st.head.items()}
     return out
 
 
-def _unflat(tensors: dict[str, torch.Tensor], version: int, rank: int) -> ClientState:
+def state_from_tensors(tensors: dict[str, torch.Tensor], version: int, rank: int) -> ClientState:
     st = ClientState(version, rank)
     for key, t in tensors.items():
         kind, _, rest = key.partition("::")
@@ -124,14 +124,14 @@ def load_state(context: Context, entry: ModelEntry) -> ClientState | None:
         other = cache.load_state(entry.model_key, "client")
         st = ClientState(version, 0, dict(deltas))
         if other is not None and int(other[1].get("version", -1)) == version:
-            extra = _unflat(other[0], version, int(other[1].get("rank", 0)))
+            extra = state_from_tensors(other[0], version, int(other[1].get("rank", 0)))
             st.factors, st.head, st.rank = extra.factors, extra.head, extra.rank
         return st
     if STATE_META not in context.state.config_records:
         return None
     meta = context.state.config_records[STATE_META]
     tensors = flower_io.record_to_tensors(context.state.array_records[STATE_ARRAYS])
-    return _unflat(tensors, int(meta["version"]), int(meta["rank"]))
+    return state_from_tensors(tensors, int(meta["version"]), int(meta["rank"]))
 
 
 def save_state(context: Context, entry: ModelEntry, st: ClientState) -> None:
@@ -140,10 +140,10 @@ def save_state(context: Context, entry: ModelEntry, st: ClientState) -> None:
         cache = NodeCache(str(cache_dir))
         cache.save_base(entry.model_key, st.version, st.deltas)
         rest = ClientState(st.version, st.rank, {}, st.factors, st.head)
-        cache.save_state(entry.model_key, "client", _flat(rest),
+        cache.save_state(entry.model_key, "client", state_tensors(rest),
                          {"version": str(st.version), "rank": str(st.rank)})
         return
-    context.state[STATE_ARRAYS] = flower_io.tensors_to_record(_flat(st))
+    context.state[STATE_ARRAYS] = flower_io.tensors_to_record(state_tensors(st))
     context.state[STATE_META] = ConfigRecord({"version": st.version, "rank": st.rank})
 
 

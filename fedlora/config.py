@@ -48,7 +48,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fedlora.lora import lora_scale
 
-PARTITIONS = ("iid", "dirichlet", "shards")
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 #: flat aliases (Flower run-config keys, deployment contract) -> dotted config keys
 ALIASES = {
@@ -372,6 +371,8 @@ def validate(cfg: RunConfig, config_path: str | Path | None = None, check_data: 
     _check(c.num_gpus >= 0, "clients.num_gpus", f"must be >= 0, got {c.num_gpus}")
     _check(c.poll_interval > 0, "clients.poll_interval", f"must be > 0, got {c.poll_interval}")
     d = cfg.data
+    from fedlora.data import METHODS as PARTITIONS
+
     _check(d.partition in PARTITIONS, "data.partition",
            f"must be one of {list(PARTITIONS)}, got {d.partition!r}")
     _check(d.examples_per_client >= 1, "data.examples_per_client", "must be >= 1")

@@ -64,8 +64,9 @@ def test_bad_file(tmp_path):
         load_config(tmp_path / "missing.toml")
     p = tmp_path / "bad.toml"
     p.write_text("[train]\nlr = 0.1\nbatch = 3\n")
-    with pytest.raises(ValueError, match=r"train\.'batch'"):
+    with pytest.raises(ValueError, match=r"train\.'batch'") as e:
         load_config(p)
+    assert "known keys of [train]: [" in str(e.value) and "'batch_size'" in str(e.value)
 
 
 def test_cli_rejects_a_bad_config_before_any_work(tmp_path):

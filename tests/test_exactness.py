@@ -80,3 +80,20 @@ def test_the_diagnostic_can_be_switched_off():
     train_randomly(m, torch.Generator().manual_seed(0))
     rep = s.aggregate([make_update(m, p, 3)])
     assert rep.aggregation_error is None and rep.diagnostic_seconds == 0.0
+
+
+@pytest.mark.parametrize("ranks", [[1, 2, 1], [6, 9, 12, 5]])  # the QR path, the dense path
+def test_layer_norms_share_terms_and_equal_the_dense_norms(ranks):
+    from fedlora.strategies.exactness import layer_norms
+
+    g = torch.Generator().manual_seed(len(ranks))
+    d, k = 40, 40
+    ts = [Term(float(torch.randn(1, generator=g)), torch.randn(d, r, generator=g, dtype=F64),
+               torch.randn(r, k, generator=g, dtype=F64)) for r in ranks]
+    target, change = ts[:-1], [ts[0], ts[-1]]  # a term on both sides cancels in the difference
+    dense = {id(t): t.c * t.U @ t.V for t in ts}
+    T = sum(dense[id(t)] for t in target)
+    C = sum(dense[id(t)] for t in change)
+    num, den = layer_norms(change, target)
+    assert num == pytest.approx(float((C - T).norm()), rel=1e-12)
+    assert den == pytest.approx(float(T.norm()), rel=1e-12)

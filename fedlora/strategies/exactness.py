@@ -8,12 +8,15 @@ before it aggregates) and ``W_g(new) − W_g(old)`` (``global_change``, after) a
 same tensors are merged first (the old global factors appear in every client's change: they
 cancel instead of adding rank), then, one layer at a time:
 
-- low total rank ρ (``ρ(d+k) < d·k``): ``X = U·V`` with the stacked factors; ``U = Q·R_U`` (QR), and
-  ``‖X‖_F = ‖R_U·V‖_F`` — O(ρ(d+k)) memory, O(ρ²(d+k)) time, no squaring of the condition;
-- otherwise the dense ``X`` of that one layer (O(dk) memory, one matmul).
+- low total rank ρ (``2.5·ρ(d+k) < d·k``): ``X = U·V`` with the stacked factors; ``U = Q·R_U`` (QR),
+  and ``‖X‖_F = ‖R_U·V‖_F`` — O(ρ(d+k)) memory, O(ρ²(d+k)) time, no squaring of the condition;
+- otherwise the dense ``X`` of that one layer (O(dk) memory, one GEMM of rank ρ).
 
-So memory is O(Σ r_i (d+k)) per layer (never K dense copies), and an exact strategy's ~1e-16
+So memory is O(min(ρ(d+k), dk)) per layer (never K dense copies), and an exact strategy's ~1e-16
 error is computed as such (a Gram form ``tr((UᵀU)(VVᵀ))`` would lose half the digits).
+Cost: the error of FedAvg is bilinear in the uploads (``Σ p_i B_i A_i``), so any exact diagnostic
+costs at least a GEMM of rank ``Σ r_i`` per layer — several times FedAvg's memory-bound sums (see
+``benchmarks/exactness_cost.py``); ``strategy.check_exactness = false`` switches it off.
 """
 
 from __future__ import annotations
@@ -100,6 +103,49 @@ def frobenius(terms: list[Term]) -> float:
     return float(torch.linalg.matrix_norm(X))
 
 
+def _sum_dense(terms: list[Term], shape: tuple[int, int], like: Tensor) -> Tensor:
+    X = torch.zeros(shape, dtype=like.dtype)
+    lr = [t for t in terms if t.V is not None]
+    for t in terms:
+        if t.V is None:
+            X.add_(t.U, alpha=t.c)
+    if lr:
+        X.addmm_(torch.cat([t.U * t.c for t in lr], 1), torch.cat([t.V for t in lr], 0))
+    return X
+
+
+def layer_norms(change: list[Term], target: list[Term]) -> tuple[float, float]:
+    """``(‖change − target‖_F, ‖target‖_F)`` of one layer, sharing the work of both.
+
+    Small total rank: one QR of all the distinct left factors, both norms from its R. Otherwise:
+    the dense target once (one GEMM), the change added to it. QR costs about 2.5× a GEMM per flop
+    here, hence the threshold ``2.5·ρ(d+k) < d·k``.
+    """
+    target = merge(target)
+    diff = merge(change + [Term(-t.c, t.U, t.V) for t in target])
+    every = target + diff
+    if not every:
+        return 0.0, 0.0
+    t0 = every[0]
+    d = t0.U.shape[0]
+    k = t0.V.shape[1] if t0.V is not None else t0.U.shape[1]
+    lr_t = [t for t in target if t.V is not None]
+    lr_d = [t for t in diff if t.V is not None]
+    rho = sum(t.U.shape[1] for t in lr_t + lr_d)
+    if len(lr_t) == len(target) and len(lr_d) == len(diff) and 2.5 * rho * (d + k) < d * k:
+        U = torch.cat([t.U * t.c for t in lr_t + lr_d], 1)
+        _, R = torch.linalg.qr(U, mode="r")  # U = Q·R, Q orthonormal: ‖Q·R·V‖ = ‖R·V‖
+        split = sum(t.U.shape[1] for t in lr_t)
+        def norm(part, cols):
+            return float(torch.linalg.matrix_norm(cols @ torch.cat([t.V for t in part], 0))) if part else 0.0
+        return norm(lr_d, R[:, split:]), norm(lr_t, R[:, :split])
+    # dense: the target once, then the change on top (change − target = −(target − change))
+    T = _sum_dense(target, (d, k), t0.U)
+    den = float(torch.linalg.matrix_norm(T))
+    E = _sum_dense(merge(change), (d, k), t0.U).sub_(T)
+    return float(torch.linalg.matrix_norm(E)), den
+
+
 def aggregation_error(change: dict[str, list[Term]], clients: list[dict[str, list[Term]]],
                       p: list[float]) -> float:
     """``‖change − Σ p_i client_i‖ / ‖Σ p_i client_i‖`` over all layers (``‖num‖`` alone when the
@@ -107,6 +153,6 @@ def aggregation_error(change: dict[str, list[Term]], clients: list[dict[str, lis
     num = den = 0.0
     for n, ch in change.items():
         target = [Term(pi * t.c, t.U, t.V) for c, pi in zip(clients, p) for t in c[n]]
-        num += frobenius(ch + [Term(-t.c, t.U, t.V) for t in target]) ** 2
-        den += frobenius(target) ** 2
+        a, b = layer_norms(ch, target)
+        num, den = num + a * a, den + b * b
     return math.sqrt(num) / math.sqrt(den) if den > 0 else math.sqrt(num)
