@@ -92,6 +92,12 @@ class StrategySection(Section):
     dtype: str = "float32"  # server-side precision: float32 | float64
     check_exactness: bool = True  # the aggregation-error diagnostic every round (in agg_seconds)
     plugins: list[str] = Field(default_factory=list)  # modules / .py files that register strategies
+    # defences against hostile clients (README "Reliability"): a cap on any client's share of a
+    # round's weight (1: none), and an optional bound on the updates' norms (off by default)
+    max_weight_share: float = 1.0
+    norm_bound_mode: str = "off"  # off | reject | clip
+    norm_bound_multiple: float = 0.0  # × the round's median update norm (0: not used)
+    norm_bound_absolute: float = 0.0  # an absolute bound on the update norm (0: not used)
     # strategies with init_from = "server-gradients" (Fed-SB): the server-held init split
     fedsb_init_examples: int = 64
     fedsb_init_batches: int = 2
@@ -351,6 +357,15 @@ def validate(cfg: RunConfig, config_path: str | Path | None = None, check_data: 
            f"must be 'samples' or 'uniform', got {s.weighting!r}")
     _check(s.dtype in ("float32", "float64"), "strategy.dtype",
            f"must be 'float32' or 'float64', got {s.dtype!r}")
+    _check(0 < s.max_weight_share <= 1, "strategy.max_weight_share",
+           f"must be in (0, 1] (1: no cap; 0.3: no client above 30% of a round), got {s.max_weight_share}")
+    _check(s.norm_bound_mode in ("off", "reject", "clip"), "strategy.norm_bound_mode",
+           f"must be 'off', 'reject' or 'clip', got {s.norm_bound_mode!r}")
+    _check(s.norm_bound_multiple >= 0 and s.norm_bound_absolute >= 0, "strategy.norm_bound_multiple",
+           "norm_bound_multiple and norm_bound_absolute must be >= 0")
+    _check(s.norm_bound_mode == "off" or s.norm_bound_multiple > 0 or s.norm_bound_absolute > 0,
+           "strategy.norm_bound_mode", f"{s.norm_bound_mode!r} needs strategy.norm_bound_multiple (e.g. 3.0: "
+           "three times the round's median) and/or strategy.norm_bound_absolute")
     _check(s.fedsb_init_examples >= 1 and s.fedsb_init_batches >= 1, "strategy.fedsb_init_examples",
            "fedsb_init_examples and fedsb_init_batches must be >= 1")
     _check(s.fedsb_eta >= 0 and math.isfinite(s.fedsb_eta), "strategy.fedsb_eta",

@@ -233,6 +233,14 @@ def update_to_record(u: ClientUpdate, metrics: dict | None = None) -> RecordDict
         METRICS: MetricRecord(m)})
 
 
+def exact_int(v, what: str) -> int:
+    """``v`` as an int when it is one exactly (an int, not a bool); else ``ValueError`` — a wire
+    value is never truncated (2.9 is not 2) and ``inf`` never reaches ``int()``."""
+    if isinstance(v, bool) or not isinstance(v, int | np.integer):
+        raise ValueError(f"{what} must be an integer, got {v!r}")
+    return int(v)
+
+
 def record_to_update(rd: RecordDict) -> ClientUpdate:
     if UPDATE not in rd.array_records or UPDATE_META not in rd.config_records:
         raise ValueError("reply carries no fedlora update (records 'fedlora.update' and "
@@ -248,9 +256,9 @@ def record_to_update(rd: RecordDict) -> ClientUpdate:
     for ((layer, k), _), t in zip(factor_keys, views):
         factors.setdefault(layer, {})[k] = t
     metrics = dict(rd.metric_records[METRICS]) if METRICS in rd.metric_records else {}
-    n = int(metrics.get("num-examples", 0))
-    return ClientUpdate(str(meta["client_id"]), int(meta["rank"]), n, int(meta["base_version"]),
-                        factors, head or None, metrics, flat)
+    n = exact_int(metrics.get("num-examples"), "metric num-examples")
+    return ClientUpdate(str(meta["client_id"]), exact_int(meta["rank"], "rank"), n,
+                        exact_int(meta["base_version"], "base_version"), factors, head or None, metrics, flat)
 
 
 # ---- state records (client side: context.state) ---------------------------------------------------

@@ -37,6 +37,15 @@ class ClientRoster:
         known = sorted((n for n in node_ids if n in self.nodes), key=lambda n: self.nodes[n].discovered)
         return {self.nodes[n].client_id: n for n in known}
 
+    def examples_reason(self, node_id: int, num_examples: int) -> str | None:
+        """Why a reply's sample count cannot be its weight: more than the node declared when it
+        joined (a client cannot inflate its weight after the capability query)."""
+        declared = self.nodes[node_id].num_examples
+        if num_examples > declared:
+            return (f"num-examples {num_examples} exceeds the {declared} this client declared when it "
+                    "joined: its weight cannot grow after the capability query")
+        return None
+
     def sync_point(self, client_id: str, rank: int) -> int:
         """The base version to send ``client_id`` deltas from (a client that changed rank: W0)."""
         if self.ranks.get(client_id, rank) != rank:

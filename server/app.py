@@ -60,7 +60,7 @@ from fedlora.ledger import Pending, RoundLedger
 from fedlora.lora import lora_layers
 from fedlora.roster import ClientRoster
 from fedlora.runlog import RunLog, summarize, write_summary
-from fedlora.strategies import LayerSpec, create_strategy
+from fedlora.strategies import LayerSpec, NormBound, create_strategy
 from fedlora.train import accumulate_weight_gradients
 
 log = logging.getLogger("fedlora.server")
@@ -135,7 +135,11 @@ class FedLoraStrategy(Strategy):
         dtype = torch.float64 if cfg.strategy.dtype == "float64" else torch.float32
         self.fl = create_strategy(cfg.strategy.name, layers=layers, r_max=cfg.r_max, scale=cfg.scale,
                                   weighting=cfg.strategy.weighting, seed=cfg.seed, dtype=dtype,
-                                  check_exactness=cfg.strategy.check_exactness)
+                                  check_exactness=cfg.strategy.check_exactness,
+                                  max_weight_share=cfg.strategy.max_weight_share,
+                                  norm_bound=NormBound(cfg.strategy.norm_bound_mode,
+                                                       cfg.strategy.norm_bound_multiple,
+                                                       cfg.strategy.norm_bound_absolute))
         self.evaluator = ServerEvaluator(self.model, self.spec)
         self.log = RunLog(self.run_dir)
         self.roster = ClientRoster()
@@ -196,9 +200,18 @@ class FedLoraStrategy(Strategy):
             if m.has_error():
                 self.ledger.fail("query", m.error.reason, nid)
                 continue
-            caps = m.content.metric_records["caps"]
-            self.roster.add(nid, f"client-{int(caps['partition-id'])}", int(caps["rank"]),
-                            str(m.content.config_records["caps.config"]["device"]), int(caps["num-examples"]))
+            try:
+                caps = m.content.metric_records["caps"]
+                pid, rank, n = (flower_io.exact_int(caps[k], f"capability {k}")
+                                for k in ("partition-id", "rank", "num-examples"))
+                if n < 1 or pid < 0 or not 1 <= rank <= self.fl.r_max:
+                    raise ValueError(f"capabilities out of range: partition-id {pid}, rank {rank} "
+                                     f"(r_max {self.fl.r_max}), num-examples {n}")
+                device = str(m.content.config_records["caps.config"]["device"])
+            except Exception as e:  # noqa: BLE001 - a node is untrusted too
+                self.ledger.fail("query", f"bad capabilities: {type(e).__name__}: {e}", nid)
+                continue
+            self.roster.add(nid, f"client-{pid}", rank, device, n)
         failed = {f["node"] for f in self.ledger.failures}
         for n in self.roster.unknown(new):
             if n not in failed:
@@ -252,14 +265,15 @@ class FedLoraStrategy(Strategy):
                 led.fail("train", m.error.reason, nid, cid)
                 self.roster.lost(cid)
                 continue
-            try:
+            try:  # a reply is untrusted: whatever it holds, the round goes on with the others
                 u = flower_io.record_to_update(m.content)
-            except (ValueError, KeyError) as e:
-                led.fail("decode", f"undecodable reply: {e}", nid, cid)
+                reason = (f"reply claims client id {u.client_id!r}" if u.client_id != cid
+                          else self.roster.examples_reason(nid, u.num_examples))
+            except Exception as e:  # noqa: BLE001
+                u, reason = None, f"undecodable reply: {type(e).__name__}: {e}"
+            if reason:
+                led.fail("decode", reason, nid, cid)
                 self.roster.lost(cid)
-                continue
-            if u.client_id != cid:
-                led.fail("decode", f"reply claims client id {u.client_id!r}", nid, cid)
                 continue
             self.roster.trained(cid, pend.version)
             ps = flower_io.record_privacy(m.content)

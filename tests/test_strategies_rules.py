@@ -54,7 +54,7 @@ def _round(s, ranks, n_ex=None, gen=None, clients=None, held=None):
 
 
 def test_registry_and_unknown_name():
-    assert set(STRATEGIES) == {"fedavg", "fedex", "flora", "fedsb", "fedsa"}
+    assert list(STRATEGIES)[:5] == ["fedavg", "fedex", "flora", "fedsb", "fedsa"]  # + any test plugins
     with pytest.raises(ValueError, match="choose one of"):
         create_strategy("fedprox", layers=layer_specs(), r_max=2, scale=1.0)
     with pytest.raises(ValueError, match="weighting"):

@@ -7,11 +7,11 @@ ones and those a user registers (``register_strategy``, config ``strategy.plugin
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 
-# the built-in rules register themselves on import, in this order
-from fedlora.strategies import fedavg, fedex, fedsa, fedsb, flora  # noqa: E402, F401, I001
-from fedlora.strategies.base import Strategy
+from fedlora.strategies.base import NormBound, Strategy
 from fedlora.strategies.deltas import Delta, Dense, LowRank, SBCore
 from fedlora.strategies.registry import (
     _REGISTRY,
@@ -21,6 +21,11 @@ from fedlora.strategies.registry import (
     strategy_names,
 )
 from fedlora.strategies.types import BaseDelta, ClientPayload, ClientUpdate, LayerSpec, RoundReport
+
+# the built-in rules register themselves on import; the order is the CLI's and compare's order
+BUILTIN = ("fedavg", "fedex", "flora", "fedsb", "fedsa")
+for _name in BUILTIN:
+    importlib.import_module(f"fedlora.strategies.{_name}")
 
 #: every registered strategy by name (live: strategies registered later appear here too)
 STRATEGIES = _REGISTRY
@@ -34,5 +39,5 @@ def create_strategy(name: str, *, layers: dict[str, LayerSpec], r_max: int, scal
 
 
 __all__ = ["STRATEGIES", "BaseDelta", "ClientPayload", "ClientUpdate", "Delta", "Dense", "LayerSpec",
-           "LowRank", "RoundReport", "SBCore", "Strategy", "create_strategy", "load_plugin",
+           "LowRank", "NormBound", "RoundReport", "SBCore", "Strategy", "create_strategy", "load_plugin",
            "register_strategy", "strategy_class", "strategy_names"]

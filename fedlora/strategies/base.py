@@ -67,6 +67,32 @@ def require_finite(dense: dict[str, Tensor], what: str, dtype: torch.dtype) -> N
         raise NonFiniteAggregate(overflow_reason(f"{what} of layer {bad[0]!r}", dtype))
 
 
+@dataclass(frozen=True)
+class NormBound:
+    """An optional defence against outsized updates (off by default).
+
+    An update's size is its parameter-space change ``‖X_i − X_sent‖_F`` over every factor it
+    uploads (``X_sent``: what its payload gave it; zero for a factor the payload did not carry,
+    e.g. FLoRA's fresh B). The bound is ``min(multiple · median size of the round, absolute)``
+    (a 0 leaves that term out). ``mode = "reject"`` drops the updates above it; ``"clip"`` scales
+    their change down to it (``X_sent + c·(X_i − X_sent)``: exact for rules linear in the uploaded
+    factor, a shrink of ``B·A`` for those that upload both). It does not catch a poisoned update
+    that stays within the bound.
+    """
+
+    mode: str = "off"  # off | reject | clip
+    multiple: float = 0.0
+    absolute: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("off", "reject", "clip"):
+            raise ValueError(f"norm bound mode must be 'off', 'reject' or 'clip', got {self.mode!r}")
+        if self.multiple < 0 or self.absolute < 0 or (self.mode != "off"
+                                                      and not (self.multiple or self.absolute)):
+            raise ValueError("norm bound: give multiple (of the round's median) and/or absolute, "
+                             "both >= 0")
+
+
 class Strategy:
     """Common state and machinery; a subclass implements one aggregation rule."""
 
@@ -91,7 +117,8 @@ class Strategy:
 
     def __init__(self, layers: dict[str, LayerSpec], r_max: int, scale: float,
                  weighting: str = "samples", seed: int = 0, dtype: torch.dtype = torch.float32,
-                 check_exactness: bool = True, history: int = 8) -> None:
+                 check_exactness: bool = True, history: int = 8, max_weight_share: float = 1.0,
+                 norm_bound: NormBound | None = None) -> None:
         if not layers:
             raise ValueError("layers is empty: give {layer_name: LayerSpec(d_out, d_in)}")
         if not isinstance(r_max, int) or isinstance(r_max, bool) or r_max < 1:
@@ -109,10 +136,15 @@ class Strategy:
             raise ValueError(f"dtype must be a floating dtype, got {dtype}")
         if history < 1:
             raise ValueError(f"history must be >= 1, got {history}")
+        if not (isinstance(max_weight_share, int | float) and 0 < max_weight_share <= 1):
+            raise ValueError(f"max_weight_share must be in (0, 1] (1: no cap), got {max_weight_share!r}")
         self.layers = dict(layers)
         self.r_max, self.scale, self.weighting = r_max, float(scale), weighting
         self.seed, self.dtype = seed, dtype
         self.check_exactness, self.history = check_exactness, history
+        self.max_weight_share = float(max_weight_share)
+        self.norm_bound = norm_bound or NormBound()
+        self._given: dict[str, dict[str, dict[str, Tensor]]] = {}  # the factors each client was sent
         self.version = 0
         self.round = 0
         self._head: dict[str, Tensor] | None = None
@@ -136,14 +168,19 @@ class Strategy:
         p.trains, p.uploads = tuple(sorted(self.round_trains())), tuple(sorted(self.uploads))
         p.upload_head, p.personal_eval = self.shares_head, self.personal_eval()
         p.bytes_down = payload_bytes(p)
+        if self.norm_bound.mode != "off":
+            self._given[p.client_id] = {n: {k: f[k] for k in self.uploads if k in f}
+                                        for n, f in p.factors.items()}
         self._sent[p.client_id] = self._sent.get(p.client_id, 0) + p.bytes_down
         return p
 
     def aggregate(self, updates: list[ClientUpdate]) -> RoundReport:
         t0 = time.perf_counter()
         rejected: dict[str, str] = {}
-        accepted = self._structurally_valid(updates, rejected)
-        accepted, p, sums = self._finite(accepted, rejected)
+        accepted = self._in_range(self._structurally_valid(updates, rejected), rejected)
+        accepted = self._norm_bounded(accepted, rejected)
+        p = self._weights(accepted) if accepted else []
+        sums = self._group_sums(accepted, p) if accepted and self.sums_uploads else None
         kept = {u.client_id for u in accepted}
         bytes_up: dict[str, int] = {}  # what the clients sent (before any cast to the server's dtype)
         for u in updates:
@@ -253,7 +290,10 @@ class Strategy:
                                                   f"{seen[cid]}): only the first update counts")
                 continue
             seen[cid] = 1
-            reason, clean = self.validator.check(u, self.version, self._head)
+            try:
+                reason, clean = self.validator.check(u, self.version, self._head)
+            except Exception as e:  # noqa: BLE001 - an update is untrusted: whatever it holds
+                reason, clean = f"malformed update ({type(e).__name__}: {e})", None
             if reason:
                 rejected[cid] = reason
             else:
@@ -270,46 +310,88 @@ class Strategy:
             accepted = [u for u in accepted if u.client_id not in rejected]
         return accepted
 
-    def _weights(self, updates: list[ClientUpdate]) -> list[float]:
-        if self.weighting == "samples":
-            total = float(sum(u.num_examples for u in updates))
-            return [u.num_examples / total for u in updates]
-        return [1.0 / len(updates)] * len(updates)
+    def magnitude_limit(self, k: int) -> float:
+        """The largest Frobenius norm an uploaded factor may have in a round of ``k`` updates.
 
-    def _finite(self, updates: list[ClientUpdate], rejected: dict[str, str]
-                ) -> tuple[list[ClientUpdate], list[float], GroupSums | None]:
-        """Drop the updates with non-finite factors; the weights and rank groups' sums of the rest.
-
-        A flat update is not scanned on its own: NaN and ±∞ survive a sum with positive weights,
-        so a finite group sum clears every member. Only the members of a non-finite sum are
-        checked one by one; when none is at fault the finite uploads overflowed the server's
-        dtype, and the round is rejected whole rather than written into the global state as ∞.
+        With every factor ``‖X‖ ≤ L = √max / (4·(k+2)·max(1, s))`` (max: the dtype's largest
+        number), every weighted sum of ``k`` updates is below ``L``, and every product a rule forms
+        from them (``s·B·A``, FedEx's residual, FLoRA's stack, ``s·B·R·A``) below ``max/16``: no
+        aggregate or global model can overflow, whichever rule runs.
         """
+        return math.sqrt(torch.finfo(self.dtype).max) / (4 * (k + 2) * max(1.0, self.scale))
+
+    def _in_range(self, updates: list[ClientUpdate], rejected: dict[str, str]) -> list[ClientUpdate]:
+        """Reject, one by one, the updates with non-finite factors or factors beyond
+        ``magnitude_limit``: a destructive update is rejected alone and the others go on."""
+        limit = self.magnitude_limit(len(updates))
         keep = []
         for u in updates:
-            reason = None if u.flat is not None else nonfinite_reason(u)
-            if reason:
-                rejected[u.client_id] = reason
-            else:
+            ts = [u.flat] if u.flat is not None else [t for f in u.factors.values() for t in f.values()]
+            norm = float(torch.stack(torch._foreach_norm(ts)).norm()) if ts else 0.0
+            if norm <= limit:  # (False for NaN)
                 keep.append(u)
-        while keep:
-            p = self._weights(keep)
-            sums = self._group_sums(keep, p) if self.sums_uploads else None
-            if sums is not None:
-                groups = {r for r, b in sums.bufs.items() if not bool(torch.isfinite(b.sum()))}
-                suspects = [u for u in keep if u.flat is not None and u.rank in groups]
-            else:  # FLoRA stacks: one sum per flat update
-                suspects = [u for u in keep if u.flat is not None and not bool(torch.isfinite(u.flat.sum()))]
-            bad = {u.client_id: r for u in suspects if (r := nonfinite_reason(u))}
-            if not bad:
-                if suspects and sums is not None:
-                    reason = overflow_reason("weighted sum of this round's updates", self.dtype)
-                    rejected.update({u.client_id: reason for u in keep})
-                    return [], [], None
-                return keep, p, sums
-            rejected.update(bad)
-            keep = [u for u in keep if u.client_id not in bad]
-        return [], [], None
+                continue
+            reason = nonfinite_reason(u)
+            if reason is None:
+                name, key, big = max(((n, k, float(t.norm())) for n, f in u.factors.items()
+                                      for k, t in f.items()), key=lambda x: x[2])
+                reason = (f"layer {name!r} factor {key}: norm {big:.3g} beyond {limit:.3g}, the most "
+                          f"this round's aggregate can take without overflowing {self.dtype}: a "
+                          "diverged or hostile client")
+            rejected[u.client_id] = reason
+        return keep
+
+    def _norm_bounded(self, updates: list[ClientUpdate], rejected: dict[str, str]) -> list[ClientUpdate]:
+        nb, given, self._given = self.norm_bound, self._given, {}
+        if nb.mode == "off" or not updates:
+            return updates
+        sizes = []
+        for u in updates:
+            g = given.get(u.client_id, {})
+            sq = 0.0
+            for n, f in u.factors.items():
+                for k, t in f.items():
+                    ref = g.get(n, {}).get(k)
+                    sq += float((t - ref).pow(2).sum()) if ref is not None else float(t.pow(2).sum())
+            sizes.append(math.sqrt(sq))
+        bounds = [b for b in (nb.multiple * sorted(sizes)[(len(sizes) - 1) // 2], nb.absolute) if b > 0]
+        bound = min(bounds)
+        out = []
+        for u, size in zip(updates, sizes):
+            if size <= bound:
+                out.append(u)
+            elif nb.mode == "reject":
+                rejected[u.client_id] = (
+                    f"update norm {size:.4g} above the norm bound {bound:.4g} (strategy.norm_bound_"
+                    f"multiple={nb.multiple}, strategy.norm_bound_absolute={nb.absolute})")
+            else:
+                c, g = bound / size, given.get(u.client_id, {})
+                factors = {n: {k: (g[n][k] + c * (t - g[n][k])) if k in g.get(n, {}) else c * t
+                               for k, t in f.items()} for n, f in u.factors.items()}
+                out.append(ClientUpdate(u.client_id, u.rank, u.num_examples, u.base_version, factors,
+                                        u.head, {**u.metrics, "clipped_by": c}))
+        return out
+
+    def _weights(self, updates: list[ClientUpdate]) -> list[float]:
+        """``p_i`` (samples or uniform); with ``max_weight_share < 1`` no client's share exceeds
+        it: shares above the cap are cut to it and the rest renormalised, until none is above."""
+        if self.weighting == "samples":
+            total = float(sum(u.num_examples for u in updates))
+            p = [u.num_examples / total for u in updates]
+        else:
+            p = [1.0 / len(updates)] * len(updates)
+        cap = self.max_weight_share
+        if cap >= 1.0 or cap * len(p) < 1.0:  # a cap below 1/K cannot hold: uniform is the closest
+            return p if cap >= 1.0 else [1.0 / len(p)] * len(p)
+        capped: set[int] = set()
+        while True:
+            free = 1.0 - cap * len(capped)
+            rest = sum(pi for i, pi in enumerate(p) if i not in capped)
+            q = [cap if i in capped else pi * free / rest for i, pi in enumerate(p)]
+            over = {i for i, qi in enumerate(q) if qi > cap * (1 + 1e-12) and i not in capped}
+            if not over:
+                return q
+            capped |= over
 
     def _group_sums(self, updates: list[ClientUpdate], p: list[float]) -> GroupSums:
         """Each rank group's weighted sum in one flat buffer (a flat update is one ``add_``, any

@@ -1,0 +1,165 @@
+"""Hostile replies: nobody takes over a round, nothing a reply holds crashes it, state untouched.
+
+Each attack was accepted before (see the issue "Hostile clients, crashes and corrupted files"):
+an inflated or fractional sample count, a finite but huge update, a reply that cannot be decoded.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from strategy_helpers import (
+    SHAPES,
+    Multi,
+    apply_payload,
+    layer_specs,
+    make_update,
+    state_tensors,
+    train_randomly,
+)
+
+from fedlora.flower_io import record_to_update, update_to_record
+from fedlora.strategies import NormBound, create_strategy
+
+NAMES = ["fedavg", "fedex", "flora", "fedsb", "fedsa"]
+
+
+def _strategy(name, dtype=torch.float32, **kw):
+    s = create_strategy(name, layers=layer_specs(), r_max=4, scale=2.0, dtype=dtype, seed=1, **kw)
+    if s.init_from:
+        g = torch.Generator().manual_seed(2)
+        s.initialize({n: torch.randn(d, k, generator=g, dtype=dtype) for n, (d, k) in SHAPES.items()})
+    return s
+
+
+def _round(s, ranks, n_ex, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    ups = []
+    for i, r in enumerate(ranks):
+        m = Multi(i, r, s.scale, s.adapter, dtype=dtype)
+        p = s.payload(f"c{i}", r, s.version if s.version == (1 if s.init_from else 0) else 0)
+        apply_payload(m, p)
+        train_randomly(m, gen)
+        ups.append(make_update(m, p, n_ex[i]))
+    return ups
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_huge_finite_update_is_rejected_alone_and_the_honest_ones_aggregated(name):
+    s = _strategy(name)
+    clean = copy.deepcopy(s)
+    ups = _round(s, [2, 4, 3], [5, 6, 7])
+    _round(clean, [2, 4, 3], [5, 6, 7])  # the same payloads: the same bookkeeping
+    for f in ups[1].factors.values():  # finite, but ~1e20: its products overflow float32
+        for t in f.values():
+            t.fill_(1e20)
+    rep = s.aggregate(ups)
+    ref = clean.aggregate([ups[0], ups[2]])
+    assert rep.accepted == ["c0", "c2"] and set(rep.rejected) == {"c1"}
+    assert "c1" not in rep.weights and "beyond" in rep.rejected["c1"] and "layer" in rep.rejected["c1"]
+    assert rep.weights == ref.weights
+    a, b = state_tensors(s), state_tensors(clean)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if s.has_global_model:
+        assert all(torch.isfinite(s.global_delta(n)).all() for n in SHAPES)
+
+
+def test_weights_are_not_bools_and_a_cap_holds_the_largest_share():
+    s = _strategy("fedex")
+    ups = _round(s, [2, 2, 2], [10, 10, 10])
+    ups[0].num_examples = True
+    assert "num_examples" in s.aggregate(ups).rejected["c0"]
+    capped = _strategy("fedex", max_weight_share=0.5)
+    ups = _round(capped, [2, 2, 4], [10**12, 30, 10])
+    rep = capped.aggregate(ups)
+    # 10**12 alone would be weight ≈ 1; capped at 0.5, the rest keeps its proportions (3:1)
+    assert rep.weights["c0"] == pytest.approx(0.5)
+    assert rep.weights["c1"] == pytest.approx(0.375) and rep.weights["c2"] == pytest.approx(0.125)
+    assert math.fsum(rep.weights.values()) == pytest.approx(1.0)
+
+
+def test_capped_weights_match_the_water_filling_formula():
+    # caps applied repeatedly: p = [0.6, 0.3, 0.05, 0.05] with cap 0.35 -> [0.35, 0.35, 0.15, 0.15]
+    s = _strategy("fedavg", max_weight_share=0.35)
+    ups = _round(s, [2, 2, 2, 2], [60, 30, 5, 5])
+    rep = s.aggregate(ups)
+    assert [rep.weights[f"c{i}"] for i in range(4)] == pytest.approx([0.35, 0.35, 0.15, 0.15])
+
+
+@pytest.mark.parametrize("key, value", [("num-examples", 2.9), ("num-examples", float("inf")),
+                                        ("num-examples", [3]), ("rank", 2.7)])
+def test_wire_values_are_exact_integers_or_the_reply_is_refused(key, value):
+    s = _strategy("fedavg")
+    (u,) = _round(s, [2], [3])
+    rd = update_to_record(u)
+    if key == "rank":
+        rd.config_records["fedlora.update.meta"]["rank"] = value
+    else:
+        rd.metric_records["metrics"][key] = value
+    with pytest.raises(ValueError, match=key):
+        record_to_update(rd)
+
+
+@pytest.mark.parametrize("mode", ["reject", "clip"])
+def test_norm_bound_rejects_or_clips_the_outlier(mode):
+    s = _strategy("fedsa", norm_bound=NormBound(mode, multiple=3.0))
+    ups = _round(s, [2, 2, 2, 2], [5, 5, 5, 5])
+    given = {n: s.A[n][:2].clone() for n in SHAPES}  # what each client was sent
+    for f in ups[3].factors.values():
+        f["A"].mul_(50.0)  # in range, but far bigger than the others
+    sizes = [math.sqrt(sum(float((u.factors[n]["A"] - given[n]).pow(2).sum()) for n in SHAPES))
+             for u in ups]
+    bound = 3.0 * sorted(sizes)[1]
+    rep = s.aggregate(ups)
+    if mode == "reject":
+        assert rep.accepted == ["c0", "c1", "c2"] and "norm bound" in rep.rejected["c3"]
+    else:
+        assert rep.accepted == ["c0", "c1", "c2", "c3"]
+        # the clipped change has exactly the bound's norm: Ā = mean of the clipped uploads
+        c = bound / sizes[3]
+        for n in SHAPES:
+            clipped = given[n] + c * (ups[3].factors[n]["A"] - given[n])
+            want = sum(u.factors[n]["A"] for u in ups[:3]) + clipped
+            torch.testing.assert_close(s.A[n][:2], want / 4)
+
+
+def test_norm_bound_is_off_by_default():
+    s = _strategy("fedsa")
+    ups = _round(s, [2, 2, 2], [5, 5, 5])
+    for f in ups[2].factors.values():
+        f["A"].mul_(50.0)
+    assert s.aggregate(ups).accepted == ["c0", "c1", "c2"]
+
+
+def _tampering(client_app, tamper):
+    def app(msg, ctx):
+        reply = client_app(msg, ctx)
+        if msg.metadata.message_type == "train" and int(ctx.node_config["partition-id"]) == 1:
+            tamper(reply.content)
+        return reply
+    return app
+
+
+@pytest.mark.parametrize("tamper, reason", [
+    (lambda rd: rd.metric_records["metrics"].__setitem__("num-examples", 10**12), "declared"),
+    (lambda rd: rd.metric_records["metrics"].__setitem__("num-examples", float("inf")), "integer"),
+    (lambda rd: rd.config_records["fedlora.update.meta"].__setitem__("rank", 2.7), "integer"),
+    (lambda rd: rd.array_records.pop("fedlora.update"), "undecodable"),
+])
+def test_a_hostile_reply_is_rejected_and_the_round_goes_on(tmp_path, tamper, reason):
+    from fedlora.config import load_config
+    from fedlora.loopback import load_apps, run_loopback
+
+    client_app, server_app = load_apps()
+    cfg = load_config(None, values={"rounds": 1, "clients.num": 3, "train.local_steps": 2,
+                                    "run_dir": str(tmp_path / "run")})
+    run_loopback(cfg, apps=(_tampering(client_app, tamper), server_app))
+    (row,) = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    by = {c["id"]: c for c in row["clients"]}
+    assert [c for c, r in by.items() if r["accepted"]] == ["client-0", "client-2"]
+    assert reason in by["client-1"]["error"], by["client-1"]
+    assert (tmp_path / "run" / "summary.json").exists()
