@@ -3,6 +3,23 @@
 - ``save_checkpoint`` / ``load_checkpoint``: the server state after a round (strategy state,
   round, ranks, scale, base version, config, metrics, RNG), written atomically (temp file in the
   same folder, fsync, ``os.replace``) so a crash never leaves a half-written checkpoint.
+- Integrity: a checkpoint file is the serialized ``Checkpoint`` message followed by a 46-byte
+  **SHA-256 footer** (:data:`FOOTER_SIZE`): the protobuf tag of field 536870911, wire type 2,
+  length 40 (``fa ff ff ff 0f 28``), the magic ``SHA256v1`` and the 32-byte SHA-256 of every byte
+  before the footer. A footer rather than a ``.sha256`` sidecar: one file is written by one atomic
+  rename, so the data and its check can never come from two different saves (a crash between two
+  renames, a copied ``.ckpt`` without its sidecar), and there is nothing to keep in step when
+  files are copied, moved or deleted. The footer is itself a well-formed protobuf field (unknown
+  to the schema), so a reader that does not know about it still parses the file.
+  ``load_checkpoint`` verifies the footer before decoding anything and raises ``ValueError``
+  naming the file ("corrupt": checksum mismatch, broken structure; "truncated or corrupt": no
+  footer). **Files written before the footer existed** are indistinguishable from a truncated
+  new file (a protobuf cut at a field boundary still parses), so they are refused by default; a
+  caller who trusts such a file passes ``allow_unverified=True`` (loaded with a logged warning,
+  after the structural checks). Re-saving it gives a file with a footer.
+- ``latest_valid_checkpoint``: the newest ``checkpoints/round-NNNN.ckpt`` of a run that verifies
+  and loads, with the newer ones skipped and why (``--resume`` must report them, and fail when
+  there is none). ``latest_checkpoint`` is the newest by name only, unverified.
   A strategy's ``state_dict`` (nested dicts / lists / tuples of tensors and scalars) is flattened:
   tensors go to ``Checkpoint.tensors`` under their path, the skeleton to ``state_json`` with
   ``{"__tensor__": path}`` and ``{"__tuple__": [...]}`` placeholders, so loading gives back the
@@ -15,7 +32,9 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -32,7 +51,12 @@ import fedlora
 from fedlora.node_cache import atomic_write_bytes
 from fedlora.proto.fedlora.v1 import checkpoint_pb2 as pb
 
+log = logging.getLogger(__name__)
+
 SCHEMA_VERSION = 1
+#: the footer: protobuf tag of field 536870911 (wire type 2), length 40, magic, SHA-256 (32 bytes)
+_FOOTER_PREFIX = bytes.fromhex("faffffff0f28") + b"SHA256v1"
+FOOTER_SIZE = len(_FOOTER_PREFIX) + 32
 _DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16,
            "float16": torch.float16, "int64": torch.int64, "int32": torch.int32,
            "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool}
@@ -150,14 +174,49 @@ def save_checkpoint(path: str | os.PathLike, *, strategy: str, round: int, state
         fedlora_version=fedlora.__version__)
     for k, t in tensors.items():
         msg.tensors[k].CopyFrom(tensor_to_pb(t))
-    return atomic_write_bytes(Path(path), msg.SerializeToString())
+    payload = msg.SerializeToString()
+    return atomic_write_bytes(Path(path), payload + _FOOTER_PREFIX + hashlib.sha256(payload).digest())
 
 
-def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+def _unseal(path: Path, data: bytes) -> bytes | None:
+    """The bytes before a verified footer; ``None`` when the file has no footer; ValueError when
+    the footer is there and the SHA-256 does not match."""
+    if len(data) < FOOTER_SIZE or data[-FOOTER_SIZE:-32] != _FOOTER_PREFIX:
+        return None
+    payload, stored = data[:-FOOTER_SIZE], data[-32:]
+    computed = hashlib.sha256(payload).digest()
+    if computed != stored:
+        raise ValueError(f"checkpoint {path} is corrupt: SHA-256 mismatch (footer {stored.hex()[:16]}…, "
+                         f"content {computed.hex()[:16]}…)")
+    return payload
+
+
+def load_checkpoint(path: str | os.PathLike, *, allow_unverified: bool = False) -> Checkpoint:
+    """The checkpoint in ``path``, after its SHA-256 footer is verified (see the module docstring).
+
+    ValueError naming the file on a checksum mismatch, a missing footer (truncated, or written
+    before footers existed), a broken structure, or a newer schema. ``allow_unverified=True``
+    loads a footerless file after the structural checks (a warning is logged): only for a
+    pre-footer file you trust.
+    """
     path = Path(path)
+    data = path.read_bytes()
+    payload = _unseal(path, data)
+    if payload is not None:
+        return _decode(path, payload)
+    ck = _decode(path, data)  # the most precise diagnosis first (newer schema, broken structure)
+    if not allow_unverified:
+        raise ValueError(f"checkpoint {path} is truncated or corrupt: it does not end with a valid "
+                         f"SHA-256 footer (a file written before checkpoints had one is refused "
+                         f"too: load it with allow_unverified=True only if you trust it)")
+    log.warning("checkpoint %s has no SHA-256 footer: loaded UNVERIFIED (allow_unverified=True)", path)
+    return ck
+
+
+def _decode(path: Path, payload: bytes) -> Checkpoint:
     msg = pb.Checkpoint()
     try:
-        msg.ParseFromString(path.read_bytes())
+        msg.ParseFromString(payload)
         state_skeleton = json.loads(msg.state_json) if msg.state_json else None
     except (DecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"checkpoint {path} is corrupt or truncated: {e}") from e
@@ -187,10 +246,44 @@ def checkpoint_path(run_dir: str | os.PathLike, round: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"round-{int(round):04d}.ckpt"
 
 
-def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+def _round_files(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """``(round, path)`` of a run's ``checkpoints/round-NNNN.ckpt`` files, newest first."""
     files = [(int(m.group(1)), p) for p in (Path(run_dir) / "checkpoints").glob("round-*.ckpt")
              if (m := re.fullmatch(r"round-(\d+)\.ckpt", p.name))]
-    return max(files)[1] if files else None
+    return sorted(files, reverse=True)
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The newest checkpoint of a run **by file name**, not opened nor verified (``None``: none).
+
+    To resume, use :func:`latest_valid_checkpoint`: the newest file may be corrupt or truncated.
+    """
+    files = _round_files(run_dir)
+    return files[0][1] if files else None
+
+
+def latest_valid_checkpoint(run_dir: str | os.PathLike) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """``(path, skipped)``: the newest checkpoint of a run that verifies and loads (``None`` when
+    none does), and the newer files passed over, newest first, each with the reason.
+
+    A file is passed over when :func:`load_checkpoint` fails on it (checksum, truncation, no
+    footer, structure, newer schema, unreadable) or when the round it holds is not the round in
+    its name. The caller must tell the user about every skipped file, and must fail (not start
+    from scratch) when there are checkpoint files and none is valid; the returned path is then
+    loaded with :func:`load_checkpoint` (it is read twice: verification here, use there).
+    """
+    skipped: list[tuple[Path, str]] = []
+    for rnd, path in _round_files(run_dir):
+        try:
+            ck = load_checkpoint(path)
+        except (ValueError, OSError) as e:
+            skipped.append((path, str(e)))
+            continue
+        if ck.round != rnd:
+            skipped.append((path, f"checkpoint {path} holds round {ck.round}, its name says round {rnd}"))
+            continue
+        return path, skipped
+    return None, skipped
 
 
 def rng_snapshot() -> bytes:

@@ -13,10 +13,24 @@ Layout: ``<cache-dir>/<model key>/<file>``; the model key names the model (e.g. 
 node running two experiments on different models keeps two caches.
 
 Every file is written atomically: a temporary file in the same folder, ``fsync``, ``os.replace``,
-then ``fsync`` of the folder. A crash mid-write leaves the previous version intact. The base file
-carries its version, its model key and a SHA-256 of its tensor data in the safetensors metadata;
-a missing, truncated, foreign or corrupt file reads as **no cache** (``None``), and the client then
-reports base version 0 so the server sends the full delta since ``W0`` (a re-sync, no manual step).
+then ``fsync`` of the folder. A crash mid-write leaves the previous version intact.
+
+Integrity: every file the cache reads back carries a SHA-256 in itself (not a sidecar, so the check
+and the data are renamed into place together and cannot come from two different writes):
+
+- safetensors files (base, weights, state): the ``sha256`` metadata entry is the SHA-256 of all the
+  other metadata entries (version, model key, kind, ...; canonical JSON) and of every tensor's name,
+  dtype, shape and bytes (:func:`_digest`). A flipped byte anywhere in the values or the metadata
+  that matter, or a truncation (safetensors checks the sizes), is caught on every load;
+- records (JSON): a ``sha256`` entry over the canonical JSON of the rest of the document.
+
+A missing, truncated, foreign or corrupt file reads as **no cache**, with a logged warning: the
+base as ``None`` (the client then reports base version 0 so the server sends the full delta since
+``W0``: a re-sync, no manual step), the weights are rebuilt from ``build_fn``, a state or record is
+``None``. Files of the previous cache format (``fedlora-node-cache/1``, whose checksum did not cover
+the metadata, and weights and records that had none) read as no cache too: one re-sync / rebuild
+after the upgrade. Checking the weights reads the whole file once per load (SHA-256 runs at about
+1-2 GB/s); the pages are then in the page cache for the memory-mapped tensors.
 
 Usage (ClientApp)::
 
@@ -46,7 +60,7 @@ from safetensors.torch import save_file
 
 log = logging.getLogger(__name__)
 
-FORMAT = "fedlora-node-cache/1"
+FORMAT = "fedlora-node-cache/2"  # /2: the checksum covers the metadata; weights and records have one
 BASE_FILE = "base.safetensors"
 WEIGHTS_FILE = "weights.safetensors"
 _KEY_RE = re.compile(r"[^A-Za-z0-9._+-]+")
@@ -59,15 +73,55 @@ def _safe_key(model_key: str) -> str:
     return k
 
 
-def _digest(tensors: Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 over names, dtypes, shapes and bytes, in sorted name order."""
+def _canonical(obj) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _digest(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> str:
+    """SHA-256 over the metadata (without its ``sha256`` entry, canonical JSON), then the tensors'
+    names, dtypes, shapes and bytes, in sorted name order."""
     h = hashlib.sha256()
+    if metadata is not None:
+        h.update(b"meta|" + _canonical({k: v for k, v in metadata.items() if k != "sha256"}) + b"|")
     for name in sorted(tensors):
         t = tensors[name].detach().contiguous().cpu()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself: no copy
     return h.hexdigest()
+
+
+def _sealed(metadata: Mapping[str, str], tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """``metadata`` (strings) with its ``sha256`` entry over itself and ``tensors``."""
+    meta = {str(k): str(v) for k, v in metadata.items() if k != "sha256"}
+    return {**meta, "sha256": _digest(tensors, meta)}
+
+
+def _check(meta: Mapping[str, str], kind: str, model_key: str) -> None:
+    """ValueError unless the file's metadata says this format, kind and model key."""
+    fmt = meta.get("format")
+    if fmt != FORMAT:
+        old = isinstance(fmt, str) and fmt.startswith("fedlora-node-cache/")
+        raise ValueError(f"written in cache format {fmt}, this fedlora reads {FORMAT}" if old
+                         else f"not a fedlora node cache file (metadata {dict(meta)})")
+    if meta.get("kind") != kind:
+        raise ValueError(f"holds {meta.get('kind')!r}, not {kind!r}")
+    if meta.get("model_key") != str(model_key):
+        raise ValueError(f"cache is for model {meta.get('model_key')!r}")
+    if not meta.get("sha256"):
+        raise ValueError("no sha256 in its metadata")
+
+
+def _read_verified(path: str | os.PathLike, kind: str, model_key: str, verify: bool = True
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(tensors, metadata)`` of a cache file written by :class:`NodeCache`, after checking its
+    format, kind, model key and (``verify``) SHA-256: ValueError saying "corrupt" on a mismatch;
+    a truncated or malformed file raises from safetensors."""
+    tensors, meta = read_safetensors(path)
+    _check(meta, kind, model_key)
+    if verify and _digest(tensors, meta) != meta["sha256"]:
+        raise ValueError("corrupt: SHA-256 mismatch")
+    return tensors, meta
 
 
 def _fsync_dir(path: Path) -> None:
@@ -143,25 +197,23 @@ class NodeCache:
         if version < 0:
             raise ValueError(f"base version must be >= 0, got {version}")
         tensors = {k: v for k, v in deltas.items() if v is not None}
-        meta = {"format": FORMAT, "kind": "base", "model_key": str(model_key),
-                "version": str(version), "sha256": _digest(tensors), "time": f"{time.time():.3f}"}
+        meta = _sealed({"format": FORMAT, "kind": "base", "model_key": str(model_key),
+                        "version": str(version), "time": f"{time.time():.3f}"}, tensors)
         return atomic_save_safetensors(self.dir(model_key) / BASE_FILE, tensors, meta)
 
     def load_base(self, model_key: str, verify: bool = True
                   ) -> tuple[int, dict[str, torch.Tensor]] | None:
-        """``(version, {layer: D})`` of the stored base, or ``None`` when missing or unusable."""
+        """``(version, {layer: D})`` of the stored base, or ``None`` when missing or unusable
+        (truncated, corrupt, foreign, older format: a warning is logged). ``verify=False`` skips
+        the SHA-256 (only the format, kind and model key are checked)."""
         path = self.dir(model_key) / BASE_FILE
         if not path.exists():
             return None
         try:
-            tensors, meta = read_safetensors(path)
-            if meta.get("format") != FORMAT or meta.get("kind") != "base":
-                raise ValueError(f"not a fedlora base cache (metadata {meta})")
-            if meta.get("model_key") != str(model_key):
-                raise ValueError(f"cache is for model {meta.get('model_key')!r}")
+            tensors, meta = _read_verified(path, "base", model_key, verify)
             version = int(meta["version"])
-            if verify and _digest(tensors) != meta.get("sha256"):
-                raise ValueError("checksum mismatch")
+            if version < 0:
+                raise ValueError(f"negative base version {version}")
         except Exception as e:  # noqa: BLE001 - any damage means: no cache, resync
             log.warning("node cache %s unusable (%s): starting from base version 0", path, e)
             return None
@@ -177,23 +229,22 @@ class NodeCache:
         """The model's ``W0`` state dict: memory-mapped from the cache, or built once and cached.
 
         ``build_fn()`` returns an ``nn.Module`` or a state dict; it is called only on a miss (first
-        use, or an unreadable file). The returned tensors are read-only views of the file when
-        they come from the cache: load them with ``model.load_state_dict(state)`` (copies).
+        use, or an unreadable, truncated, corrupt or foreign file: a warning is logged). The
+        cached file's SHA-256 is checked on every load. The returned tensors are read-only views
+        of the file when they come from the cache: load them with ``model.load_state_dict(state)``
+        (copies).
         """
         path = self.dir(model_key) / WEIGHTS_FILE
         if path.exists():
             try:
-                tensors, meta = read_safetensors(path)
-                if meta.get("format") != FORMAT or meta.get("model_key") != str(model_key):
-                    raise ValueError(f"foreign weights file (metadata {meta})")
-                return tensors
+                return _read_verified(path, "weights", model_key)[0]
             except Exception as e:  # noqa: BLE001
                 log.warning("cached weights %s unusable (%s): rebuilding", path, e)
         built = build_fn()
         state = built.state_dict() if hasattr(built, "state_dict") else dict(built)
         state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-        atomic_save_safetensors(path, state, {"format": FORMAT, "kind": "weights",
-                                              "model_key": str(model_key)})
+        atomic_save_safetensors(path, state, _sealed({"format": FORMAT, "kind": "weights",
+                                                      "model_key": str(model_key)}, state))
         return state
 
     def load_model(self, model_key: str, build_fn: Callable[[], torch.nn.Module]) -> torch.nn.Module:
@@ -229,22 +280,22 @@ class NodeCache:
     # ---- other per-node tensors ---------------------------------------------------------------------
     def save_state(self, model_key: str, name: str, tensors: Mapping[str, torch.Tensor],
                    metadata: Mapping[str, str] | None = None) -> Path:
-        """Store named client tensors (e.g. FedSA's B and head) atomically, with a checksum."""
-        meta = {**(metadata or {}), "format": FORMAT, "kind": f"state:{name}",
-                "model_key": str(model_key), "sha256": _digest(tensors)}
+        """Store named client tensors (e.g. FedSA's B and head) atomically, with a checksum over
+        them and ``metadata`` (string values)."""
+        meta = _sealed({**(metadata or {}), "format": FORMAT, "kind": f"state:{name}",
+                        "model_key": str(model_key)}, tensors)
         return atomic_save_safetensors(self.dir(model_key) / f"state-{_safe_key(name)}.safetensors",
                                        tensors, meta)
 
     def load_state(self, model_key: str, name: str
                    ) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+        """``(tensors, metadata)`` stored by ``save_state``, or ``None`` when missing or unusable
+        (truncated, corrupt, foreign, older format: a warning is logged)."""
         path = self.dir(model_key) / f"state-{_safe_key(name)}.safetensors"
         if not path.exists():
             return None
         try:
-            tensors, meta = read_safetensors(path)
-            if meta.get("kind") != f"state:{name}" or meta.get("model_key") != str(model_key) \
-                    or _digest(tensors) != meta.get("sha256"):
-                raise ValueError("foreign or corrupt state file")
+            tensors, meta = _read_verified(path, f"state:{name}", model_key)
         except Exception as e:  # noqa: BLE001
             log.warning("node state %s unusable (%s)", path, e)
             return None
@@ -252,20 +303,26 @@ class NodeCache:
 
     # ---- small JSON records (a DP client's accountant history) --------------------------------------
     def save_record(self, name: str, record: Mapping) -> Path:
-        """Store a JSON-serialisable mapping as ``<cache>/records/<name>.json``, atomically."""
-        doc = {"format": FORMAT, "name": name, "record": dict(record)}
+        """Store a JSON-serialisable mapping as ``<cache>/records/<name>.json``, atomically, with
+        a SHA-256 of its canonical JSON."""
+        doc = json.loads(json.dumps({"format": FORMAT, "name": name, "record": dict(record)}))
+        doc["sha256"] = hashlib.sha256(_canonical(doc)).hexdigest()
         return atomic_write_bytes(self.root / "records" / f"{_safe_key(name)}.json",
                                   json.dumps(doc).encode())
 
     def load_record(self, name: str) -> dict | None:
-        """The mapping stored by ``save_record``, or ``None`` when missing or unreadable."""
+        """The mapping stored by ``save_record``, or ``None`` when missing or unusable (truncated,
+        corrupt, foreign, older format: a warning is logged)."""
         path = self.root / "records" / f"{_safe_key(name)}.json"
         if not path.exists():
             return None
         try:
             doc = json.loads(path.read_text())
-            if doc.get("format") != FORMAT or doc.get("name") != name:
-                raise ValueError("foreign record file")
+            if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("name") != name:
+                raise ValueError("foreign record file or older format")
+            stored = doc.pop("sha256", None)
+            if stored != hashlib.sha256(_canonical(doc)).hexdigest():
+                raise ValueError("corrupt: SHA-256 mismatch" if stored else "no sha256")
             return dict(doc["record"])
         except Exception as e:  # noqa: BLE001
             log.warning("node record %s unusable (%s)", path, e)

@@ -193,3 +193,135 @@ def test_load_model_fast_skeleton_and_copy_on_write(tmp_path):
     # LoRA injection on top works as on a normally built model
     inject_lora(m3, LoRAConfig(targets=["attn.q"], rank=2))
     assert m3(x).shape == (2, 2)
+
+
+# ---- integrity: every file read back is checked; damage is a miss with a warning, never wrong values
+
+def _flip_at(path, needle: bytes, at: int = 0, mask: int = 0x40) -> None:
+    data = bytearray(path.read_bytes())
+    i = data.find(needle)
+    assert i >= 0, needle
+    data[i + at] ^= mask
+    path.write_bytes(bytes(data))
+
+
+def _warned(caplog, path) -> bool:
+    return any(r.levelname == "WARNING" and str(path) in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("damage", ["flip tensor byte", "truncate", "flip version"])
+def test_damaged_base_is_a_miss_with_warning(tmp_path, caplog, damage):
+    cache = NodeCache(tmp_path)
+    d = _deltas(2)
+    path = cache.save_base(KEY, 3, d)
+    if damage == "flip tensor byte":
+        _flip_at(path, d["layers.0.attn.q"].numpy().tobytes(), at=3)
+    elif damage == "truncate":
+        path.write_bytes(path.read_bytes()[:-7])
+    else:  # metadata: "3" -> "7" would make the node claim a base it does not have
+        _flip_at(path, b'"version":"3"', at=11, mask=0x04)
+    with caplog.at_level("WARNING", logger="fedlora.node_cache"):
+        assert cache.load_base(KEY) is None
+    assert _warned(caplog, path)
+    assert cache.base_version(KEY) == 0  # the node re-syncs from the server
+
+
+def test_base_any_byte_flip_never_gives_wrong_values(tmp_path):
+    cache = NodeCache(tmp_path)
+    d = {"q": torch.randn(3, 2), "v": torch.arange(4, dtype=torch.int64)}
+    path = cache.save_base(KEY, 5, d)
+    data = path.read_bytes()
+    for i in range(len(data)):
+        bad = bytearray(data)
+        bad[i] ^= 0x01
+        path.write_bytes(bytes(bad))
+        hit = cache.load_base(KEY)
+        assert hit is None or (hit[0] == 5 and all(torch.equal(hit[1][k], d[k]) for k in d)), i
+
+
+def test_good_files_round_trip_bit_for_bit(tmp_path):
+    cache = NodeCache(tmp_path)
+    d = {"a": torch.randn(4, 3), "b": torch.randn(2, 2, dtype=torch.float64),
+         "c": torch.randn(3).to(torch.bfloat16), "e": torch.zeros(0, 5)}
+    cache.save_base(KEY, 9, d)
+    version, got = cache.load_base(KEY)
+    assert version == 9 and set(got) == set(d)
+    for k in d:
+        assert got[k].dtype == d[k].dtype and got[k].shape == d[k].shape
+        assert torch.equal(got[k].reshape(-1).view(torch.uint8), d[k].reshape(-1).view(torch.uint8))
+    cache.save_state(KEY, "client", {"B": d["b"]}, {"version": "9", "rank": "2"})
+    t, meta = cache.load_state(KEY, "client")
+    assert torch.equal(t["B"], d["b"]) and meta["version"] == "9" and meta["rank"] == "2"
+    rec = {"history": [[1.1, 0.25, 7]], "total_steps": 7, "note": "x"}
+    cache.save_record("privacy-run", rec)
+    assert cache.load_record("privacy-run") == rec
+
+
+def test_damaged_weights_are_rebuilt_with_warning(tmp_path, caplog):
+    cache = NodeCache(tmp_path)
+    calls = []
+
+    def build():
+        calls.append(1)
+        return get_model("tiny", seed=0)
+
+    ref = get_model("tiny", seed=0).state_dict()
+    cache.load_weights(KEY, build)
+    path = cache.dir(KEY) / nc.WEIGHTS_FILE
+    _flip_at(path, ref["head.weight"].numpy().tobytes(), at=2)
+    with caplog.at_level("WARNING", logger="fedlora.node_cache"):
+        state = cache.load_weights(KEY, build)
+    assert calls == [1, 1] and _warned(caplog, path)
+    assert all(torch.equal(state[k], ref[k]) for k in ref)
+    # the rebuilt file is good again; a truncated one is rebuilt too, and load_model sees W0
+    assert all(torch.equal(v, ref[k]) for k, v in cache.load_weights(KEY, build).items())
+    assert calls == [1, 1]
+    path.write_bytes(path.read_bytes()[:-3])
+    m = cache.load_model(KEY, build)  # a miss: W0 rebuilt by build_fn
+    n = len(calls)
+    assert n > 2 and all(torch.equal(m.state_dict()[k], ref[k]) for k in ref)
+    m = cache.load_model(KEY, lambda: get_model("tiny", seed=7))  # a hit again: W0 from the file
+    assert len(calls) == n and all(torch.equal(m.state_dict()[k], ref[k]) for k in ref)
+
+
+def test_damaged_state_is_a_miss_with_warning(tmp_path, caplog):
+    cache = NodeCache(tmp_path)
+    path = cache.save_state(KEY, "client", {"B": torch.ones(3, 2)}, {"version": "4", "rank": "2"})
+    _flip_at(path, b'"rank":"2"', at=8, mask=0x02)  # rank 2 -> 0 in the metadata
+    with caplog.at_level("WARNING", logger="fedlora.node_cache"):
+        assert cache.load_state(KEY, "client") is None
+    assert _warned(caplog, path)
+
+
+@pytest.mark.parametrize("damage", ["flip digit", "truncate", "no checksum"])
+def test_damaged_record_is_a_miss_with_warning(tmp_path, caplog, damage):
+    import json
+
+    cache = NodeCache(tmp_path)
+    path = cache.save_record("privacy-run", {"total_steps": 40, "history": [[1.5, 0.25, 40]]})
+    if damage == "flip digit":
+        _flip_at(path, b"40", at=0, mask=0x01)  # 40 -> 50 steps
+    elif damage == "truncate":
+        path.write_bytes(path.read_bytes()[:-2])
+    else:
+        doc = json.loads(path.read_text())
+        del doc["sha256"]
+        path.write_text(json.dumps(doc))
+    with caplog.at_level("WARNING", logger="fedlora.node_cache"):
+        assert cache.load_record("privacy-run") is None
+    assert _warned(caplog, path)
+
+
+def test_previous_cache_format_is_a_miss(tmp_path, caplog):
+    """A file of format /1 (its checksum did not cover the metadata) reads as no cache."""
+    from safetensors.torch import save_file
+
+    cache = NodeCache(tmp_path)
+    path = cache.dir(KEY) / nc.BASE_FILE
+    path.parent.mkdir(parents=True)
+    t = {"q": torch.ones(2)}
+    save_file(t, str(path), metadata={"format": "fedlora-node-cache/1", "kind": "base",
+                                      "model_key": KEY, "version": "3", "sha256": nc._digest(t)})
+    with caplog.at_level("WARNING", logger="fedlora.node_cache"):
+        assert cache.load_base(KEY) is None
+    assert _warned(caplog, path) and "fedlora-node-cache/1" in caplog.text
