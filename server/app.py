@@ -47,7 +47,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from fedlora import flower_io, rundata
 from fedlora.checkpoint import (
     checkpoint_path,
-    latest_checkpoint,
+    latest_valid_checkpoint,
     load_checkpoint,
     rng_restore,
     rng_snapshot,
@@ -146,7 +146,8 @@ class FedLoraStrategy(Strategy):
         self.ledger = RoundLedger(0)
         self.start_round = 0
         self.rows: list[dict] = []
-        if resume and (ck_path := latest_checkpoint(self.run_dir)) is not None:
+        ck_path = self._resume_point() if resume else None
+        if ck_path is not None:
             ck = load_checkpoint(ck_path)
             if ck.strategy != cfg.strategy.name:
                 raise ValueError(f"checkpoint {ck_path} is for strategy {ck.strategy!r}, the config "
@@ -166,6 +167,17 @@ class FedLoraStrategy(Strategy):
         self.spec.run_uid = self._run_uid(resume)
 
     # ---- setup helpers -------------------------------------------------------------------------
+    def _resume_point(self) -> Path | None:
+        """The newest checkpoint that verifies (newer, damaged ones are skipped and said so); an
+        error when there are checkpoints but none verifies: a resume never silently restarts."""
+        path, skipped = latest_valid_checkpoint(self.run_dir)
+        for bad, reason in skipped:
+            log.warning("skipping %s: %s", bad.name, reason)
+        if path is None and skipped:
+            raise ValueError(f"--resume {self.run_dir}: no checkpoint verifies ("
+                             + "; ".join(f"{p.name}: {r}" for p, r in skipped) + ")")
+        return path
+
     def _run_uid(self, resume: bool) -> str:
         import uuid
 

@@ -225,3 +225,22 @@ def test_polling_grid_ends_a_train_exchange_at_min_replies():
     assert len(PollingGrid(g, 0.001, min_replies=2).send_and_receive(msgs(MessageType.QUERY), timeout=5)) == 3
     g = SlowGrid()
     assert len(PollingGrid(g, 0.001).send_and_receive(msgs(MessageType.TRAIN), timeout=5)) == 3
+
+
+def test_resume_skips_damaged_checkpoints_or_refuses(tmp_path, caplog):
+    cfg = _cfg(tmp_path, "fedex", rounds=3, extra=["train.local_steps=2"])
+    run_loopback(cfg)
+    ck = tmp_path / "fedex" / "checkpoints"
+    data = (ck / "round-0003.ckpt").read_bytes()
+    (ck / "round-0003.ckpt").write_bytes(data[: len(data) // 2])  # truncated
+    flipped = bytearray((ck / "round-0002.ckpt").read_bytes())
+    flipped[len(flipped) // 2] ^= 0x40  # one byte inside the tensor data
+    (ck / "round-0002.ckpt").write_bytes(bytes(flipped))
+    with caplog.at_level("WARNING"):
+        run_loopback(_cfg(tmp_path, "fedex", rounds=3, extra=["train.local_steps=2"]), resume=True)
+    assert "round-0003.ckpt" in caplog.text and "round-0002.ckpt" in caplog.text
+    assert [r["round"] for r in _rows(tmp_path / "fedex")] == [1, 2, 3]  # rounds 2 and 3 again
+    for p in ck.glob("*.ckpt"):
+        p.write_bytes(p.read_bytes()[:40])
+    with pytest.raises(ValueError, match="no checkpoint verifies"):
+        run_loopback(_cfg(tmp_path, "fedex", rounds=3, extra=["train.local_steps=2"]), resume=True)
