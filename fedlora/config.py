@@ -425,6 +425,13 @@ def privacy_config(cfg: RunConfig):
     try:
         pc = PrivacyConfig.from_dict(cfg.privacy)
         pc.validate()
+        if pc.enabled and pc.target_epsilon is not None and cfg.data.name == "synthetic":
+            # synthetic clients' sizes are known from the config: check the budget now (real
+            # data: `fedlora dp plan` and each client, before it trains)
+            from fedlora.privacy import plan_client
+
+            plan_client(pc, cfg.data.examples_per_client, cfg.train.batch_size,
+                        cfg.rounds * cfg.train.local_steps)
     except (TypeError, ValueError) as e:
         msg = str(e)
         raise ValueError(msg if msg.startswith("privacy") else f"privacy: {msg}") from e

@@ -252,9 +252,46 @@ def calibrate_noise(cfg: PrivacyConfig, sample_rate: float, total_steps: int,
                                               accountant=cfg.accountant,
                                               epsilon_tolerance=0.01))
     except ValueError as e:
+        floor = smallest_epsilon(sample_rate, total_steps, delta, cfg.accountant)
         raise ValueError(f"privacy.target_epsilon={cfg.target_epsilon} cannot be met for "
-                         f"{total_steps} steps at sample rate {sample_rate:g}, delta {delta:g} "
-                         f"({e}); raise the budget or train fewer steps") from e
+                         f"{total_steps} steps at sample rate {sample_rate:g}, delta {delta:g}: the "
+                         f"smallest ε this plan can reach is {floor:.4g} (no noise multiplier goes "
+                         "lower); raise privacy.target_epsilon above it, or plan fewer rounds × "
+                         "train.local_steps, a smaller train.batch_size or a larger privacy.delta") from e
+
+
+def smallest_epsilon(sample_rate: float, total_steps: int, delta: float, accountant: str = "rdp") -> float:
+    """The ε a plan reaches with the largest noise Opacus' calibration tries (its ``MAX_SIGMA``):
+    no target below it can be met (for RDP the floor comes from its finite grid of orders)."""
+    from opacus.accountants.utils import MAX_SIGMA
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        return epsilon([(float(MAX_SIGMA), float(sample_rate), int(total_steps))], delta, accountant)
+
+
+@dataclass
+class ClientPlan:
+    """What one client's DP training spends over the planned run (``plan_client``)."""
+
+    num_examples: int
+    sample_rate: float  # q = batch_size / n (Poisson)
+    steps: int  # planned rounds × local steps
+    noise_multiplier: float  # σ: fixed, or calibrated for target_epsilon
+    epsilon: float
+    delta: float
+
+
+def plan_client(cfg: PrivacyConfig, num_examples: int, batch_size: int, total_steps: int) -> ClientPlan:
+    """σ, q, ε and δ of a client with ``num_examples`` examples, before any training (the same
+    calibration ``train_private`` makes); ``ValueError`` naming the smallest feasible ε when a
+    target cannot be met."""
+    delta = cfg.resolved_delta(num_examples)
+    q = min(1.0, batch_size / num_examples)
+    sigma = cfg.noise_multiplier if cfg.noise_multiplier is not None else calibrate_noise(
+        cfg, q, total_steps, delta)
+    eps = epsilon([(float(sigma), q, int(total_steps))], delta, cfg.accountant)
+    return ClientPlan(num_examples, q, int(total_steps), float(sigma), eps, delta)
 
 
 def _extend(history: History, sigma: float, q: float, steps: int) -> History:
