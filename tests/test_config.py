@@ -75,3 +75,12 @@ def test_cli_rejects_a_bad_config_before_any_work(tmp_path):
     assert res.returncode == 2
     assert "train.'nope'" in res.stdout + res.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_missing_data_or_model_is_a_config_error_before_anything_starts(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDLORA_DATA", str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="FEDLORA_DATA=/path/to/data") as e:
+        load_config(None, ['data.name="sst2"', 'model.name="minilm"'])
+    assert str(tmp_path / "nowhere" / "sst2") in str(e.value) and "data.root" in str(e.value)
+    with pytest.raises(ValueError, match="model.name.*no folder"):
+        load_config(None, [f'model.name="hf:{tmp_path / "no-model"}"'])
