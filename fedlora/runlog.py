@@ -74,6 +74,9 @@ def summarize(rows: list[dict], extra: dict | None = None) -> dict:
         "bytes_down": sum(r.get("bytes_down", 0) for r in rows),
         "wall_seconds": sum(r.get("round_seconds", 0.0) for r in rows),
         "failures": sum(len(r.get("failures", [])) for r in rows),
+        # rounds in which no client's update was accepted (the model did not move)
+        "rounds_without_training": [r["round"] for r in rows
+                                    if not any(c.get("accepted") for c in r.get("clients", []))],
         **(extra or {})})
 
 
