@@ -35,13 +35,19 @@ def parse_strategies(text: str) -> list[str]:
     return names
 
 
+def compare_root(base: RunConfig) -> Path:
+    """Where a comparison goes: ``run_dir`` when given, else ``<output_dir>/<name>-compare`` — never
+    the folder a ``fedlora simulate`` of the same config writes."""
+    return Path(base.run_dir) if base.run_dir else Path(base.output_dir) / f"{base.name}-compare"
+
+
 def plan(config: Path | None, strategies: list[str], overrides: list[str],
          centralized: bool = False, values: dict | None = None) -> tuple[Path, list[tuple[str, RunConfig]]]:
     """Validate every run's config before any of them starts (``overrides``: the user's ``--set``
     strings; ``values``: dotted key -> value set on top, e.g. one sweep value)."""
     values = dict(values or {})
     base = load_config(config, overrides, values=values)
-    root = Path(base.run_dir) if base.run_dir else Path(base.output_dir) / base.name
+    root = compare_root(base)
     runs = []
     for s in strategies:
         cfg = load_config(config, overrides, values=values | {"strategy.name": s, "run_dir": str(root / s)})
@@ -123,7 +129,7 @@ def plan_sweep(config: Path | None, strategies: list[str], overrides: list[str],
                values: list, centralized: bool = False) -> tuple[Path, list[tuple[object, dict]]]:
     """Every value's settings, each validated (all its runs planned) before anything runs."""
     base = load_config(config, overrides)
-    root = Path(base.run_dir) if base.run_dir else Path(base.output_dir) / base.name
+    root = compare_root(base)
     out = []
     for v in values:
         setting = {key: v, "run_dir": str(root / sweep_tag(key, v))}

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from fedlora.cli import app
 from fedlora.compare import parse_strategies, plan
+from fedlora.config import load_config
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("transformers") is None
@@ -106,3 +108,11 @@ def test_sweep_is_validated_before_any_run(tmp_path):
                                    "--set", f"run_dir=\"{tmp_path / 'x'}\""])
     assert res.exit_code == 2 and "data.alpha" in res.output
     assert not (tmp_path / "x").exists()
+
+
+def test_compare_gets_its_own_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root, runs = plan(None, ["fedavg", "fedex"], [])
+    assert root == Path("runs") / "smoke-compare"
+    assert [Path(c.run_dir) for _, c in runs] == [root / "fedavg", root / "fedex"]
+    assert all(c.resolved_run_dir() != load_config(None).resolved_run_dir() for _, c in runs)
