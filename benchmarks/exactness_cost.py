@@ -16,24 +16,16 @@ import copy
 import statistics
 
 import torch
+from aggregation import LAYERS, R_MAX, RANKS
+from aggregation import _updates as aggregation_updates
 
 from fedlora.flower_io import record_to_update, update_to_record
-from fedlora.strategies import ClientUpdate, LayerSpec, create_strategy, strategy_class
-
-LAYERS = {f"encoder.{i}.{p}": LayerSpec(768, 768) for i in range(12) for p in ("query", "value")}
-RANKS = (4, 8, 16)
-R_MAX = 16
-SHAPE = {"A": lambda r: (r, 768), "B": lambda r: (768, r), "R": lambda r: (r, r)}
+from fedlora.strategies import ClientUpdate, create_strategy
 
 
 def _updates(name: str, k: int, version: int, gen: torch.Generator) -> list[ClientUpdate]:
-    keys = sorted(strategy_class(name).uploads)
-    ups = []
-    for i in range(k):
-        r = RANKS[i % len(RANKS)]
-        f = {n: {key: torch.randn(*SHAPE[key](r), generator=gen) * 0.01 for key in keys} for n in LAYERS}
-        ups.append(record_to_update(update_to_record(ClientUpdate(f"c{i}", r, 100 + i, version, f))))
-    return ups
+    # the aggregation benchmark's updates, as the server receives them (decoded from records)
+    return [record_to_update(update_to_record(u)) for u in aggregation_updates(name, k, version, gen)]
 
 
 def measure(name: str, k: int, repeats: int) -> tuple[float, float]:
