@@ -80,12 +80,42 @@ class FlowerRun:
     log_path: Path
     superlink_log: Path
 
+    def cause(self) -> str | None:
+        """The error that ended the run, as the apps logged it: the last Python traceback in the
+        run's log (its final lines: the exception and its message), else the last ERROR line."""
+        if not self.log_path.exists():
+            return None
+        return error_cause(self.log_path.read_text(errors="replace"))
+
     def tail(self, n: int = 60) -> str:
         lines = []
         for p in (self.log_path, self.superlink_log):
             if p.exists():
                 lines += [f"--- {p.name} ---"] + p.read_text(errors="replace").splitlines()[-n:]
         return "\n".join(lines)
+
+
+def error_cause(log: str) -> str | None:
+    """The last traceback's exception lines in ``log`` (a ServerApp/ClientApp log), or the last
+    line that reports an error; ``None`` when there is neither."""
+    lines = log.splitlines()
+    starts = [i for i, line in enumerate(lines) if "Traceback (most recent call last)" in line]
+    if starts:
+        block = lines[starts[-1] + 1:]
+        # the exception follows the indented frames: the first non-indented, non-empty lines
+        out = []
+        for line in block:
+            text = line.split("] ", 1)[-1] if line.startswith(("INFO", "ERROR", "WARNING")) else line
+            if out and (not text.strip() or text.startswith(("INFO", "DEBUG"))):
+                break
+            if text.strip() and not text.startswith((" ", "\t")):
+                out.append(text.strip())
+            elif out:
+                break
+        if out:
+            return "\n".join(out)
+    errors = [line.strip() for line in lines if "ERROR" in line or "Exception" in line]
+    return errors[-1] if errors else None
 
 
 def run_flower(run_config: dict, num_supernodes: int, num_cpus: int = 1, num_gpus: float = 0.0,
