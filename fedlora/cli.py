@@ -200,6 +200,36 @@ def report(
     console.print(f"report: {path}")
 
 
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run folder (runs/<name>, with config.toml "
+                                            "and checkpoints/)")],
+    merged: Annotated[Path | None, typer.Option(
+        "--merged", help="write the merged global model here as a transformers folder (save_pretrained "
+        "+ tokenizer) for serving; models 'minilm' and 'hf:<path>' only")] = None,
+) -> None:
+    """Rewrite the run's PEFT adapter (adapter/, base/ for the tiny model) from its last checkpoint,
+    or with --merged OUT write the merged global model as a transformers folder."""
+    from fedlora.export import export_merged, export_run
+
+    try:
+        if merged is not None:
+            path = export_merged(run_dir, merged)
+            note = json.loads((path / "fedlora_merged.json").read_text())
+            how = ", trust_remote_code=True" if note.get("trust_remote_code") else ""
+            console.print(f"merged model -> {path} (AutoModelForSequenceClassification.from_pretrained("
+                          f"{str(path)!r}{how}))", markup=False)
+        else:
+            path = Path(export_run(run_dir))
+            meta = json.loads((path / "fedlora_adapter.json").read_text())
+            console.print(f"PEFT adapter -> {path}: {meta['lora_parameters']} LoRA parameters at ranks "
+                          f"{sorted(set(meta['ranks'].values()))} (rank r_max={meta['r_max']}: "
+                          f"{meta['rank_r_max_parameters']}); base: {meta['base']['how']}", markup=False)
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
+        console.print(f"[red]export error:[/red] {e}")
+        raise typer.Exit(2) from e
+
+
 def main() -> None:
     app()
 
