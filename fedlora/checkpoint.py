@@ -24,9 +24,7 @@
   tensors go to ``Checkpoint.tensors`` under their path, the skeleton to ``state_json`` with
   ``{"__tensor__": path}`` and ``{"__tuple__": [...]}`` placeholders, so loading gives back the
   same structure, dtypes, shapes and values.
-- ``export_peft_adapter``: the global adapter as PEFT files (``adapter_model.safetensors`` +
-  ``adapter_config.json``), the exact strategies' folded base deltas beside them, and the
-  canonical ``fedlora_adapter.pb``.
+(Exports of the global model — the PEFT adapter, the merged model — are ``fedlora.export``.)
 """
 
 from __future__ import annotations
@@ -313,57 +311,3 @@ def rng_restore(b: bytes) -> None:
     random.setstate((pv, tuple(pstate), pgauss))
     np.random.set_state((name, keys_arr, pos, has_gauss, cached))
     torch.set_rng_state(torch_state)
-
-
-# ---- adapter export -------------------------------------------------------------------------------
-
-def export_peft_adapter(out_dir: str | os.PathLike, *, factors: dict[str, dict[str, torch.Tensor]],
-                        scale: float, target_modules: list[str], base_model: str,
-                        base_deltas: dict[str, torch.Tensor] | None = None,
-                        head: dict[str, torch.Tensor] | None = None, strategy: str = "",
-                        round: int = 0) -> Path:
-    """Write the global adapter as PEFT files + ``fedlora_adapter.pb``; returns ``out_dir``.
-
-    PEFT computes ``W0 + (lora_alpha/r)·B·A``: ``r`` is the largest rank and ``lora_alpha =
-    scale·r``. LoRA-SB factors are exported with ``B·R`` as ``lora_B``. The exact strategies' folded
-    residuals (``base_deltas``, ``W_g − W0 − s·B·A`` per layer) are not expressible as a LoRA
-    adapter: they go to ``base_deltas.safetensors`` (add them to the base weights, nn.Linear
-    orientation).
-    """
-    from safetensors.torch import save_file
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    peft: dict[str, torch.Tensor] = {}
-    msg = pb.AdapterExport(schema_version=SCHEMA_VERSION, strategy=strategy, round=int(round),
-                           scale=float(scale), target_modules=list(target_modules))
-    r_max = 1
-    for layer, f in factors.items():
-        A, B = f["A"].detach().float().cpu(), f["B"].detach().float().cpu()
-        if "R" in f:
-            B = B @ f["R"].detach().float().cpu()
-        r_max = max(r_max, A.shape[0])
-        peft[f"base_model.model.{layer}.lora_A.weight"] = A.contiguous()
-        peft[f"base_model.model.{layer}.lora_B.weight"] = B.contiguous()
-        for k, t in f.items():
-            msg.tensors[f"{layer}/{k}"].CopyFrom(tensor_to_pb(t))
-    for name, t in (head or {}).items():
-        peft[f"base_model.model.{name}"] = t.detach().float().cpu().contiguous()
-        msg.tensors[f"head/{name}"].CopyFrom(tensor_to_pb(t))
-    save_file(peft, str(out / "adapter_model.safetensors"))
-    if base_deltas:
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in base_deltas.items()},
-                  str(out / "base_deltas.safetensors"))
-        for k, t in base_deltas.items():
-            msg.tensors[f"base_delta/{k}"].CopyFrom(tensor_to_pb(t))
-    config = {"peft_type": "LORA", "task_type": "SEQ_CLS", "r": r_max, "lora_alpha": scale * r_max,
-              "target_modules": list(target_modules), "base_model_name_or_path": base_model,
-              "lora_dropout": 0.0, "bias": "none",
-              "modules_to_save": sorted({n.rsplit(".", 1)[0] for n in (head or {})}) or None,
-              "fedlora": {"strategy": strategy, "round": int(round), "scale": scale,
-                          "lora_sb_R_folded_into_B": any("R" in f for f in factors.values()),
-                          "base_deltas": "base_deltas.safetensors" if base_deltas else None}}
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    msg.meta_json = json.dumps(config["fedlora"])
-    atomic_write_bytes(out / "fedlora_adapter.pb", msg.SerializeToString())
-    return out

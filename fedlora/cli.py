@@ -66,7 +66,11 @@ def simulate(
     engine: Annotated[str, typer.Option("--engine", help="flower | inprocess (no Ray)")] = "flower",
     timeout: Annotated[float, typer.Option("--timeout", help="seconds before the run is stopped")] = 86400.0,
 ) -> None:
-    """Run a federated simulation and write runs/<name>/."""
+    """Run a federated simulation and write runs/<name>/.
+
+    CONFIG: a run TOML (default: simulations/smoke.toml); every key is documented in
+    fedlora/config.py.
+    """
     from fedlora import sim
     from fedlora.runlog import follow, round_table
 
@@ -78,6 +82,8 @@ def simulate(
         console.print(f"[red]config error:[/red] {e}")
         raise typer.Exit(2) from e
     run_dir = cfg.resolved_run_dir()
+    if resume is not None:
+        _resume_note(run_dir)
     cfg_path = sim.prepare_run_dir(cfg, resume=resume is not None)
     console.print(f"[bold]fedlora[/bold] {cfg.name}: {cfg.strategy.name}, {cfg.clients.num} clients "
                   f"(ranks {cfg.clients.ranks}), {cfg.rounds} rounds, engine {engine} -> {run_dir}")
@@ -106,20 +112,45 @@ def simulate(
             live.update(round_table(rows, title))
     console.print()  # the live table's last line is left open when the output is not a terminal
     th.join()
-    if result.get("rc") != 0:
-        if "error" in result:
-            console.print(f"[red]run failed:[/red] {result['error']!r}")
-        if "run" in result:
-            console.print(result["run"].tail(40))
-            console.print(f"[red]flwr run exited with {result['rc']}[/red]; logs in {run_dir / 'logs'}")
-        raise typer.Exit(1)
     summary = run_dir / "summary.json"
-    if not summary.exists():
-        console.print(f"[red]the run ended without {summary}[/red]; logs in {run_dir / 'logs'}")
+    if result.get("rc") != 0 or not summary.exists():
+        # whatever ended the run reaches the terminal with its cause, not only "see the logs"
+        if "error" in result:
+            console.print(f"[red]run failed:[/red] {type(result['error']).__name__}: {result['error']}")
+        elif "run" in result:
+            cause = result["run"].cause()
+            console.print("run failed: " + cause if cause else result["run"].tail(40), markup=False,
+                          style="red" if cause else None)
+            console.print(f"flwr run exited with {result['rc']} without {summary.name}; logs in "
+                          f"{run_dir / 'logs'}")
+        else:
+            console.print(f"[red]the run ended without {summary}[/red]")
         raise typer.Exit(1)
     s = json.loads(summary.read_text())
     console.print(f"final accuracy {s.get('final_accuracy')}, MB up {s.get('bytes_up', 0) / 1e6:.3f}, "
                   f"MB down {s.get('bytes_down', 0) / 1e6:.3f} -> {run_dir}")
+    idle = s.get("rounds_without_training") or []
+    if idle:
+        console.print(f"[yellow]no client's update was accepted in round(s) {idle}[/yellow] (see the "
+                      "clients' errors in metrics.jsonl)")
+    if s.get("rounds") and len(idle) == s["rounds"]:
+        console.print("[red]no client trained in any round: the model never moved[/red]")
+        raise typer.Exit(1)
+
+
+def _resume_note(run_dir: Path) -> None:
+    """Say on the terminal which checkpoint a resume starts from (and which it skips); none that
+    verifies is an error here, before anything starts."""
+    from fedlora.checkpoint import latest_valid_checkpoint
+
+    path, skipped = latest_valid_checkpoint(run_dir)
+    for bad, reason in skipped:
+        console.print(f"[yellow]skipping {bad.name}:[/yellow] {reason}", markup=True)
+    if path is None and skipped:
+        console.print(f"[red]--resume {run_dir}: no checkpoint verifies[/red]")
+        raise typer.Exit(1)
+    console.print(f"resuming from {path.name}" if path else f"--resume {run_dir}: no checkpoint yet, "
+                  "starting from round 1")
 
 
 @app.command()
@@ -133,8 +164,13 @@ def compare(
     engine: str = typer.Option("flower", "--engine", help="flower (Flower simulation) | inprocess"),
     sweep: str = typer.Option(None, "--sweep", help="repeat for each value of one key: "
                               "section.key=v1,v2,... (e.g. data.alpha=0.1,0.5,10)"),
+    rounds: int = typer.Option(None, "--rounds", "-r", help="number of rounds (overrides the config)"),
 ) -> None:
-    """Run the same config once per strategy; write report.md and plots next to the runs."""
+    """Run the same config once per strategy into runs/<name>-compare/; write report.md and plots.
+
+    CONFIG: a run TOML (default: simulations/smoke.toml).
+    """
+    set_ = list(set_) + ([f"rounds={int(rounds)}"] if rounds is not None else [])
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from fedlora import compare as cmp
@@ -178,6 +214,44 @@ def compare(
             raise typer.Exit(1) from e
     console.print(report.read_text(), markup=False)
     console.print(f"report: {report}")
+
+
+dp_app = typer.Typer(help="Differential privacy: budgets before a run.", no_args_is_help=True)
+app.add_typer(dp_app, name="dp")
+
+
+@dp_app.command("plan")
+def dp_plan(
+    config: Path = typer.Argument(None, help="run TOML with [privacy] enabled"),
+    set_: list[str] = typer.Option([], "--set", help="override: section.key=value (TOML value)"),
+) -> None:
+    """Each client's DP budget for the run, before any training: σ, q, steps, ε, δ.
+
+    CONFIG: a run TOML with [privacy] enabled = true (default: simulations/smoke.toml).
+    """
+    from rich.table import Table
+
+    from fedlora.dp_plan import plan_run
+
+    try:
+        cfg = resolve(config, None, None, list(set_), None)
+        plans = plan_run(cfg)
+    except ValueError as e:
+        console.print(f"[red]privacy error:[/red] {e}")
+        raise typer.Exit(2) from e
+    pc = cfg.privacy
+    how = (f"σ calibrated for target ε = {pc['target_epsilon']}" if pc.get("target_epsilon") is not None
+           else f"σ fixed at {pc.get('noise_multiplier')}")
+    table = Table(title=f"{cfg.name}: {how}, accountant {pc.get('accountant', 'rdp')}, "
+                        f"clip C = {pc.get('max_grad_norm', 1.0)}")
+    for col in ("client", "examples n", "q = batch/n", "steps = rounds × local", "σ", "ε", "δ"):
+        table.add_column(col, justify="right")
+    for cid, p in plans:
+        table.add_row(cid, str(p.num_examples), f"{p.sample_rate:.4g}", f"{p.steps}",
+                      f"{p.noise_multiplier:.4g}", f"{p.epsilon:.4g}", f"{p.delta:.3g}")
+    console.print(table)
+    console.print("ε depends on σ, q, the steps and δ (default 1/(10·n)); σ on the target, q and the "
+                  "steps. A client declines a round that would take it past its budget.")
 
 
 @app.command()

@@ -322,7 +322,7 @@ class FedLoraStrategy(Strategy):
         if self.fl.has_global_model:
             lcfg, _ = rundata.lora_config(self.spec, self.model, self.fl.r_max)
             out["adapter"] = export_global(self.run_dir, self.fl, lcfg.targets, self.cfg.model.name,
-                                           len(self.rows))
+                                           len(self.rows), spec=self.spec)
         summary = summarize(self.rows, {"name": self.cfg.name, "run_dir": str(self.run_dir),
                                         "ranks": self.roster.ranks, **out})
         write_summary(self.run_dir, summary)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import filecmp
 import importlib.util
-import json
 import os
 import random
 import subprocess
@@ -14,12 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from fedlora.checkpoint import (
     SCHEMA_VERSION,
     checkpoint_path,
-    export_peft_adapter,
     latest_checkpoint,
     load_checkpoint,
     rng_restore,
@@ -157,22 +154,6 @@ def test_rng_snapshot_restore_reproduces_draws():
     with pytest.raises(ValueError, match="RNG snapshot"):
         rng_restore(b"\x80garbage")
 
-
-def test_peft_export(tmp_path):
-    f = {"enc.q": {"A": torch.randn(4, 6), "B": torch.randn(5, 4)},
-         "enc.v": {"A": torch.randn(4, 6), "B": torch.randn(5, 4), "R": torch.randn(4, 4)}}
-    out = export_peft_adapter(tmp_path / "adapter", factors=f, scale=2.0, target_modules=["q", "v"],
-                              base_model="tiny", base_deltas={"enc.q": torch.randn(5, 6)},
-                              head={"head.weight": torch.randn(2, 5)}, strategy="fedex", round=3)
-    cfg = json.loads((out / "adapter_config.json").read_text())
-    assert cfg["lora_alpha"] / cfg["r"] == 2.0 and cfg["target_modules"] == ["q", "v"]
-    t = load_file(str(out / "adapter_model.safetensors"))
-    assert torch.equal(t["base_model.model.enc.q.lora_A.weight"], f["enc.q"]["A"])
-    torch.testing.assert_close(t["base_model.model.enc.v.lora_B.weight"], f["enc.v"]["B"] @ f["enc.v"]["R"])
-    assert "enc.q" in load_file(str(out / "base_deltas.safetensors"))
-    m = pb.AdapterExport()
-    m.ParseFromString((out / "fedlora_adapter.pb").read_bytes())
-    assert m.strategy == "fedex" and m.scale == 2.0 and "enc.v/R" in m.tensors
 
 
 @pytest.mark.skipif(importlib.util.find_spec("grpc_tools") is None,

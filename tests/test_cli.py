@@ -1,0 +1,60 @@
+"""The command line as a user meets it: help texts, DP plans, resume notes, runs that did nothing."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from fedlora.cli import app
+
+FAST = ["--set", "train.local_steps=2", "--set", "clients.num=3", "--engine", "inprocess"]
+
+
+class _Out:
+    def __init__(self, res):
+        self.exit_code, self.output = res.exit_code, " ".join(res.output.split())  # rich wraps lines
+
+
+def _run(*args):
+    return _Out(CliRunner().invoke(app, list(args)))
+
+
+def test_help_describes_every_argument():
+    for cmd in (["simulate"], ["compare"], ["dp", "plan"]):
+        out = _run(*cmd, "--help").output
+        assert "CONFIG: a run TOML" in out, (cmd, out)
+    assert "--rounds" in _run("compare", "--help").output
+
+
+def test_dp_plan_prints_each_client_and_refuses_an_unreachable_budget():
+    res = _run("dp", "plan", "--set", "privacy.enabled=true", "--set", "privacy.target_epsilon=3.0",
+               "--set", "clients.num=2")
+    assert res.exit_code == 0, res.output
+    assert "client-0" in res.output and "client-1" in res.output and "2.99" in res.output
+    res = _run("dp", "plan", "--set", "privacy.enabled=true", "--set", "privacy.target_epsilon=1e-6")
+    assert res.exit_code == 2 and "smallest" in res.output
+    assert _run("dp", "plan").exit_code == 2  # privacy off: nothing to plan
+
+
+def test_a_run_in_which_no_client_ever_trained_exits_non_zero(tmp_path):
+    run = tmp_path / "idle"
+    res = _run("simulate", "--rounds", "2", "--set", f'run_dir="{run}"', "--set",
+               'strategy.norm_bound_mode="reject"', "--set", "strategy.norm_bound_absolute=1e-12", *FAST)
+    assert res.exit_code == 1, res.output
+    assert "no client trained in any round" in res.output
+    assert json.loads((run / "summary.json").read_text())["rounds_without_training"] == [1, 2]
+
+
+def test_resume_says_which_checkpoint_it_starts_from(tmp_path):
+    run = tmp_path / "r"
+    assert _run("simulate", "--rounds", "2", "--set", f'run_dir="{run}"', *FAST).exit_code == 0
+    ck = run / "checkpoints" / "round-0002.ckpt"
+    ck.write_bytes(ck.read_bytes()[:-10])
+    res = _run("simulate", "--resume", str(run), "--rounds", "2", *FAST[-2:])
+    assert res.exit_code == 0, res.output
+    assert "skipping round-0002.ckpt" in res.output and "resuming from round-0001.ckpt" in res.output
+    for p in (run / "checkpoints").glob("*.ckpt"):
+        p.write_bytes(b"junk")
+    res = _run("simulate", "--resume", str(run), *FAST[-2:])
+    assert res.exit_code == 1 and "no checkpoint verifies" in res.output
