@@ -8,6 +8,7 @@ import torch.nn as nn
 from fedlora import rundata
 from fedlora.client import load_global
 from fedlora.config import ClientSpec
+from fedlora.ledger import number
 from fedlora.strategies import Strategy
 from fedlora.train import evaluate, release_memory
 
@@ -32,8 +33,9 @@ class ServerEvaluator:
     @staticmethod
     def personal(rows: list[dict]) -> dict:
         """Mean and example-weighted mean of the accepted clients' own ``eval-accuracy``."""
-        pers = [(r["metrics"]["eval-accuracy"], r["metrics"].get("eval-examples", 1)) for r in rows
-                if r.get("accepted") and "eval-accuracy" in r.get("metrics", {})]
+        pers = [(a, n) for r in rows if r.get("accepted")
+                and (a := number(r.get("metrics", {}).get("eval-accuracy"))) is not None
+                and (n := number(r["metrics"].get("eval-examples", 1))) is not None and n > 0]
         if not pers:
             return {}
         weighted = sum(a * n for a, n in pers) / sum(n for _, n in pers)

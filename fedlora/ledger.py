@@ -6,6 +6,7 @@ builds the round's ``metrics.jsonl`` line once (``close``), from the strategy's 
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -20,6 +21,13 @@ class Pending:
     version: int  # the base version the payload brings the client to
     bytes_down: int  # the whole message as Flower pushes it (flower_io.wire_bytes)
     tensor_bytes_down: int  # the payload's tensors alone
+
+
+def number(v) -> float | None:
+    """A reply's metric as a finite float, else ``None`` (a reply's metrics are untrusted)."""
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        return None
+    return float(v)
 
 
 def _client_order(cid: str) -> tuple[int, str]:
@@ -59,9 +67,9 @@ class RoundLedger:
     def trained(self, client_id: str, update, privacy_state: dict | None) -> None:
         met = update.metrics
         row = self.rows[client_id]
-        row |= {"loss": met.get("loss"), "examples": update.num_examples,
-                "train_seconds": met.get("train-time-s"), "peak_memory": met.get("peak-memory-bytes"),
-                "metrics": dict(met)}
+        row |= {"loss": number(met.get("loss")), "examples": update.num_examples,
+                "train_seconds": number(met.get("train-time-s")),
+                "peak_memory": number(met.get("peak-memory-bytes")), "metrics": dict(met)}
         if privacy_state is not None:
             row["privacy_state"] = privacy_state
 
@@ -86,7 +94,8 @@ class RoundLedger:
         down, up = self.query_bytes
         return {"round": self.round, "strategy": strategy, "version": report.version,
                 "clients": rows, "failures": self.failures,
-                "train_loss": (sum(r["loss"] for r in ok) / len(ok)) if ok else None,
+                "train_loss": (sum(losses) / len(losses)) if (losses := [r["loss"] for r in ok
+                                                                         if r["loss"] is not None]) else None,
                 "aggregation_error": report.aggregation_error, "agg_seconds": report.agg_seconds,
                 "diagnostic_seconds": report.diagnostic_seconds,
                 # capability queries (once per node) are part of this round's traffic

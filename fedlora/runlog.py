@@ -57,8 +57,11 @@ class RunLog:
 
 
 def _client_metric(rows: list[dict], key: str) -> list[float]:
-    return [float(c["metrics"][key]) for r in rows for c in r.get("clients", [])
-            if isinstance(c.get("metrics"), dict) and c["metrics"].get(key) is not None]
+    vals = [c["metrics"].get(key) for r in rows for c in r.get("clients", [])
+            if isinstance(c.get("metrics"), dict)]
+    # numbers only: a client's metrics are its own word (a list or NaN is not a value)
+    return [float(v) for v in vals
+            if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)]
 
 
 def summarize(rows: list[dict], extra: dict | None = None) -> dict:
