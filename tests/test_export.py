@@ -174,16 +174,19 @@ def test_peft_adapter_alone_reproduces_the_global_model(tmp_path, tiny_runs, nam
     assert set(deltas) == set(fl.layers)
 
 
-def test_server_export_is_complete_without_the_spec(tmp_path, tiny_runs, caplog):
-    """What the ServerApp writes today (``export_global`` without ``spec``): the adapter alone is
-    exact already; the in-code base is then the documented registry build."""
+def test_server_export_is_what_a_peft_user_loads(tmp_path, tiny_runs, caplog):
+    """What the ServerApp writes at the end of a run (``export_global`` with the run's spec): the
+    adapter alone is exact, and the in-code base it names is saved beside it (``run/base``)."""
     run_dir = tiny_runs("fedex", tmp_path)
     adapter = run_dir / "adapter"
     assert not (adapter / "base_deltas.safetensors").exists()
     meta = json.loads((adapter / "fedlora_adapter.json").read_text())
-    assert meta["base"]["path"] is None and "build_base" in meta["base"]["how"]
-    cfg = load_run(run_dir).cfg
+    base = Path(meta["base"]["path"])  # the folder the run saved its in-code base in
+    assert base.name == "base" and base.is_dir()
     batch = _batch()
+    got = _peft_logits(load_base(base), adapter, batch, caplog)
+    torch.testing.assert_close(got, _global_logits(run_dir, batch), **TOL)
+    cfg = load_run(run_dir).cfg  # the registry build of the same base gives the same logits
     got = _peft_logits(rundata.build_base(cfg.client_spec()), adapter, batch, caplog)
     torch.testing.assert_close(got, _global_logits(run_dir, batch), **TOL)
 

@@ -400,7 +400,7 @@ def test_dp_accountant_survives_a_restarted_node(tmp_path):
 
     spec = load_config(None, ["privacy.enabled=true", "privacy.noise_multiplier=1.0",
                               "train.local_steps=2"]).client_spec()
-    spec["run_uid"] = "abc"
+    spec.run_uid = "abc"
     model = build_base(spec)
     inject(spec, model, 8)
     train, _ = client_data(spec, 0, 6)
@@ -417,6 +417,6 @@ def test_dp_accountant_survives_a_restarted_node(tmp_path):
         eps.append(metrics["epsilon"])
     assert eps[0] < eps[1] < eps[2] and sum(state["steps"]) == 6
     # a different run (new run_uid) starts its own accountant
-    spec["run_uid"] = "def"
+    spec.run_uid = "def"
     _, metrics, _ = _train_private(fresh_node(), spec, model, train, optim, torch.device("cpu"), 0, None)
     assert metrics["epsilon"] == pytest.approx(eps[0])
