@@ -26,8 +26,8 @@ from fedlora.strategies import (
     register_strategy,
     strategy_names,
 )
-from fedlora.strategies.base import GroupSums
 from fedlora.strategies.exactness import Term, low_rank
+from fedlora.strategies.sums import GroupSums
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = str(Path(__file__).resolve())

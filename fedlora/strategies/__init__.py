@@ -11,7 +11,8 @@ import importlib
 
 import torch
 
-from fedlora.strategies.base import NormBound, Strategy
+from fedlora.strategies.base import Strategy
+from fedlora.strategies.defences import NormBound
 from fedlora.strategies.deltas import Delta, Dense, LowRank, SBCore
 from fedlora.strategies.registry import (
     _REGISTRY,

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -30,67 +29,18 @@ import torch
 from fedlora.lora import kaiming_a
 from fedlora.strategies import exactness
 from fedlora.strategies.accounting import payload_bytes, update_bytes
+from fedlora.strategies.defences import (
+    NonFiniteAggregate,
+    NormBound,
+    capped_weights,
+    in_range,
+    magnitude_limit,
+)
+from fedlora.strategies.sums import GroupSums, group_sums
 from fedlora.strategies.types import ClientPayload, ClientUpdate, LayerSpec, RoundReport
-from fedlora.strategies.validation import UpdateValidator, nonfinite_reason
+from fedlora.strategies.validation import UpdateValidator
 
 Tensor = torch.Tensor
-
-
-@dataclass
-class GroupSums:
-    """``Σ_{i: r_i = r} p_i·X_i`` per rank group ``r`` for every uploaded factor, in one pass.
-
-    ``by_key[r][key]`` lists the per-layer sums in layer order (views into ``bufs[r]``, one flat
-    buffer per group); ``weight[r] = Σ_{i: r_i = r} p_i``.
-    """
-
-    weight: dict[int, float]
-    by_key: dict[int, dict[str, list[Tensor]]]
-    bufs: dict[int, Tensor]
-
-
-class NonFiniteAggregate(ValueError):
-    """Finite uploads whose aggregate overflows the server's dtype: the round is rejected whole."""
-
-
-def overflow_reason(what: str, dtype: torch.dtype) -> str:
-    return (f"the {what} overflows {dtype}: factors this large are a diverged client; lower the "
-            "learning rate or clip the updates")
-
-
-def require_finite(dense: dict[str, Tensor], what: str, dtype: torch.dtype) -> None:
-    """Raise ``NonFiniteAggregate`` unless every layer's tensor is finite (before any state change)."""
-    # a sum is 20× cheaper than isfinite().all() and non-finite whenever an entry is
-    bad = [n for n, t in dense.items()
-           if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all())]
-    if bad:
-        raise NonFiniteAggregate(overflow_reason(f"{what} of layer {bad[0]!r}", dtype))
-
-
-@dataclass(frozen=True)
-class NormBound:
-    """An optional defence against outsized updates (off by default).
-
-    An update's size is its parameter-space change ``‖X_i − X_sent‖_F`` over every factor it
-    uploads (``X_sent``: what its payload gave it; zero for a factor the payload did not carry,
-    e.g. FLoRA's fresh B). The bound is ``min(multiple · median size of the round, absolute)``
-    (a 0 leaves that term out). ``mode = "reject"`` drops the updates above it; ``"clip"`` scales
-    their change down to it (``X_sent + c·(X_i − X_sent)``: exact for rules linear in the uploaded
-    factor, a shrink of ``B·A`` for those that upload both). It does not catch a poisoned update
-    that stays within the bound.
-    """
-
-    mode: str = "off"  # off | reject | clip
-    multiple: float = 0.0
-    absolute: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("off", "reject", "clip"):
-            raise ValueError(f"norm bound mode must be 'off', 'reject' or 'clip', got {self.mode!r}")
-        if self.multiple < 0 or self.absolute < 0 or (self.mode != "off"
-                                                      and not (self.multiple or self.absolute)):
-            raise ValueError("norm bound: give multiple (of the round's median) and/or absolute, "
-                             "both >= 0")
 
 
 class Strategy:
@@ -177,10 +127,13 @@ class Strategy:
     def aggregate(self, updates: list[ClientUpdate]) -> RoundReport:
         t0 = time.perf_counter()
         rejected: dict[str, str] = {}
-        accepted = self._in_range(self._structurally_valid(updates, rejected), rejected)
-        accepted = self._norm_bounded(accepted, rejected)
+        accepted = self._structurally_valid(updates, rejected)
+        accepted = in_range(accepted, magnitude_limit(self.dtype, len(accepted), self.scale), self.dtype,
+                            rejected)
+        given, self._given = self._given, {}
+        accepted = self.norm_bound.apply(accepted, given, rejected)
         p = self._weights(accepted) if accepted else []
-        sums = self._group_sums(accepted, p) if accepted and self.sums_uploads else None
+        sums = group_sums(accepted, p, self.validator, self.dtype) if accepted and self.sums_uploads else None
         kept = {u.client_id for u in accepted}
         bytes_up: dict[str, int] = {}  # what the clients sent (before any cast to the server's dtype)
         for u in updates:
@@ -310,112 +263,14 @@ class Strategy:
             accepted = [u for u in accepted if u.client_id not in rejected]
         return accepted
 
-    def magnitude_limit(self, k: int) -> float:
-        """The largest Frobenius norm an uploaded factor may have in a round of ``k`` updates.
-
-        With every factor ``‖X‖ ≤ L = √max / (4·(k+2)·max(1, s))`` (max: the dtype's largest
-        number), every weighted sum of ``k`` updates is below ``L``, and every product a rule forms
-        from them (``s·B·A``, FedEx's residual, FLoRA's stack, ``s·B·R·A``) below ``max/16``: no
-        aggregate or global model can overflow, whichever rule runs.
-        """
-        return math.sqrt(torch.finfo(self.dtype).max) / (4 * (k + 2) * max(1.0, self.scale))
-
-    def _in_range(self, updates: list[ClientUpdate], rejected: dict[str, str]) -> list[ClientUpdate]:
-        """Reject, one by one, the updates with non-finite factors or factors beyond
-        ``magnitude_limit``: a destructive update is rejected alone and the others go on."""
-        limit = self.magnitude_limit(len(updates))
-        keep = []
-        for u in updates:
-            ts = [u.flat] if u.flat is not None else [t for f in u.factors.values() for t in f.values()]
-            norm = float(torch.stack(torch._foreach_norm(ts)).norm()) if ts else 0.0
-            if norm <= limit:  # (False for NaN)
-                keep.append(u)
-                continue
-            reason = nonfinite_reason(u)
-            if reason is None:
-                name, key, big = max(((n, k, float(t.norm())) for n, f in u.factors.items()
-                                      for k, t in f.items()), key=lambda x: x[2])
-                reason = (f"layer {name!r} factor {key}: norm {big:.3g} beyond {limit:.3g}, the most "
-                          f"this round's aggregate can take without overflowing {self.dtype}: a "
-                          "diverged or hostile client")
-            rejected[u.client_id] = reason
-        return keep
-
-    def _norm_bounded(self, updates: list[ClientUpdate], rejected: dict[str, str]) -> list[ClientUpdate]:
-        nb, given, self._given = self.norm_bound, self._given, {}
-        if nb.mode == "off" or not updates:
-            return updates
-        sizes = []
-        for u in updates:
-            g = given.get(u.client_id, {})
-            sq = 0.0
-            for n, f in u.factors.items():
-                for k, t in f.items():
-                    ref = g.get(n, {}).get(k)
-                    sq += float((t - ref).pow(2).sum()) if ref is not None else float(t.pow(2).sum())
-            sizes.append(math.sqrt(sq))
-        bounds = [b for b in (nb.multiple * sorted(sizes)[(len(sizes) - 1) // 2], nb.absolute) if b > 0]
-        bound = min(bounds)
-        out = []
-        for u, size in zip(updates, sizes):
-            if size <= bound:
-                out.append(u)
-            elif nb.mode == "reject":
-                rejected[u.client_id] = (
-                    f"update norm {size:.4g} above the norm bound {bound:.4g} (strategy.norm_bound_"
-                    f"multiple={nb.multiple}, strategy.norm_bound_absolute={nb.absolute})")
-            else:
-                c, g = bound / size, given.get(u.client_id, {})
-                factors = {n: {k: (g[n][k] + c * (t - g[n][k])) if k in g.get(n, {}) else c * t
-                               for k, t in f.items()} for n, f in u.factors.items()}
-                out.append(ClientUpdate(u.client_id, u.rank, u.num_examples, u.base_version, factors,
-                                        u.head, {**u.metrics, "clipped_by": c}))
-        return out
-
     def _weights(self, updates: list[ClientUpdate]) -> list[float]:
-        """``p_i`` (samples or uniform); with ``max_weight_share < 1`` no client's share exceeds
-        it: shares above the cap are cut to it and the rest renormalised, until none is above."""
+        """``p_i``: ``n_i/Σn_j`` or uniform, capped at ``max_weight_share`` (``defences``)."""
         if self.weighting == "samples":
             total = float(sum(u.num_examples for u in updates))
             p = [u.num_examples / total for u in updates]
         else:
             p = [1.0 / len(updates)] * len(updates)
-        cap = self.max_weight_share
-        if cap >= 1.0 or cap * len(p) < 1.0:  # a cap below 1/K cannot hold: uniform is the closest
-            return p if cap >= 1.0 else [1.0 / len(p)] * len(p)
-        capped: set[int] = set()
-        while True:
-            free = 1.0 - cap * len(capped)
-            rest = sum(pi for i, pi in enumerate(p) if i not in capped)
-            q = [cap if i in capped else pi * free / rest for i, pi in enumerate(p)]
-            over = {i for i, qi in enumerate(q) if qi > cap * (1 + 1e-12) and i not in capped}
-            if not over:
-                return q
-            capped |= over
-
-    def _group_sums(self, updates: list[ClientUpdate], p: list[float]) -> GroupSums:
-        """Each rank group's weighted sum in one flat buffer (a flat update is one ``add_``, any
-        other one multi-tensor add over its layers)."""
-        bufs: dict[int, Tensor] = {}
-        views: dict[int, list[Tensor]] = {}
-        weight: dict[int, float] = {}
-        for u, pi in zip(updates, p):
-            r = u.rank
-            if r not in bufs:
-                layout = self.validator.layout(r)
-                sizes = [math.prod(s) for _, _, s in layout]
-                bufs[r] = torch.zeros(sum(sizes), dtype=self.dtype)
-                views[r] = [v.view(s) for v, (_, _, s) in zip(torch.split(bufs[r], sizes), layout)]
-                weight[r] = 0.0
-            if u.flat is not None:
-                bufs[r].add_(u.flat, alpha=pi)
-            else:
-                torch._foreach_add_(views[r], [u.factors[n][k] for n, k, _ in self.validator.layout(r)],
-                                    alpha=pi)
-            weight[r] += pi
-        keys = self.validator.keys
-        by_key = {r: {k: vs[j::len(keys)] for j, k in enumerate(keys)} for r, vs in views.items()}
-        return GroupSums(weight, by_key, bufs)
+        return capped_weights(p, self.max_weight_share)
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from fedlora.strategies.base import GroupSums, Strategy
+from fedlora.strategies.base import Strategy
 from fedlora.strategies.exactness import Term, low_rank
 from fedlora.strategies.registry import register_strategy
+from fedlora.strategies.sums import GroupSums
 from fedlora.strategies.types import ClientPayload, ClientUpdate
 
 Tensor = torch.Tensor

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import torch
 
-from fedlora.strategies.base import GroupSums, require_finite
+from fedlora.strategies.defences import require_finite
 from fedlora.strategies.deltas import Dense, LowRank, cheapest
 from fedlora.strategies.exactness import Term, from_delta, low_rank
 from fedlora.strategies.fedavg import FedAvg
 from fedlora.strategies.history import BaseHistory
 from fedlora.strategies.registry import register_strategy
+from fedlora.strategies.sums import GroupSums
 from fedlora.strategies.types import BaseDelta, ClientPayload, ClientUpdate
 
 Tensor = torch.Tensor

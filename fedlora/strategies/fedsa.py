@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from fedlora.strategies.base import GroupSums, Strategy
+from fedlora.strategies.base import Strategy
 from fedlora.strategies.registry import register_strategy
+from fedlora.strategies.sums import GroupSums
 from fedlora.strategies.types import ClientPayload, ClientUpdate
 
 Tensor = torch.Tensor

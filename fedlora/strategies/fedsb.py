@@ -25,10 +25,11 @@ import math
 
 import torch
 
-from fedlora.strategies.base import GroupSums, Strategy
+from fedlora.strategies.base import Strategy
 from fedlora.strategies.deltas import SBCore
 from fedlora.strategies.exactness import Term, low_rank
 from fedlora.strategies.registry import register_strategy
+from fedlora.strategies.sums import GroupSums
 from fedlora.strategies.types import BaseDelta, ClientPayload, ClientUpdate
 
 Tensor = torch.Tensor

@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 
 from fedlora.lora import kaiming_a
-from fedlora.strategies.base import Strategy, require_finite
+from fedlora.strategies.base import Strategy
+from fedlora.strategies.defences import require_finite
 from fedlora.strategies.deltas import Dense, cheapest
 from fedlora.strategies.exactness import Term, from_delta, low_rank
 from fedlora.strategies.history import BaseHistory
