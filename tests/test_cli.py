@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from fedlora.cli import app
@@ -58,3 +59,42 @@ def test_resume_says_which_checkpoint_it_starts_from(tmp_path):
         p.write_bytes(b"junk")
     res = _run("simulate", "--resume", str(run), *FAST[-2:])
     assert res.exit_code == 1 and "no checkpoint verifies" in res.output
+
+
+BOOM = '''
+from fedlora.strategies import register_strategy
+from fedlora.strategies.fedavg import FedAvg
+
+
+@register_strategy
+class Boom(FedAvg):
+    name = "boom"
+
+    def _aggregate(self, updates, p, sums):
+        raise RuntimeError("boom from the plugin's aggregate")
+'''
+
+
+@pytest.fixture(scope="module")
+def boom_plugin(tmp_path_factory):
+    # one file for the module: a strategy name registered from two files is (rightly) refused
+    plugin = tmp_path_factory.mktemp("plugin") / "boom.py"
+    plugin.write_text(BOOM)
+    return plugin
+
+
+def _boom(tmp_path, plugin, engine):
+    return _run("simulate", "--strategy", "boom", "--rounds", "1", "--set", f'strategy.plugins=["{plugin}"]',
+                "--set", f'run_dir="{tmp_path / "run"}"', "--set", "clients.num=2",
+                "--set", "train.local_steps=1", "--engine", engine)
+
+
+def test_an_error_inside_the_server_reaches_the_terminal_in_process(tmp_path, boom_plugin):
+    res = _boom(tmp_path, boom_plugin, "inprocess")
+    assert res.exit_code == 1 and "boom from the plugin's aggregate" in res.output, res.output
+
+
+@pytest.mark.slow
+def test_an_error_inside_the_server_reaches_the_terminal_from_flowers_engine(tmp_path, boom_plugin):
+    res = _boom(tmp_path, boom_plugin, "flower")
+    assert res.exit_code == 1 and "boom from the plugin's aggregate" in res.output, res.output
