@@ -236,6 +236,9 @@ def train(msg: Message, context: Context) -> Message:
                                                flower_io.record_privacy(msg.content))
         metrics |= pmetrics
     else:
+        # every random draw of this client's round (dropout, shuffles) from (seed, client, round),
+        # whichever process and whatever ran there before: runs repeat bit for bit
+        torch.manual_seed((spec.seed * 1_000_003 + pid) * 10_007 + rnd)
         loader = rundata.loader(spec, train_ds, tr.batch_size, True, spec.seed + rnd - 1)
         res = train_local(model, loader, steps=tr.local_steps, optim=optim, device=device)
     model.to("cpu")

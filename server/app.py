@@ -295,6 +295,8 @@ class FedLoraStrategy(Strategy):
             updates.append(u)
         for pend in led.unanswered():
             self.roster.lost(pend.client_id)
+        # reduce in client order, not arrival order: float sums then repeat bit for bit
+        updates.sort(key=lambda u: (len(u.client_id), u.client_id))
         report = self.fl.aggregate(updates)
         rows = list(led.rows.values())
         for cid in report.accepted:

@@ -244,3 +244,18 @@ def test_resume_skips_damaged_checkpoints_or_refuses(tmp_path, caplog):
         p.write_bytes(p.read_bytes()[:40])
     with pytest.raises(ValueError, match="no checkpoint verifies"):
         run_loopback(_cfg(tmp_path, "fedex", rounds=3, extra=["train.local_steps=2"]), resume=True)
+
+
+def test_same_seed_same_bits_and_a_resume_too(tmp_path):
+    a = _cfg(tmp_path, "fedex", rounds=3, extra=["train.local_steps=3", 'run_dir="%s"' % (tmp_path / "a")])
+    b = _cfg(tmp_path, "fedex", rounds=3, extra=["train.local_steps=3", 'run_dir="%s"' % (tmp_path / "b")])
+    run_loopback(a)
+    run_loopback(b)
+    da = load_file(str(tmp_path / "a" / "global_delta.safetensors"))
+    db = load_file(str(tmp_path / "b" / "global_delta.safetensors"))
+    assert all(torch.equal(da[k], db[k]) for k in da)
+    c = _cfg(tmp_path, "fedex", rounds=3, extra=["train.local_steps=3", 'run_dir="%s"' % (tmp_path / "c")])
+    run_loopback(c, stop_after_round=2)
+    run_loopback(c, resume=True)
+    dc = load_file(str(tmp_path / "c" / "global_delta.safetensors"))
+    assert all(torch.equal(da[k], dc[k]) for k in da)  # killed after round 2 and resumed: same bits

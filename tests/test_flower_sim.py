@@ -92,3 +92,21 @@ def test_cli_inprocess_then_resume(tmp_path):
     assert [r["round"] for r in rows] == [1, 2, 3] and not any(r["failures"] for r in rows)
     assert json.loads((run_dir / "summary.json").read_text())["rounds"] == 3
     assert "rounds = 3" in (run_dir / "config.toml").read_text()
+
+
+@pytest.mark.slow
+def test_flowers_engine_repeats_bit_for_bit_also_after_a_resume(tmp_path):
+    def run(name: str, *extra: str) -> subprocess.CompletedProcess:
+        cmd = [str(BIN / "fedlora"), "simulate", "--rounds", "3", "--set",
+               f"run-dir={json.dumps(str(tmp_path / name))}", "--set", "train.local_steps=3", *extra]
+        env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home")}
+        return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+    for name in ("a", "b"):
+        assert run(name).returncode == 0
+    assert run("c", "--rounds", "2").returncode == 0  # stopped after round 2 ...
+    res = run("c", "--resume", str(tmp_path / "c"))  # ... and resumed (fresh client processes)
+    assert res.returncode == 0, res.stdout[-3000:]
+    a, b, c = (load_file(str(tmp_path / n / "global_delta.safetensors")) for n in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a), max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert all(torch.equal(a[k], c[k]) for k in a), max(float((a[k] - c[k]).abs().max()) for k in a)
