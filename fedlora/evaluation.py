@@ -35,7 +35,8 @@ class ServerEvaluator:
         """Mean and example-weighted mean of the accepted clients' own ``eval-accuracy``."""
         pers = [(a, n) for r in rows if r.get("accepted")
                 and (a := number(r.get("metrics", {}).get("eval-accuracy"))) is not None
-                and (n := number(r["metrics"].get("eval-examples", 1))) is not None and n > 0]
+                and (n := number(r["metrics"].get("eval-examples", 1))) is not None
+                and 0 < n <= max(1, r.get("examples") or 0)]  # at most the client's own size
         if not pers:
             return {}
         weighted = sum(a * n for a, n in pers) / sum(n for _, n in pers)

@@ -251,7 +251,13 @@ def record_to_update(rd: RecordDict) -> ClientUpdate:
     keys = [(_split(key, 2, "update"), a) for key, a in rd.array_records[UPDATE].items()]
     for (_, k), a in [(fk, a) for fk, a in keys if fk[0] == "head"]:
         head[k] = _tensor(a)
+    # canonical order whatever order the client sent: layers as they first appear, keys sorted
+    # within a layer, so the flat buffer and the factors dict always agree on where each factor is
     factor_keys = [(fk, a) for fk, a in keys if fk[0] != "head"]
+    first = {}
+    for (layer, _), _a in factor_keys:
+        first.setdefault(layer, len(first))
+    factor_keys.sort(key=lambda item: (first[item[0][0]], item[0][1]))
     views, flat = _tensors_flat([a for _, a in factor_keys])
     for ((layer, k), _), t in zip(factor_keys, views):
         factors.setdefault(layer, {})[k] = t

@@ -53,11 +53,13 @@ from fedlora.checkpoint import (
     rng_snapshot,
     save_checkpoint,
 )
+from fedlora.client import head_state
 from fedlora.config import RunConfig, load_config
 from fedlora.evaluation import ServerEvaluator
 from fedlora.export import export_global
 from fedlora.ledger import Pending, RoundLedger
 from fedlora.lora import lora_layers
+from fedlora.privacy import PrivacyState
 from fedlora.roster import ClientRoster
 from fedlora.runlog import RunLog, summarize, write_summary
 from fedlora.strategies import LayerSpec, NormBound, create_strategy
@@ -130,7 +132,7 @@ class FedLoraStrategy(Strategy):
         self.stop_after_round = stop_after_round
         torch.manual_seed(cfg.seed)
         self.model = rundata.build_base(self.spec)
-        self.layer_names, _ = rundata.inject(self.spec, self.model, cfg.r_max)
+        self.layer_names, head_names = rundata.inject(self.spec, self.model, cfg.r_max)
         layers = {n: LayerSpec(m.out_features, m.in_features) for n, m in lora_layers(self.model).items()}
         dtype = torch.float64 if cfg.strategy.dtype == "float64" else torch.float32
         self.fl = create_strategy(cfg.strategy.name, layers=layers, r_max=cfg.r_max, scale=cfg.scale,
@@ -140,6 +142,8 @@ class FedLoraStrategy(Strategy):
                                   norm_bound=NormBound(cfg.strategy.norm_bound_mode,
                                                        cfg.strategy.norm_bound_multiple,
                                                        cfg.strategy.norm_bound_absolute))
+        # the head every client starts from: uploads are checked against it from round 1
+        self.fl.init_head(head_state(self.model, head_names))
         self.evaluator = ServerEvaluator(self.model, self.spec)
         self.log = RunLog(self.run_dir)
         self.roster = ClientRoster()
@@ -281,14 +285,16 @@ class FedLoraStrategy(Strategy):
                 u = flower_io.record_to_update(m.content)
                 reason = (f"reply claims client id {u.client_id!r}" if u.client_id != cid
                           else self.roster.examples_reason(nid, u.num_examples))
+                ps = flower_io.record_privacy(m.content)
+                if ps is not None:  # the accountant history must parse, or the reply is refused
+                    ps = PrivacyState.from_dict(ps).to_dict()
             except Exception as e:  # noqa: BLE001
-                u, reason = None, f"undecodable reply: {type(e).__name__}: {e}"
+                u, ps, reason = None, None, f"undecodable reply: {type(e).__name__}: {e}"
             if reason:
                 led.fail("decode", reason, nid, cid)
                 self.roster.lost(cid)
                 continue
             self.roster.trained(cid, pend.version)
-            ps = flower_io.record_privacy(m.content)
             if ps is not None:
                 self.roster.privacy[cid] = ps
             led.trained(cid, u, ps)

@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, Message, MessageType, RecordDict
+from flwr.app import Array, ConfigRecord, Message, MessageType, RecordDict
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -39,7 +39,9 @@ def _honest(fl, cid: str, rank: int, seed: int) -> RecordDict:
     g = torch.Generator().manual_seed(seed)
     factors = {n: {k: t + 0.01 * torch.randn(t.shape, generator=g) for k, t in f.items() if k in fl.uploads}
                for n, f in p.factors.items()}
-    return flower_io.update_to_record(ClientUpdate(cid, rank, 10 + seed, fl.version, factors), {"loss": 0.5})
+    head = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in fl.global_head().items()}
+    return flower_io.update_to_record(ClientUpdate(cid, rank, 10 + seed, fl.version, factors, head),
+                                      {"loss": 0.5})
 
 
 def _bad_array(kind: str, a: np.ndarray) -> np.ndarray:
@@ -59,11 +61,31 @@ MUTATIONS = st.one_of(
     st.tuples(st.just("array"), st.integers(0, 10**6),
               st.sampled_from(["int", "f16", "f64", "shape", "nan", "inf", "huge", "empty", "scalar"])),
     st.tuples(st.just("key"), st.integers(0, 10**6), st.sampled_from(["x", "a::b::c", "head::", "::A"])),
+    st.tuples(st.just("head"), st.sampled_from(["bogus", "drop", "shape", "nan"])),
+    st.tuples(st.just("privacy"), st.sampled_from(["bytes", "lengths", "negative", "text"])),
 )
 
 
 def _mutate(rd: RecordDict, m: tuple) -> None:
     kind = m[0]
+    if kind == "head":
+        rec = rd.array_records["fedlora.update"]
+        key = next(k for k in rec if k.startswith("head::"))
+        if m[1] == "bogus":
+            rec["head::bogus"] = Array(np.zeros(3, dtype=np.float32))
+        elif m[1] == "drop":
+            for k in [k for k in rec if k.startswith("head::")]:
+                rec.pop(k)
+        else:
+            a = rec[key].numpy()
+            rec[key] = Array(a.reshape(-1)[:-1].copy() if m[1] == "shape" else np.full_like(a, np.nan))
+        return
+    if kind == "privacy":
+        rd[flower_io.PRIVACY] = ConfigRecord({
+            "bytes": {"noise_multipliers": b"\x00\x01"}, "lengths": {"noise_multipliers": [1.0], "steps": []},
+            "negative": {"noise_multipliers": [1.0], "sample_rates": [-0.5], "steps": [3]},
+            "text": {"steps": "many"}}[m[1]])
+        return
     if kind == "drop":
         for recs in (rd.array_records, rd.config_records, rd.metric_records):
             recs.pop(m[1], None)

@@ -163,3 +163,66 @@ def test_a_hostile_reply_is_rejected_and_the_round_goes_on(tmp_path, tamper, rea
     assert [c for c, r in by.items() if r["accepted"]] == ["client-0", "client-2"]
     assert reason in by["client-1"]["error"], by["client-1"]
     assert (tmp_path / "run" / "summary.json").exists()
+
+
+def test_a_reply_in_any_key_order_decodes_to_its_own_factors():
+    from flwr.app import ArrayRecord
+
+    s = _strategy("fedex")
+    (u,) = _round(s, [3], [4])
+    items = list(update_to_record(u).array_records["fedlora.update"].items())
+    orders = {"key-major": sorted(items, key=lambda kv: kv[0].split("::")[1]),  # l0::A, l1::A, .., l0::B
+              "layers reversed": sorted(items, key=lambda kv: kv[0]), "reversed": items[::-1]}
+    for what, order in orders.items():
+        rd = update_to_record(u)
+        rd["fedlora.update"] = ArrayRecord(dict(order))
+        reason, clean = s.validator.check(record_to_update(rd), s.version, None)
+        assert reason is None, what
+        for n, f in u.factors.items():
+            for k, t in f.items():
+                assert torch.equal(clean.factors[n][k], t), (what, n, k)
+        if what == "key-major":  # layers still in the model's order: the one-buffer path
+            assert clean.flat is not None
+
+
+def test_a_client_that_trains_at_another_rank_is_rejected_even_with_the_norm_bound():
+    s = _strategy("fedavg", norm_bound=NormBound("clip", multiple=3.0))
+    ups = _round(s, [4, 4, 4], [5, 5, 5])
+    m = Multi(9, 2, s.scale, "lora")  # c1 was sent a rank-4 payload, trains and sends rank 2
+    p2 = create_strategy("fedavg", layers=layer_specs(), r_max=4, scale=2.0, seed=1).payload("c1", 2, 0)
+    apply_payload(m, p2)
+    ups[1] = make_update(m, p2, 5)
+    rep = s.aggregate(ups)
+    assert rep.accepted == ["c0", "c2"] and "payload was for rank 4" in rep.rejected["c1"]
+
+
+def test_the_norm_bound_survives_a_round_of_unchanged_updates():
+    s = _strategy("fedavg", norm_bound=NormBound("reject", multiple=3.0))
+    for i in range(3):
+        s.payload(f"c{i}", 2, 0)
+    ups = []
+    for i in range(3):  # two clients send back exactly what they were sent: median size 0
+        p = s.payload(f"c{i}", 2, 0)
+        m = Multi(i, 2, s.scale, "lora")
+        apply_payload(m, p)
+        if i == 2:
+            train_randomly(m, torch.Generator().manual_seed(0))
+        ups.append(make_update(m, p, 5))
+    rep = s.aggregate(ups)
+    assert rep.accepted == ["c0", "c1"] and "norm bound" in rep.rejected["c2"]
+
+
+@pytest.mark.parametrize("name", ["fedex", "flora"])
+def test_a_folded_base_that_would_overflow_rejects_the_round_and_changes_nothing(name):
+    s = _strategy(name)
+    for t in s.base.cum.values():  # as after a long attack of in-range updates
+        t.fill_(torch.finfo(torch.float32).max)
+    ups = _round(s, [2, 4], [5, 5])
+    for f in ups[0].factors.values():  # within the per-round limit, but the base cannot take more
+        f["B"].fill_(1e16)
+        f["A"].fill_(1e16)
+    before = state_tensors(s)
+    rep = s.aggregate(ups)
+    assert rep.accepted == [] and all("folded base" in r for r in rep.rejected.values()), rep.rejected
+    after = state_tensors(s)
+    assert all(torch.equal(before[k], after[k]) for k in before)

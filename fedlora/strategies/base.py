@@ -95,12 +95,19 @@ class Strategy:
         self.max_weight_share = float(max_weight_share)
         self.norm_bound = norm_bound or NormBound()
         self._given: dict[str, dict[str, dict[str, Tensor]]] = {}  # the factors each client was sent
+        self._ranks_sent: dict[str, int] = {}  # the rank of each client's latest payload
         self.version = 0
         self.round = 0
         self._head: dict[str, Tensor] | None = None
         self._sent: dict[str, int] = {}  # bytes down per client since the last aggregation
         self.validator = UpdateValidator(self.name, self.layers, r_max, self.uploads, dtype, weighting,
                                          self.shares_head)
+
+    def init_head(self, head: dict[str, Tensor]) -> None:
+        """The head every client starts from (the pretrained one): the reference uploads are
+        checked against from round 1, so no client's head can set the keys and shapes."""
+        if self.shares_head and self._head is None:
+            self._head = {k: v.detach().to(self.dtype).clone() for k, v in head.items()}
 
     @classmethod
     def personal_eval(cls) -> bool:
@@ -118,6 +125,7 @@ class Strategy:
         p.trains, p.uploads = tuple(sorted(self.round_trains())), tuple(sorted(self.uploads))
         p.upload_head, p.personal_eval = self.shares_head, self.personal_eval()
         p.bytes_down = payload_bytes(p)
+        self._ranks_sent[p.client_id] = rank
         if self.norm_bound.mode != "off":
             self._given[p.client_id] = {n: {k: f[k] for k in self.uploads if k in f}
                                         for n, f in p.factors.items()}
@@ -247,6 +255,9 @@ class Strategy:
                 reason, clean = self.validator.check(u, self.version, self._head)
             except Exception as e:  # noqa: BLE001 - an update is untrusted: whatever it holds
                 reason, clean = f"malformed update ({type(e).__name__}: {e})", None
+            sent = self._ranks_sent.get(cid)
+            if not reason and sent is not None and u.rank != sent:
+                reason = f"rank {u.rank} but its payload was for rank {sent}: retrain on a fresh payload"
             if reason:
                 rejected[cid] = reason
             else:

@@ -45,7 +45,8 @@ def magnitude_limit(dtype: torch.dtype, k: int, scale: float) -> float:
     With every factor ``‖X‖ ≤ L = √max / (4·(k+2)·max(1, s))`` (max: the dtype's largest
     number), every weighted sum of ``k`` updates is below ``L``, and every product a rule forms
     from them (``s·B·A``, FedEx's residual, FLoRA's stack, ``s·B·R·A``) below ``max/16``: no
-    aggregate or global model can overflow, whichever rule runs.
+    round's aggregate can overflow, whichever rule runs. (What accumulates over many rounds, the
+    folded base of FedEx / FLoRA, is checked by ``require_finite`` before it is written.)
     """
     return math.sqrt(torch.finfo(dtype).max) / (4 * (k + 2) * max(1.0, scale))
 
@@ -126,10 +127,13 @@ class NormBound:
             for n, f in u.factors.items():
                 for k, t in f.items():
                     ref = g.get(n, {}).get(k)
+                    if ref is not None and ref.shape != t.shape:
+                        ref = None  # not what it was sent (the strategy rejects a changed rank)
                     sq += float((t - ref).pow(2).sum()) if ref is not None else float(t.pow(2).sum())
             sizes.append(math.sqrt(sq))
-        bound = min(b for b in (self.multiple * sorted(sizes)[(len(sizes) - 1) // 2], self.absolute)
-                    if b > 0)
+        # a zero median (clients echoing their payload) bounds at 0: only unchanged updates pass
+        bound = min((b for b in (self.multiple * sorted(sizes)[(len(sizes) - 1) // 2], self.absolute)
+                     if b > 0), default=0.0)
         out = []
         for u, size in zip(updates, sizes):
             if size <= bound:

@@ -95,6 +95,9 @@ class FedEx(FedAvg):
                 Vs.append(A_old[n][r:])
             transport[n], products[n] = cheapest(torch.cat(Uts, 0).mul_(col).T, torch.cat(Vs, 0))
         require_finite(products, "residual", self.dtype)
+        # and what accumulates: the folded base after this round (a sustained attack of large
+        # in-range updates must not walk it to ∞)
+        require_finite({n: self.base.cum[n] + products[n] for n in self.layers}, "folded base", self.dtype)
         self.A, self.B = A_new, B_new
         self.base.push(self.version + 1, transport, products)
         self.factors_at[self.version + 1] = (dict(self.A), dict(self.B))

@@ -64,6 +64,9 @@ class FLoRA(Strategy):
             V = torch.cat([u.factors[n]["A"] for u in updates], 0)
             transport[n], products[n] = cheapest(U, V)
         require_finite(products, "stack product", self.dtype)
+        # and what accumulates: the folded base after this round (a sustained attack of large
+        # in-range updates must not walk it to ∞)
+        require_finite({n: self.base.cum[n] + products[n] for n in self.layers}, "folded base", self.dtype)
         self.base.push(self.version + 1, transport, products)
 
     def client_change(self, u: ClientUpdate, layer: str) -> list[Term]:

@@ -45,8 +45,7 @@ class UpdateValidator:
         if u.base_version != version:
             return (f"stale base_version {u.base_version} (current {version}): retrain on a "
                     "fresh payload"), None
-        if self.weighting == "samples" and (not isinstance(u.num_examples, int)
-                                            or isinstance(u.num_examples, bool) or u.num_examples <= 0):
+        if not isinstance(u.num_examples, int) or isinstance(u.num_examples, bool) or u.num_examples <= 0:
             return f"num_examples must be a positive integer, got {u.num_examples!r}", None
         if not isinstance(u.factors, dict) or set(u.factors) != set(self.layers):
             got = set(u.factors) if isinstance(u.factors, dict) else set()
