@@ -81,14 +81,18 @@ class RoundLedger:
             self.fail("train", "no reply within round_timeout", p.node_id, p.client_id)
         return out
 
-    def close(self, strategy: str, report: RoundReport, evaluation: dict) -> dict:
-        """The round's metrics line (built once)."""
+    def record(self, report: RoundReport) -> list[dict]:
+        """Each client's outcome from the strategy's report; the rows, for evaluation."""
         for cid in report.accepted:
             self.rows[cid]["accepted"] = True
             self.rows[cid]["weight"] = report.weights.get(cid)
         for cid, reason in report.rejected.items():
             if cid in self.rows:
                 self.rows[cid]["rejected"] = reason
+        return list(self.rows.values())
+
+    def close(self, strategy: str, report: RoundReport, evaluation: dict) -> dict:
+        """The round's metrics line (built once, after ``record``)."""
         rows = sorted(self.rows.values(), key=lambda r: _client_order(r["id"]))
         ok = [r for r in rows if r["accepted"]]
         down, up = self.query_bytes

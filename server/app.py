@@ -304,9 +304,7 @@ class FedLoraStrategy(Strategy):
         # reduce in client order, not arrival order: float sums then repeat bit for bit
         updates.sort(key=lambda u: (len(u.client_id), u.client_id))
         report = self.fl.aggregate(updates)
-        rows = list(led.rows.values())
-        for cid in report.accepted:
-            led.rows[cid]["accepted"] = True
+        rows = led.record(report)
         evaluation = self.evaluator.round_metrics(self.fl, led.round, self.cfg.rounds, rows)
         out = led.close(self.fl.name, report, evaluation)
         self.rows.append(out)

@@ -336,4 +336,5 @@ def test_node_killed_and_resynced(tmp_path):
         (want,) = server.fl.payload(f"client-{i}", rank, 0).base_deltas
         assert want.reset and set(tensors) == set(want.layers)
         for k, t in tensors.items():
-            torch.testing.assert_close(t, want.layers[k].to_dense().float(), rtol=1e-5, atol=1e-6, msg=f"node{i} {k}")
+            torch.testing.assert_close(t, want.layers[k].to_dense().float(), rtol=1e-5, atol=1e-6,
+                                       msg=f"node{i} {k}")
