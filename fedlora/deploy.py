@@ -93,8 +93,19 @@ def _bin(name: str) -> str:
     return str(cand) if cand.exists() else name
 
 
+REAPER = Path(__file__).with_name("reaper.py")
+
+
+def reaped(cmd: list[str]) -> list[str]:
+    """``cmd`` under ``fedlora/reaper.py``: its whole process tree ends with it, or when this process
+    dies (even by ``kill -9``), however its children detach."""
+    return [sys.executable, str(REAPER), "--parent", str(os.getpid()), "--", *cmd]
+
+
 class ManagedProcess:
-    """A daemon in its own process group with its output in a log file."""
+    """A daemon under the reaper (``fedlora/reaper.py``), in its own process group, with its output
+    in a log file. Whatever it starts — Flower detaches its ServerApp, simulation and Ray processes
+    into new sessions — ends when it is stopped or killed, or when this Python process dies."""
 
     def __init__(self, name: str, cmd: list[str], env: dict, log_path: Path, cwd: Path) -> None:
         self.name, self.cmd, self.log_path = name, cmd, log_path
@@ -103,8 +114,9 @@ class ManagedProcess:
         self._log.write(f"\n$ {shlex.join(cmd)}\n".encode())
         self._log.flush()
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(reaped(cmd), env=env, cwd=cwd, stdout=self._log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
 
     @property
     def pid(self) -> int:
@@ -118,19 +130,24 @@ class ManagedProcess:
             os.killpg(self.proc.pid, sig)  # the group id is the leader's pid (start_new_session)
 
     def kill(self) -> None:
-        """Hard kill, no clean-up by the process (simulates a crash / power loss)."""
+        """Hard kill, no clean-up by the process (simulates a crash / power loss): the reaper
+        SIGKILLs the whole tree at once."""
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(signal.SIGUSR1)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=10)
         self._signal_group(signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=10)
         self._log.close()
 
     def stop(self, grace: float = 5.0) -> None:
-        """SIGTERM to the whole group, then SIGKILL whatever is left after ``grace`` seconds."""
+        """SIGTERM to the reaper (which ends the whole tree: SIGTERM, SIGKILL after its own grace),
+        then SIGKILL to the group if it has not gone after ``grace`` + its grace seconds."""
         if self.alive():
             self._signal_group(signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout=grace)
-        # children (ClientApp/ServerApp subprocesses) may outlive the leader: kill the group anyway
+                self.proc.wait(timeout=grace + 5)
         self._signal_group(signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=5)

@@ -5,9 +5,12 @@ free local ports under a project-local ``FLWR_HOME`` (``$FLWR_HOME`` if set, els
 ``<project>/.flwr``), points a connection at it in ``$FLWR_HOME/config.toml`` (no
 ``[tool.flwr.federations]`` in pyproject, so ``flwr run`` never rewrites a tracked file), runs
 ``flwr run <project> fedlora-sim --stream --federation-config "num-supernodes=N
-client-resources-num-cpus=C" -c "config-path='…' …"`` and stops the SuperLink it started (whole
-process group) when the run ends, fails or is interrupted. Telemetry, update checks and runtime
-dependency installation are off (``FLWR_TELEMETRY_ENABLED=0``, ``FLWR_DISABLE_UPDATE_CHECK=1``,
+client-resources-num-cpus=C" -c "config-path='…' …"`` and stops the SuperLink it started when
+the run ends, fails or is interrupted. Both run under ``fedlora/reaper.py``
+(``deploy.ManagedProcess``): the superexec, simulation and Ray processes Flower detaches from the
+SuperLink end with it, and all of them end when this process dies, even by ``kill -9``.
+Telemetry, update checks and runtime dependency installation are off
+(``FLWR_TELEMETRY_ENABLED=0``, ``FLWR_DISABLE_UPDATE_CHECK=1``,
 ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1``).
 
 The in-process grid (no Ray, no daemons) is ``fedlora.loopback``.
@@ -16,7 +19,6 @@ The in-process grid (no Ray, no daemons) is ``fedlora.loopback``.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -149,20 +151,14 @@ def run_flower(run_config: dict, num_supernodes: int, num_cpus: int = 1, num_gpu
             fed += f" client-resources-num-gpus={float(num_gpus)}"
         cmd = [_bin("flwr"), "run", str(Path(app_dir).absolute()), CONNECTION, "--stream",
                "--federation-config", fed, "--run-config", run_config_arg(run_config)]
-        with open(run_log, "wb") as f:
-            proc = subprocess.Popen(cmd, env=env, cwd=str(Path(app_dir).absolute()), stdout=f,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-            if on_start is not None:
-                on_start(proc)
-            try:
-                rc = proc.wait(timeout=timeout)
-            except BaseException:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                raise
+        run_log.unlink(missing_ok=True)
+        run = ManagedProcess("flwr-run", cmd, env, run_log, Path(app_dir).absolute())
+        if on_start is not None:
+            on_start(run.proc)
+        try:
+            rc = run.proc.wait(timeout=timeout)
+        finally:
+            run.stop()
     finally:
         link.stop()
         if log_dir is not None:  # logs live elsewhere: this run's FLWR_HOME is disposable
