@@ -9,7 +9,10 @@
 # Environment: WORK (default runs/deploy-local: certs, logs, FLWR_HOME, node caches), SUPERLINK_PORT
 # (9200), NODE_PORT0 (9301; node i uses NODE_PORT0+i), RANKS ("2 4 8"), DEVICE (auto), DATA_PATH
 # (node config data-path; empty = the app's default), KEEP=1 (leave the daemons up after the run).
-# Every process this script starts is stopped on exit (each in its own process group).
+# The ServerApp waits for as many nodes as this script starts (`-c min-nodes=N`, before your
+# arguments, so `-c min-nodes=...` of yours wins). Every process this script starts runs under
+# fedlora/reaper.py: on exit, Ctrl-C, or even `kill -9` of this script, each daemon ends with all
+# it started (Flower detaches its superexec and ServerApp processes; the reaper still ends them).
 set -euo pipefail
 set -m  # job control: every background daemon gets its own process group (PGID = its PID)
 
@@ -22,6 +25,7 @@ read -r -a RANK_LIST <<< "${RANKS:-2 4 8}"
 N=${#RANK_LIST[@]}
 DEVICE=${DEVICE:-auto}
 PY=${PYTHON:-python}
+REAPER=("$PY" "$ROOT/fedlora/reaper.py" --parent $$ --)
 CONN=fedlora-local
 APP=${APP:-$ROOT}
 
@@ -65,7 +69,7 @@ else
 fi
 
 # 2. the SuperLink (one HTTP(S) port serves the Fleet, Control and Runtime APIs)
-flower-superlink --host "$HOST" --port "$PORT" "${LINK_SEC[@]}" \
+"${REAPER[@]}" flower-superlink --host "$HOST" --port "$PORT" "${LINK_SEC[@]}" \
   --disable-runtime-dependency-installation --database "$WORK/superlink.db" \
   > "$WORK/logs/superlink.log" 2>&1 &
 PIDS+=($!)
@@ -86,7 +90,7 @@ for i in $(seq 0 $((N - 1))); do
   fi
   NODE_CONFIG="rank=${RANK_LIST[$i]} device=\"$DEVICE\" partition-id=$i num-partitions=$N cache-dir=\"$WORK/node-cache/node$i\""
   if [ -n "${DATA_PATH:-}" ]; then NODE_CONFIG="$NODE_CONFIG data-path=\"$DATA_PATH\""; fi
-  flower-supernode --superlink "$HOST:$PORT" --host "$HOST" --port $((NODE_PORT0 + i)) \
+  "${REAPER[@]}" flower-supernode --superlink "$HOST:$PORT" --host "$HOST" --port $((NODE_PORT0 + i)) \
     "${NODE_SEC[@]}" "${AUTH[@]}" --node-config "$NODE_CONFIG" \
     > "$WORK/logs/node$i.log" 2>&1 &
   PIDS+=($!)
@@ -95,7 +99,7 @@ done
 
 # 4. run the app (the connection fedlora-local is in $FLWR_HOME/config.toml)
 cd "$APP"
-flwr run . "$CONN" --stream "$@"
+flwr run . "$CONN" --stream -c "min-nodes=$N" "$@"
 flwr supernode list "$CONN" || true
 
 if [ "${KEEP:-0}" = 1 ]; then

@@ -472,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.data_path:
             cfg["data-path"] = a.data_path
         nodes.append(NodeSpec(cfg))
-    run_config = {}
+    run_config = {"min-nodes": len(ranks)}  # the ServerApp waits for the nodes started here
     for kv in a.run_config:
         run_config.update(tomllib.loads(kv))
     work = Path(a.workdir)

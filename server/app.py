@@ -245,7 +245,13 @@ class FedLoraStrategy(Strategy):
             raise StopRun(f"stopped before round {rnd} (stop_after_round)")
         self.ledger = RoundLedger(rnd)
         c = self.cfg.clients
-        _, all_nodes = sample_nodes(grid, c.min_nodes or c.num, 0)  # Flower's wait for the nodes
+        need = c.min_nodes or c.num
+        have = len(list(grid.get_node_ids()))
+        if have < need:  # Flower's wait below only says "N connected (minimum required: M)"
+            log.warning("round %d waits for %d nodes (run config min-nodes, else clients.num = %d); %d "
+                        "connected: start more SuperNodes, or run with -c min-nodes=%d", rnd, need, c.num,
+                        have, max(have, 1))
+        _, all_nodes = sample_nodes(grid, need, 0)  # Flower's wait for the nodes
         self.discover(grid, sorted(all_nodes))
         by_client = self.roster.by_client(list(all_nodes))
         k = max(1, math.ceil(c.fraction_train * len(by_client)))

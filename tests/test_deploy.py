@@ -3,8 +3,9 @@
 - ``test_launcher_tls_auth_teardown``: the launcher itself, against a throw-away two-file app: TLS,
   node authentication (an unregistered key is refused), node config reaches the ClientApp, and
   nothing is left running afterwards (~35 s).
-- ``test_deployment_fedex_matches_simulation`` and the slow ``test_node_killed_and_resynced``: the
-  real fedlora apps (skipped until ``server/app.py`` and ``clients/app.py`` exist); see
+- ``test_the_deploy_script_itself_completes_like_the_simulation`` (``deploy/run_local_tls.sh``, as
+  documented) and the slow ``test_node_killed_and_resynced`` (the launcher): the real fedlora apps
+  (skipped until ``server/app.py`` and ``clients/app.py`` exist); see
   ``APP_CONTRACT`` below for what they rely on.
 """
 
@@ -243,25 +244,49 @@ def _dump_logs(dep: LocalDeployment) -> None:
         print(f"--- {name} ---\n{text[-4000:]}")
 
 
+def _free_port_run(n: int) -> int:
+    """A port p such that p, p+1, ..., p+n-1 are free on 127.0.0.1 now (the script's node ports)."""
+    import random
+    import socket
+
+    for _ in range(200):
+        p = random.randint(20000, 60000 - n)
+        try:
+            for q in range(p, p + n):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", q))
+            return p
+        except OSError:
+            continue
+    raise RuntimeError("no run of free ports")
+
+
 @needs_apps
-def test_deployment_fedex_matches_simulation(tmp_path):
-    """SuperLink + 3 SuperNodes (ranks 2/4/8), TLS + node auth, 2 rounds of fedex on the tiny model:
-    the final global delta equals the simulation's for the same seed and partitions."""
+def test_the_deploy_script_itself_completes_like_the_simulation(tmp_path):
+    """``deploy/run_local_tls.sh`` as the README runs it (TLS + node auth, 3 SuperNodes of ranks
+    2/4/8, the smoke defaults; only strategy, rounds, seed and run dir given): it completes, leaves
+    no process behind, and its global delta equals the simulation's for the same seed and partitions."""
     import torch
+    from proc_helpers import kill_marked, marker_env, wait_none_marked
 
     run_dir = tmp_path / "deploy-run"
-    dep = LocalDeployment(tmp_path / "dep", _nodes(tmp_path / "cache"), tls=True, node_auth=True)
+    token, env = marker_env()
+    env.update(WORK=str(tmp_path / "work"), SUPERLINK_PORT=str(free_port()),
+               NODE_PORT0=str(_free_port_run(3)), DEVICE="cpu", PYTHON=sys.executable,
+               PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
+    run = {k: v for k, v in RUN.items() if k != "min-nodes"}  # the script passes min-nodes itself
+    overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in {**run, "run-dir": str(run_dir)}.items())
     try:
-        dep.start(timeout=90)
-        res = dep.run(ROOT, {**RUN, "run-dir": str(run_dir)}, timeout=240)
-        assert res.returncode == 0, res.output[-4000:]
-        print(f"\n[deploy] start {dep.timings['start_s']:.1f} s, run {res.wall_s:.1f} s "
-              f"(2 rounds, 3 nodes)\n{_overhead_table(run_dir)}")
-    except Exception:
-        _dump_logs(dep)
-        raise
+        res = subprocess.run(["bash", str(ROOT / "deploy" / "run_local_tls.sh"), "-c", overrides], env=env,
+                             cwd=tmp_path, capture_output=True, text=True, timeout=400)
+        logs = "".join(f"--- {p.name} ---\n{p.read_text(errors='replace')[-3000:]}"
+                       for p in sorted((tmp_path / "work" / "logs").glob("*.log")))
+        assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-3000:] + logs
+        assert json.loads((run_dir / "summary.json").read_text())["rounds"] == RUN["num-server-rounds"]
+        print(f"\n[deploy script] 2 rounds, 3 nodes\n{_overhead_table(run_dir)}")
+        assert wait_none_marked(token, 10) == []  # no flwr-serverapp (or anything else) left running
     finally:
-        dep.stop()
+        kill_marked(token)
     deployed = _global_delta(run_dir)
     simulated = _global_delta(_simulate(tmp_path, RUN))
     assert set(deployed) == set(simulated) and deployed
