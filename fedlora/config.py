@@ -14,6 +14,7 @@ A run is one TOML file; every section and key is optional (the defaults are the 
     [train]     local_steps = 10  batch_size = 32  lr = 0.01  optimizer = "adamw"
     [eval]      every = 1  batch_size = 256
     [privacy]   enabled = false ...   (fedlora.privacy.PrivacyConfig)
+    [tracking]  tensorboard = false  mlflow = false  mlflow_uri = ""  mlflow_experiment = ""
 
 Why pydantic: the types, unknown keys (``extra="forbid"``) and strict coercion (no bool for an
 int, no string for a number; ints are accepted for floats) are declared once on the models below;
@@ -147,6 +148,13 @@ class EvalSection(Section):
     batch_size: int = 256
 
 
+class TrackingSection(Section):
+    tensorboard: bool = False  # event files in <run_dir>/tensorboard/ (pip install 'fedlora[tensorboard]')
+    mlflow: bool = False  # an MLflow run per fedlora run (pip install 'fedlora[mlflow]')
+    mlflow_uri: str = ""  # empty: sqlite:///<run_dir>/mlflow.db (a local store); else a tracking URI
+    mlflow_experiment: str = ""  # empty: the run's name
+
+
 class ClientSpec(Section):
     """What a ClientApp needs, sent inside every message (clients never read the server's files)."""
 
@@ -185,6 +193,7 @@ class RunConfig(Section):
     train: TrainSection = Field(default_factory=TrainSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     privacy: dict[str, Any] = Field(default_factory=dict)  # fedlora.privacy.PrivacyConfig fields
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
 
     # ---- derived ------------------------------------------------------------------------------
     @property
@@ -435,6 +444,12 @@ def validate(cfg: RunConfig, config_path: str | Path | None = None, check_data: 
            f"must be 'adamw' or 'sgd', got {t.optimizer!r}")
     _check(cfg.eval.every >= 0, "eval.every", f"must be >= 0 (0: last round only), got {cfg.eval.every}")
     _check(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
+    import importlib.util
+
+    for key, module, extra in (("tensorboard", "tensorboard", "tensorboard"), ("mlflow", "mlflow", "mlflow")):
+        _check(not getattr(cfg.tracking, key) or importlib.util.find_spec(module) is not None,
+               f"tracking.{key}", f"needs the {module} package: pip install 'fedlora[{extra}]' (or set "
+               f"tracking.{key} = false)")
     privacy_config(cfg)
 
 

@@ -18,7 +18,8 @@ One run:
    on with the rest, hands the ``ClientUpdate``s to the fedlora strategy, evaluates the global
    model on the server's held-out split (every ``eval.every`` rounds; FedSA: the clients'
    personalised accuracies from their train replies, mean and weighted mean), writes one line to
-   ``metrics.jsonl`` and a checkpoint. There is no evaluate exchange (``configure_evaluate``
+   ``metrics.jsonl`` (and to TensorBoard / MLflow when ``[tracking]`` says so) and a checkpoint.
+   There is no evaluate exchange (``configure_evaluate``
    sends nothing): one message per client per round.
 3. At the end: ``global_delta.safetensors`` (``{layer: W_g - W0}``), ``summary.json`` and the
    PEFT adapter export (``adapter/``).
@@ -63,6 +64,7 @@ from fedlora.privacy import PrivacyState
 from fedlora.roster import ClientRoster
 from fedlora.runlog import RunLog, summarize, write_summary
 from fedlora.strategies import LayerSpec, NormBound, create_strategy
+from fedlora.tracking import Trackers
 from fedlora.train import accumulate_weight_gradients
 
 log = logging.getLogger("fedlora.server")
@@ -166,6 +168,7 @@ class FedLoraStrategy(Strategy):
         elif self.fl.init_from == "server-gradients":
             self._init_from_server_gradients()
         self.log.reset(self.rows)
+        self.trackers = Trackers(cfg, self.run_dir, resume=ck_path is not None)
         # one id per run, kept by --resume: clients key what must outlive their process by it
         # (a DP client's accountant history in its node cache)
         self.spec.run_uid = self._run_uid(resume)
@@ -315,6 +318,7 @@ class FedLoraStrategy(Strategy):
         out = led.close(self.fl.name, report, evaluation)
         self.rows.append(out)
         self.log.append(out)
+        self.trackers.round(out)
         save_checkpoint(checkpoint_path(self.run_dir, led.round), strategy=self.fl.name, round=led.round,
                         state={"strategy": self.fl.state_dict(), "roster": self.roster.state()},
                         scale=self.fl.scale, r_max=self.fl.r_max, ranks=dict(self.roster.ranks),
@@ -338,6 +342,7 @@ class FedLoraStrategy(Strategy):
         summary = summarize(self.rows, {"name": self.cfg.name, "run_dir": str(self.run_dir),
                                         "ranks": self.roster.ranks, **out})
         write_summary(self.run_dir, summary)
+        self.trackers.close(summary)
         return summary
 
 
