@@ -120,9 +120,17 @@ class ClientsSection(Section):
 
 
 class DataSection(Section):
-    name: str = "synthetic"  # synthetic | sst2 | agnews | rte | path to a CSV/TSV file
+    # synthetic | sst2 | agnews | rte | a CSV/TSV/JSON(L)/Parquet file | hf:<data set id or folder>
+    name: str = "synthetic"
     examples_per_client: int = 256  # synthetic: examples each client generates
-    partition: str = "iid"  # iid | dirichlet | shards (synthetic iid: one seeded draw per client)
+    # iid | dirichlet | shards (synthetic iid: one seeded draw per client); hf: sources also natural
+    # (one client per value of partition_by) and flwr:<flwr-datasets partitioner class>
+    partition: str = "iid"
+    partition_by: str = ""  # natural: the column whose values are the clients
+    partition_kwargs: dict[str, Any] = Field(default_factory=dict)  # flwr:<Class>: its keyword arguments
+    subset: str = ""  # hf: the data set's configuration (e.g. "sst2" of nyu-mll/glue)
+    train_split: str = "train"  # hf: the split partitioned among the clients
+    test_split: str = "test"  # hf: the server's held-out split
     alpha: float = 0.5  # Dirichlet concentration
     shards_per_partition: int = 2
     val_fraction: float = 0.2  # each client's own validation shard (personalised evaluation)
@@ -405,10 +413,22 @@ def validate(cfg: RunConfig, config_path: str | Path | None = None, check_data: 
     _check(c.num_gpus >= 0, "clients.num_gpus", f"must be >= 0, got {c.num_gpus}")
     _check(c.poll_interval > 0, "clients.poll_interval", f"must be > 0, got {c.poll_interval}")
     d = cfg.data
+    from fedlora import hf_data
     from fedlora.data import METHODS as PARTITIONS
 
-    _check(d.partition in PARTITIONS, "data.partition",
-           f"must be one of {list(PARTITIONS)}, got {d.partition!r}")
+    if hf_data.is_hf(d.name):
+        _check(d.partition in (*PARTITIONS, "natural") or d.partition.startswith("flwr:"), "data.partition",
+               f"must be one of {[*PARTITIONS, 'natural']} or flwr:<flwr-datasets partitioner class>, got "
+               f"{d.partition!r}")
+        _check(d.partition != "natural" or bool(d.partition_by), "data.partition_by",
+               "partition = 'natural' needs the column whose values are the clients, e.g. "
+               "partition_by = 'user'")
+    else:
+        _check(d.partition in PARTITIONS, "data.partition",
+               f"must be one of {list(PARTITIONS)}, got {d.partition!r}" + (
+                   "; natural and flwr:<Class> partitions work on data.name = 'hf:<id or folder>' (a "
+                   "folder holding your train/test files works)" if d.partition == "natural"
+                   or d.partition.startswith("flwr:") else ""))
     _check(d.examples_per_client >= 1, "data.examples_per_client", "must be >= 1")
     _check(d.alpha > 0, "data.alpha", f"must be > 0, got {d.alpha}")
     _check(0 <= d.val_fraction < 1, "data.val_fraction", f"must be in [0, 1), got {d.val_fraction}")
@@ -431,7 +451,10 @@ def validate(cfg: RunConfig, config_path: str | Path | None = None, check_data: 
                    f"next to the config or the repository) and it is missing: get the files (see "
                    f"{d.name}/SOURCE.md in fedlora's shared data) and set {DATA_ENV}=/path/to/data "
                    f"or --set data.root=/path/to/data")
-    if d.name not in known_data:
+    if hf_data.is_hf(d.name):
+        if check_data:
+            hf_data.check(d, c.num)
+    elif d.name not in known_data:
         base = Path(config_path).parent if config_path else Path(".")
         p = Path(d.name) if Path(d.name).is_absolute() else base / d.name
         _check(not check_data or p.is_file() or Path(d.name).is_file(), "data.name",

@@ -301,9 +301,7 @@ def load_text_classification(path: str | os.PathLike, text_col: str = "sentence"
     (seeded, file order kept); ``offset`` skips the first ``offset`` rows of that seeded order, so
     ``offset=N`` gives rows disjoint from ``limit=N`` (a second held-out split).
     """
-    import pyarrow.compute as pc
-
-    datasets = _datasets()
+    _datasets()  # the clear "install the models extra" error first
     path = Path(path).expanduser()
     if not path.is_file():
         raise missing_file_error(path, config_key)
@@ -313,31 +311,8 @@ def load_text_classification(path: str | os.PathLike, text_col: str = "sentence"
         raise ValueError(f"limit must be >= 1, got {limit}")
     cols = [text_col, label_col] + ([text_pair_col] if text_pair_col else [])
     ds = _load_file(path, cols)
+    names, label_map = label_mapping(ds, repr(str(path)), text_col, label_col, text_pair_col, label_map)
     n = len(ds)
-    for c in cols[:1] + cols[2:]:
-        nulls = pc.is_null(_column(ds, c)).to_numpy(zero_copy_only=False)
-        if nulls.any():
-            raise ValueError(f"{str(path)!r}: column {c!r} is missing in {_bad_rows(nulls)}")
-    raw = pc.utf8_trim_whitespace(_as_strings(_column(ds, label_col)))
-    empty = pc.fill_null(pc.equal(pc.utf8_length(raw), 0), True).to_numpy(zero_copy_only=False)
-    if empty.any():
-        raise ValueError(f"{str(path)!r}: no {label_col!r} value in {_bad_rows(empty)} (a row with "
-                         "fewer fields than the header leaves its last columns empty)")
-    present = pc.unique(raw).to_pylist()
-    if label_map is None:
-        names = _label_names(present)
-        label_map = {name: i for i, name in enumerate(names)}
-    else:
-        label_map = {str(k): int(v) for k, v in label_map.items()}
-        unknown = sorted(set(present) - set(label_map))
-        if unknown:
-            raise ValueError(f"{str(path)!r}: labels {unknown[:10]} are not in label_map "
-                             f"{label_map}")
-        if sorted(set(label_map.values())) != list(range(len(set(label_map.values())))):
-            raise ValueError(f"label_map values must be 0..C-1, got {label_map}")
-        names = [None] * len(set(label_map.values()))
-        for k, v in label_map.items():
-            names[v] = names[v] or k
     if offset or (limit is not None and limit < n):
         if offset + (limit or 1) > n:
             raise ValueError(f"{str(path)!r} has {n} rows: too few for {limit or 'all'} rows "
@@ -345,6 +320,50 @@ def load_text_classification(path: str | os.PathLike, text_col: str = "sentence"
         perm = np.random.default_rng(seed).permutation(n)
         keep = np.sort(perm[offset:offset + limit] if limit is not None else perm[offset:])
         ds = ds.select(keep.tolist())
+    return classification_layout(ds, text_col, label_col, text_pair_col, names, label_map)
+
+
+def label_mapping(ds, where: str, text_col: str, label_col: str, text_pair_col: str | None = None,
+                  label_map: dict[str, int] | None = None) -> tuple[list[str], dict[str, int]]:
+    """``(class names, {original label as text: class id})`` of a ``datasets.Dataset``, after checking
+    that no row lacks its text or label (``where`` names the source in errors). Without a
+    ``label_map``: a ``ClassLabel`` column keeps its ids and names; other labels are numbered in
+    sorted order (integers by value)."""
+    import pyarrow.compute as pc
+
+    for c in [text_col] + ([text_pair_col] if text_pair_col else []):
+        nulls = pc.is_null(_column(ds, c)).to_numpy(zero_copy_only=False)
+        if nulls.any():
+            raise ValueError(f"{where}: column {c!r} is missing in {_bad_rows(nulls)}")
+    feature = ds.features.get(label_col)
+    if label_map is None and type(feature).__name__ == "ClassLabel":
+        return list(feature.names), {str(i): i for i in range(feature.num_classes)}
+    raw = pc.utf8_trim_whitespace(_as_strings(_column(ds, label_col)))
+    empty = pc.fill_null(pc.equal(pc.utf8_length(raw), 0), True).to_numpy(zero_copy_only=False)
+    if empty.any():
+        raise ValueError(f"{where}: no {label_col!r} value in {_bad_rows(empty)} (a row with "
+                         "fewer fields than the header leaves its last columns empty)")
+    present = pc.unique(raw).to_pylist()
+    if label_map is None:
+        names = _label_names(present)
+        return names, {name: i for i, name in enumerate(names)}
+    label_map = {str(k): int(v) for k, v in label_map.items()}
+    unknown = sorted(set(present) - set(label_map))
+    if unknown:
+        raise ValueError(f"{where}: labels {unknown[:10]} are not in label_map {label_map}")
+    if sorted(set(label_map.values())) != list(range(len(set(label_map.values())))):
+        raise ValueError(f"label_map values must be 0..C-1, got {label_map}")
+    names = [None] * len(set(label_map.values()))
+    for k, v in label_map.items():
+        names[v] = names[v] or k
+    return names, label_map
+
+
+def classification_layout(ds, text_col: str, label_col: str, text_pair_col: str | None,
+                          names: Sequence[str], label_map: dict[str, int]):
+    """``ds`` → columns ``text``, [``text_pair``], ``label`` (a ``ClassLabel`` of ``names``; ids
+    through ``label_map``, see ``label_mapping``), by a cached ``Dataset.map``."""
+    datasets = _datasets()
     feats = {"text": datasets.Value("string")}
     if text_pair_col:
         feats["text_pair"] = datasets.Value("string")

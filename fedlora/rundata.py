@@ -8,7 +8,9 @@ Synthetic data (``data.name = "synthetic"``), partition ``iid``: client ``i`` dr
 Flower run and ``fedlora.testing.run_harness`` train on the same data), and its validation shard
 with seed ``seed·1000 + i + 500000``. Other partitions split one pooled draw with
 ``fedlora.data.partition``. The server's held-out split is seed ``seed + 10000``; Fed-SB's init
-split is seed ``seed + 20000``. Real data (``sst2``/``agnews``/``rte`` or a CSV/TSV path): the
+split is seed ``seed + 20000``. A Hugging Face source (``hf:<id or folder>``, ``fedlora.hf_data``): each
+client's rows are its partition from flwr-datasets' ``FederatedDataset``, the server's pool is the
+``test_split``. Real data (``sst2``/``agnews``/``rte`` or a CSV/TSV path): the
 training file is partitioned with flwr-datasets' partitioners, each partition split into train/val,
 tokenised with the model's tokenizer (cached), batched with dynamic padding; the server evaluates on
 ``data.server_examples`` rows of the test file (a CSV/TSV path: of a held-out 10% of its rows, which
@@ -25,6 +27,7 @@ import torch.nn as nn
 from pydantic import BaseModel
 from torch.utils.data import DataLoader, Dataset
 
+from fedlora import hf_data
 from fedlora.config import ClientSpec, DataSection
 from fedlora.lora import LoRAConfig, inject_lora
 from fedlora.models import default_targets, get_model
@@ -41,6 +44,8 @@ def num_classes(spec: ClientSpec) -> int:
 
     if d.name in fdata.KNOWN_DATASETS:
         return fdata.KNOWN_DATASETS[d.name].num_classes
+    if hf_data.is_hf(d.name):
+        return len(hf_data.label_names(d))
     return len(_real_train_pool(spec.key("data", "seed")).features["label"].names)
 
 
@@ -97,6 +102,8 @@ def _real_pools(spec_key: str):
         train = fdata.load_known(d.name, "train", root=d.root or None, limit=limit, seed=spec.seed)
         test = fdata.load_known(d.name, "test", root=d.root or None, seed=spec.seed)
         return train, test
+    if hf_data.is_hf(d.name):  # the clients' rows come from FederatedDataset (client_data)
+        return None, hf_data.server_rows(d)
     rows = fdata.load_text_classification(d.name, d.text_col, d.label_col, seed=spec.seed)
     clients, server = fdata.train_val_split(rows, SERVER_SHARE, seed=spec.seed + 10_000)
     if limit is not None and limit < len(clients):
@@ -141,12 +148,15 @@ def client_data(spec: ClientSpec, partition_id: int, num_partitions: int) -> tup
     else:
         from fedlora import data as fdata
 
-        if d.name == "synthetic":
-            pool = task.generate(d.examples_per_client * num_partitions, seed=seed)
+        if hf_data.is_hf(d.name):
+            part = hf_data.client_rows(d, partition_id, num_partitions, seed)
         else:
-            pool = _real_train_pool(spec.key("data", "seed"))
-        part = fdata.partition(pool, num_partitions, d.partition, alpha=d.alpha,
-                               shards_per_partition=d.shards_per_partition, seed=seed)[partition_id]
+            if d.name == "synthetic":
+                pool = task.generate(d.examples_per_client * num_partitions, seed=seed)
+            else:
+                pool = _real_train_pool(spec.key("data", "seed"))
+            part = fdata.partition(pool, num_partitions, d.partition, alpha=d.alpha,
+                                   shards_per_partition=d.shards_per_partition, seed=seed)[partition_id]
         train, val = fdata.train_val_split(part, d.val_fraction, seed=seed + partition_id)
         if d.val_fraction == 0:
             val = None
