@@ -165,6 +165,8 @@ def compare(
     sweep: str = typer.Option(None, "--sweep", help="repeat for each value of one key: "
                               "section.key=v1,v2,... (e.g. data.alpha=0.1,0.5,10)"),
     rounds: int = typer.Option(None, "--rounds", "-r", help="number of rounds (overrides the config)"),
+    resume: bool = typer.Option(False, "--resume", help="continue a stopped comparison: finished runs "
+                                "are kept, interrupted ones continue from their last checkpoint"),
 ) -> None:
     """Run the same config once per strategy into runs/<name>-compare/; write report.md and plots.
 
@@ -184,6 +186,11 @@ def compare(
             runs = runs * len(planned)
         if engine not in ("flower", "inprocess"):
             raise ValueError(f"--engine must be 'flower' or 'inprocess', got {engine!r}")
+        if resume:  # every run's folder checked before anything starts
+            every = [c for _, c in runs] if not swept else [
+                c for _, setting in planned for _, c in cmp.plan(config, names, list(set_), centralized,
+                                                                 setting)[1]]
+            states = {str(c.resolved_run_dir()): cmp.resume_state(c) for c in every}
     except ValueError as e:
         console.print(f"[red]config error:[/red] {e}")
         raise typer.Exit(2) from e
@@ -197,7 +204,15 @@ def compare(
             if swept:
                 what += f", {Path(cfg.run_dir).parent.name}"
             progress.update(task, description=f"{what} ({progress.tasks[0].completed + 1}/{len(runs)})")
-            d = cmp.run_config(cfg, engine)
+            state = states.get(str(cfg.resolved_run_dir()), "fresh") if resume else "fresh"
+            if state == "done":
+                d = cfg.resolved_run_dir()
+                progress.console.print(f"  {d.name}: finished earlier, kept")
+                progress.advance(task)
+                return d
+            if state == "resume":
+                progress.console.print(f"  {cfg.resolved_run_dir().name}: resuming from its last checkpoint")
+            d = cmp.run_config(cfg, engine, resume=state == "resume")
             s = json.loads((d / "summary.json").read_text())
             progress.console.print(f"  {d.name}: final accuracy {s.get('final_accuracy')}, "
                                    f"wall {s.get('wall_seconds', 0):.1f} s")

@@ -11,6 +11,10 @@ heterogeneity sweep ``data.alpha=0.1,0.5,10``; accuracy against the privacy budg
 ``privacy.target_epsilon=3,8``): ``<root>/<key>-<v>/`` holds each value's runs and report, and
 ``<root>/sweep.md`` the final/best accuracy of every strategy at every value with ``sweep.png``
 (final accuracy against the value).
+
+``--resume`` continues a comparison that was stopped (or extends it with ``--rounds``): each run
+whose summary covers the rounds asked for is kept, one with checkpoints continues from the newest
+that verifies, the others start (``resume_state``).
 """
 
 from __future__ import annotations
@@ -81,19 +85,52 @@ def compare(config: Path | None, strategies: list[str], overrides: list[str],
     return write_report(dirs, root, title=f"fedlora compare: {base.name}", target=target, notes=notes)
 
 
-def run_config(cfg: RunConfig, engine: str = "flower", timeout: float = 24 * 3600.0) -> Path:
+def resume_state(cfg: RunConfig) -> str:
+    """What ``--resume`` does with one planned run: ``"done"`` (its summary covers ``cfg.rounds``:
+    kept), ``"resume"`` (it has checkpoints: continue from the newest that verifies) or ``"fresh"``.
+    A run folder made with another config (any key but ``rounds``) is an error naming the keys."""
+    run_dir = cfg.resolved_run_dir()
+    saved = run_dir / "config.toml"
+    if not saved.is_file():
+        return "fresh"
+    old = load_config(saved).to_dict()
+    new = cfg.to_dict()
+    differ = sorted(_diff(old, new) - {"rounds", "run_dir"})
+    if differ:
+        raise ValueError(f"--resume: {run_dir} was run with another config ({', '.join(differ)} differ); "
+                         "remove that folder, or compare without --resume")
+    summary = run_dir / "summary.json"
+    if summary.is_file() and json.loads(summary.read_text()).get("rounds") == cfg.rounds:
+        return "done"
+    return "resume" if any((run_dir / "checkpoints").glob("*")) else "fresh"
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for k in set(a) | set(b):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out |= _diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.add(prefix + k)
+    return out
+
+
+def run_config(cfg: RunConfig, engine: str = "flower", timeout: float = 24 * 3600.0,
+               resume: bool = False) -> Path:
     """One run through the same path as ``fedlora simulate`` (Flower's engine or the in-process
-    grid); returns its run folder. Raises ``RuntimeError`` when the run fails."""
+    grid), from its last checkpoint when ``resume``; returns its run folder. Raises
+    ``RuntimeError`` when the run fails."""
     from fedlora import sim
 
     run_dir = cfg.resolved_run_dir()
     if engine == "inprocess":
         from fedlora.loopback import run_loopback
 
-        run_loopback(cfg)
+        run_loopback(cfg, resume=resume)
     elif engine == "flower":
-        cfg_path = sim.prepare_run_dir(cfg)
-        r = sim.run_flower({"config-path": str(cfg_path), "resume": False}, cfg.clients.num,
+        cfg_path = sim.prepare_run_dir(cfg, resume=resume)
+        r = sim.run_flower({"config-path": str(cfg_path), "resume": resume}, cfg.clients.num,
                            cfg.clients.num_cpus, cfg.clients.num_gpus, log_dir=run_dir / "logs",
                            timeout=timeout)
         if r.returncode != 0:
