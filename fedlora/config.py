@@ -444,13 +444,15 @@ def validate(cfg: RunConfig, config_path: str | Path | None = None, check_data: 
     if check_data and d.name in KNOWN_DATASETS:
         from fedlora.data import DATA_ENV, known_path
 
+        spec = KNOWN_DATASETS[d.name]
         for split in ("train", "test"):
             f = known_path(d.name, split, d.root or None, config_path)
             _check(f.is_file(), "data.name",
                    f"{d.name!r} needs {f} (data.root={d.root!r}, else ${DATA_ENV}, else shared/data "
-                   f"next to the config or the repository) and it is missing: get the files (see "
-                   f"{d.name}/SOURCE.md in fedlora's shared data) and set {DATA_ENV}=/path/to/data "
-                   f"or --set data.root=/path/to/data")
+                   f"next to the config or the repository) and it is missing. It is {spec.origin}, not "
+                   f"shipped with fedlora: put {spec.train} and {spec.test} under a folder and set "
+                   f"{DATA_ENV}=/that/folder or --set data.root=/that/folder"
+                   + (f"; or use the Hugging Face copy (needs the Hub): {spec.hub}" if spec.hub else ""))
     if hf_data.is_hf(d.name):
         if check_data:
             hf_data.check(d, c.num)

@@ -392,6 +392,10 @@ class DatasetSpec:
     label_names: tuple[str, ...]  # index = class id
     text_pair_col: str | None = None
     max_length: int = 64  # a sensible default for tokenisation
+    #: where to get it: the files' origin (research use: fedlora does not ship them) and the
+    #: Hugging Face copy, as the overrides that use it instead
+    origin: str = ""
+    hub: str = ""
 
     @property
     def num_classes(self) -> int:
@@ -402,16 +406,23 @@ class DatasetSpec:
         return {n: i for i, n in enumerate(self.label_names)}
 
 
+_GLUE = "the GLUE benchmark (gluebenchmark.com, research use)"
 KNOWN_DATASETS: dict[str, DatasetSpec] = {
     "sst2": DatasetSpec("sst2", "sst2/train.tsv", "sst2/test.tsv", "sentence", "label",
-                        ("0", "1"), max_length=64),
+                        ("0", "1"), max_length=64,
+                        origin=f"SST-2 from {_GLUE}: TSV files with columns sentence, label",
+                        hub="--set data.name='hf:stanfordnlp/sst2' --set data.test_split='validation'"),
     # The usual AG News class order (the HF ``ag_news`` ids).
     "agnews": DatasetSpec("agnews", "agnews/train.tsv", "agnews/test.tsv", "text", "label",
-                          ("World", "Sports", "Business", "Sci/Tech"), max_length=128),
+                          ("World", "Sports", "Business", "Sci/Tech"), max_length=128,
+                          origin="AG News (Zhang et al., 2015, research use): TSV files with columns "
+                          "text, label",
+                          hub="--set data.name='hf:fancyzhx/ag_news' --set data.text_col='text'"),
     # GLUE ids: entailment = 0, not_entailment = 1.
     "rte": DatasetSpec("rte", "rte/train.tsv", "rte/test.tsv", "sentence1", "label",
                        ("entailment", "not_entailment"), text_pair_col="sentence2",
-                       max_length=128),
+                       max_length=128, origin=f"RTE from {_GLUE}: TSV files with columns sentence1, "
+                       "sentence2, label"),
 }
 
 
