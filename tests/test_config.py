@@ -79,7 +79,7 @@ def test_cli_rejects_a_bad_config_before_any_work(tmp_path):
 
 def test_missing_data_or_model_is_a_config_error_before_anything_starts(tmp_path, monkeypatch):
     monkeypatch.setenv("FEDLORA_DATA", str(tmp_path / "nowhere"))
-    with pytest.raises(ValueError, match="FEDLORA_DATA=/path/to/data") as e:
+    with pytest.raises(ValueError, match="FEDLORA_DATA=/that/folder") as e:
         load_config(None, ['data.name="sst2"', 'model.name="minilm"'])
     assert str(tmp_path / "nowhere" / "sst2") in str(e.value) and "data.root" in str(e.value)
     with pytest.raises(ValueError, match="model.name.*no folder"):
