@@ -240,7 +240,8 @@ def train(msg: Message, context: Context) -> Message:
         # whichever process and whatever ran there before: runs repeat bit for bit
         torch.manual_seed((spec.seed * 1_000_003 + pid) * 10_007 + rnd)
         loader = rundata.loader(spec, train_ds, tr.batch_size, True, spec.seed + rnd - 1)
-        res = train_local(model, loader, steps=tr.local_steps, optim=optim, device=device)
+        res = train_local(model, loader, steps=tr.local_steps, optim=optim, device=device,
+                          grad_accum=tr.grad_accum)
     model.to("cpu")
     metrics |= {"loss": res.loss, "train-time-s": res.seconds, "steps": res.steps,
                 "peak-memory-bytes": peak_memory_bytes(device), "rank": rank, "partition-id": pid,

@@ -127,7 +127,8 @@ def simulate(
             console.print(f"[red]the run ended without {summary}[/red]")
         raise typer.Exit(1)
     s = json.loads(summary.read_text())
-    console.print(f"final accuracy {s.get('final_accuracy')}, MB up {s.get('bytes_up', 0) / 1e6:.3f}, "
+    metric = s.get("metric", "accuracy")
+    console.print(f"final {metric} {s.get('final_' + metric)}, MB up {s.get('bytes_up', 0) / 1e6:.3f}, "
                   f"MB down {s.get('bytes_down', 0) / 1e6:.3f} -> {run_dir}")
     idle = s.get("rounds_without_training") or []
     if idle:
@@ -214,7 +215,8 @@ def compare(
                 progress.console.print(f"  {cfg.resolved_run_dir().name}: resuming from its last checkpoint")
             d = cmp.run_config(cfg, engine, resume=state == "resume")
             s = json.loads((d / "summary.json").read_text())
-            progress.console.print(f"  {d.name}: final accuracy {s.get('final_accuracy')}, "
+            metric = s.get("metric", "accuracy")
+            progress.console.print(f"  {d.name}: final {metric} {s.get('final_' + metric)}, "
                                    f"wall {s.get('wall_seconds', 0):.1f} s")
             progress.advance(task)
             return d
@@ -306,8 +308,10 @@ def export(
             path = export_merged(run_dir, merged)
             note = json.loads((path / "fedlora_merged.json").read_text())
             how = ", trust_remote_code=True" if note.get("trust_remote_code") else ""
-            console.print(f"merged model -> {path} (AutoModelForSequenceClassification.from_pretrained("
-                          f"{str(path)!r}{how}))", markup=False)
+            auto = "AutoModelForCausalLM" if note.get("task") == "causal-lm" else \
+                "AutoModelForSequenceClassification"
+            console.print(f"merged model -> {path} ({auto}.from_pretrained({str(path)!r}{how}))",
+                          markup=False)
         else:
             path = Path(export_run(run_dir))
             meta = json.loads((path / "fedlora_adapter.json").read_text())

@@ -74,7 +74,10 @@ class Section(BaseModel):
 
 class ModelSection(Section):
     name: str = "tiny"  # tiny | minilm | hf:<local folder>
+    task: str = "classification"  # classification | causal-lm (fedlora.causal_lm, fedlora.lm_data)
     kwargs: dict[str, Any] = Field(default_factory=dict)  # extra get_model keyword arguments
+    quantize: str = ""  # causal-lm on CUDA: "4bit" | "8bit" frozen base (bitsandbytes, QLoRA)
+    gradient_checkpointing: bool = False  # causal-lm: recompute activations (less memory)
 
 
 class LoRASection(Section):
@@ -133,6 +136,9 @@ class DataSection(Section):
     test_split: str = "test"  # hf: the server's held-out split
     alpha: float = 0.5  # Dirichlet concentration
     shards_per_partition: int = 2
+    # causal-lm rows: auto | chat | alpaca | prompt-completion | text (fedlora.lm_data)
+    format: str = "auto"
+    packing: bool = False  # causal-lm: concatenate rows into max_length blocks
     val_fraction: float = 0.2  # each client's own validation shard (personalised evaluation)
     server_examples: int = 512  # server's held-out split (synthetic size; real data: test-split cap)
     limit: int = 0  # real data: use at most this many training rows (0: all)
@@ -147,6 +153,7 @@ class TrainSection(Section):
     batch_size: int = 32
     lr: float = 1e-2
     optimizer: str = "adamw"  # adamw | sgd
+    grad_accum: int = 1  # micro-batches per optimizer step (local_steps counts optimizer steps)
     weight_decay: float = 0.0
     momentum: float = 0.0
 
@@ -154,6 +161,8 @@ class TrainSection(Section):
 class EvalSection(Section):
     every: int = 1  # server-side evaluation every N rounds (the last round always); 0: last only
     batch_size: int = 256
+    generate: int = 0  # causal-lm: greedy generations for this many held-out prompts per evaluation
+    max_new_tokens: int = 32
 
 
 class TrackingSection(Section):
@@ -360,6 +369,15 @@ def validate(cfg: RunConfig, config_path: str | Path | None = None, check_data: 
         _check(Path(m[3:]).expanduser().is_dir(), "model.name",
                f"{m!r}: no folder {str(Path(m[3:]).expanduser().absolute())!r}; give a local "
                "transformers checkpoint folder (hf:/path/to/model), the hub is not used")
+    task = cfg.model.task
+    _check(task in ("classification", "causal-lm"), "model.task",
+           f"must be 'classification' or 'causal-lm', got {task!r}")
+    if task == "causal-lm":
+        _validate_causal(cfg, check_data)
+    _check(cfg.model.quantize in ("", "4bit", "8bit"), "model.quantize",
+           f"must be '', '4bit' or '8bit', got {cfg.model.quantize!r}")
+    _check(not cfg.model.quantize or task == "causal-lm", "model.quantize",
+           "a quantized base is for model.task = 'causal-lm'")
     if check_data and m == "minilm":
         import importlib.util
 
@@ -416,19 +434,16 @@ def validate(cfg: RunConfig, config_path: str | Path | None = None, check_data: 
     from fedlora import hf_data
     from fedlora.data import METHODS as PARTITIONS
 
-    if hf_data.is_hf(d.name):
-        _check(d.partition in (*PARTITIONS, "natural") or d.partition.startswith("flwr:"), "data.partition",
-               f"must be one of {[*PARTITIONS, 'natural']} or flwr:<flwr-datasets partitioner class>, got "
-               f"{d.partition!r}")
-        _check(d.partition != "natural" or bool(d.partition_by), "data.partition_by",
-               "partition = 'natural' needs the column whose values are the clients, e.g. "
-               "partition_by = 'user'")
-    else:
-        _check(d.partition in PARTITIONS, "data.partition",
-               f"must be one of {list(PARTITIONS)}, got {d.partition!r}" + (
-                   "; natural and flwr:<Class> partitions work on data.name = 'hf:<id or folder>' (a "
-                   "folder holding your train/test files works)" if d.partition == "natural"
-                   or d.partition.startswith("flwr:") else ""))
+    causal, hf = cfg.model.task == "causal-lm", hf_data.is_hf(d.name)
+    # natural partitions: hf: sources and causal-LM files; any flwr-datasets partitioner: hf: sources
+    allowed = [*PARTITIONS] + (["natural"] if hf or causal else [])
+    _check(d.partition in allowed or (hf and d.partition.startswith("flwr:")), "data.partition",
+           f"must be one of {allowed}" + (" or flwr:<flwr-datasets partitioner class>" if hf else "")
+           + f", got {d.partition!r}" + (
+               "; natural and flwr:<Class> partitions work on data.name = 'hf:<id or folder>' (a folder "
+               "holding your train/test files works)" if not hf and d.partition not in allowed else ""))
+    _check(d.partition != "natural" or bool(d.partition_by), "data.partition_by",
+           "partition = 'natural' needs the column whose values are the clients, e.g. partition_by = 'user'")
     _check(d.examples_per_client >= 1, "data.examples_per_client", "must be >= 1")
     _check(d.alpha > 0, "data.alpha", f"must be > 0, got {d.alpha}")
     _check(0 <= d.val_fraction < 1, "data.val_fraction", f"must be in [0, 1), got {d.val_fraction}")
@@ -455,7 +470,9 @@ def validate(cfg: RunConfig, config_path: str | Path | None = None, check_data: 
                    + (f"; or use the Hugging Face copy (needs the Hub): {spec.hub}" if spec.hub else ""))
     if hf_data.is_hf(d.name):
         if check_data:
-            hf_data.check(d, c.num)
+            hf_data.check(d, c.num, causal=causal)
+    elif causal:
+        pass  # a causal-LM file is checked by _validate_causal
     elif d.name not in known_data:
         base = Path(config_path).parent if config_path else Path(".")
         p = Path(d.name) if Path(d.name).is_absolute() else base / d.name
@@ -467,6 +484,12 @@ def validate(cfg: RunConfig, config_path: str | Path | None = None, check_data: 
     _check(t.lr > 0 and math.isfinite(t.lr), "train.lr", f"must be > 0, got {t.lr}")
     _check(t.optimizer in ("adamw", "sgd"), "train.optimizer",
            f"must be 'adamw' or 'sgd', got {t.optimizer!r}")
+    _check(t.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {t.grad_accum}")
+    _check(t.grad_accum == 1 or not cfg.privacy.get("enabled"), "train.grad_accum",
+           "must be 1 with privacy.enabled (a DP step is one Poisson batch): raise train.batch_size instead")
+    _check(cfg.eval.generate >= 0 and cfg.eval.max_new_tokens >= 1, "eval.generate",
+           "eval.generate must be >= 0 and eval.max_new_tokens >= 1")
+    _check(not cfg.eval.generate or task == "causal-lm", "eval.generate", "generation is for causal-lm runs")
     _check(cfg.eval.every >= 0, "eval.every", f"must be >= 0 (0: last round only), got {cfg.eval.every}")
     _check(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
     import importlib.util
@@ -476,6 +499,55 @@ def validate(cfg: RunConfig, config_path: str | Path | None = None, check_data: 
                f"tracking.{key}", f"needs the {module} package: pip install 'fedlora[{extra}]' (or set "
                f"tracking.{key} = false)")
     privacy_config(cfg)
+
+
+def _validate_causal(cfg: RunConfig, check_data: bool) -> None:
+    """model.task = "causal-lm": a local causal-LM checkpoint, text rows in a known format."""
+    from fedlora import hf_data
+
+    m, d = cfg.model.name, cfg.data
+    _check(m.startswith("hf:"), "model.name",
+           f"model.task = 'causal-lm' needs a local causal-LM checkpoint, model.name = 'hf:<folder>', not "
+           f"{m!r} (no pretrained causal LM ships with fedlora: `fedlora shakespeare base` builds a small "
+           "one)")
+    if check_data and Path(m[3:]).expanduser().is_dir():
+        from fedlora.causal_lm import architectures, is_causal_lm
+
+        path = Path(m[3:]).expanduser()
+        _check(is_causal_lm(path), "model.name",
+               f"{m!r} is not a causal LM (config.json architectures {architectures(path)}, expected a "
+               "...ForCausalLM / ...LMHeadModel): use a causal-LM checkpoint, or model.task = "
+               "'classification'")
+    if cfg.model.quantize and check_data:
+        from fedlora.causal_lm import quantization_config
+
+        try:
+            quantization_config(cfg.model.quantize)
+        except ValueError as e:
+            raise ValueError(str(e)) from e
+    from fedlora.data import KNOWN_DATASETS
+    from fedlora.lm_data import FORMATS
+
+    _check(d.format == "auto" or d.format in FORMATS, "data.format",
+           f"must be 'auto' or one of {list(FORMATS)}, got {d.format!r}")
+    _check(d.name != "synthetic" and d.name not in KNOWN_DATASETS, "data.name",
+           f"model.task = 'causal-lm' reads text rows: give a JSONL/JSON/CSV/Parquet file or "
+           f"hf:<dataset id or folder>, not {d.name!r}")
+    _check(cfg.data.max_length == 0 or cfg.data.max_length >= 2, "data.max_length",
+           "must be >= 2 (or 0: 256)")
+    if not check_data or hf_data.is_hf(d.name):
+        return
+    from fedlora import lm_data
+
+    path = Path(d.name).expanduser()
+    _check(path.is_file(), "data.name", f"{d.name!r}: no file {str(path.absolute())!r}")
+    rows = lm_data.read_rows(path)
+    lm_data.check_rows(rows, d, repr(d.name))
+    if d.partition == "natural":
+        have = len(lm_data.natural_groups(list(rows[d.partition_by])))
+        _check(have == cfg.clients.num, "clients.num",
+               f"data.partition = 'natural' by {d.partition_by!r} gives {have} clients (one per value): set "
+               f"clients.num = {have}")
 
 
 def privacy_config(cfg: RunConfig):

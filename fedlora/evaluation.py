@@ -1,5 +1,11 @@
 """Server-side evaluation of a round: the global model on the server's held-out split, or (a
-strategy without a global model) the clients' personalised accuracies from their replies."""
+strategy without a global model) the clients' personalised accuracies from their replies.
+
+Classification: ``accuracy`` and ``loss``. Causal LM: ``loss`` (mean NLL per scored token),
+``perplexity`` and ``token_accuracy``; with ``eval.generate = N``, greedy generations for the first N
+held-out prompts (``eval.max_new_tokens``) are appended to ``<run_dir>/generations.jsonl`` (round,
+prompt, reference, output) and scored: ``gen_exact_match`` (output = reference, whitespace
+stripped) and ``gen_contains`` (the reference appears in the output)."""
 
 from __future__ import annotations
 
@@ -14,8 +20,8 @@ from fedlora.train import evaluate, release_memory
 
 
 class ServerEvaluator:
-    def __init__(self, model: nn.Module, spec: ClientSpec) -> None:
-        self.model, self.spec = model, spec
+    def __init__(self, model: nn.Module, spec: ClientSpec, run_dir=None) -> None:
+        self.model, self.spec, self.run_dir = model, spec, run_dir
         self._loader = None
 
     def loader(self):
@@ -24,11 +30,44 @@ class ServerEvaluator:
             self._loader = rundata.loader(self.spec, ds, self.spec.eval.batch_size, False, 0)
         return self._loader
 
-    def global_model(self, strategy: Strategy) -> dict:
+    def global_model(self, strategy: Strategy, rnd: int = 0) -> dict:
         load_global(self.model, strategy)
         ev = evaluate(self.model, self.loader(), device="cpu")
         release_memory()
-        return {"accuracy": ev.accuracy, "loss": ev.loss, "eval_examples": ev.num_examples}
+        if not rundata.is_causal(self.spec):
+            return {"accuracy": ev.accuracy, "loss": ev.loss, "eval_examples": ev.num_examples}
+        out = {"loss": ev.loss, "perplexity": ev.perplexity, "token_accuracy": ev.accuracy,
+               "eval_examples": ev.num_examples, "eval_tokens": ev.tokens}
+        if self.spec.eval.generate:
+            out |= self.generations(rnd)
+        return out
+
+    def generations(self, rnd: int) -> dict:
+        """Greedy continuations of the first ``eval.generate`` held-out prompts, written and scored."""
+        import json
+
+        import torch
+
+        from fedlora.hf_models import get_tokenizer
+
+        tok = get_tokenizer(self.spec.model.name)
+        records, exact, contains = [], 0, 0
+        self.model.eval()
+        for prompt, reference, templated in rundata.server_prompts(self.spec, self.spec.eval.generate):
+            ids = tok(prompt, add_special_tokens=not templated, return_tensors="pt")["input_ids"]
+            with torch.no_grad():
+                out = self.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                          max_new_tokens=self.spec.eval.max_new_tokens, use_cache=True,
+                                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+            exact += text.strip() == reference.strip()
+            contains += bool(reference.strip()) and reference.strip() in text
+            records.append({"round": rnd, "prompt": prompt, "reference": reference, "output": text})
+        if self.run_dir is not None:
+            with open(f"{self.run_dir}/generations.jsonl", "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records)
+        n = max(len(records), 1)
+        return {"gen_exact_match": exact / n, "gen_contains": contains / n}
 
     @staticmethod
     def personal(rows: list[dict]) -> dict:
@@ -49,5 +88,5 @@ class ServerEvaluator:
             return self.personal(rows)
         every = self.spec.eval.every
         if (every and rnd % every == 0) or rnd == rounds:
-            return self.global_model(strategy)
+            return self.global_model(strategy, rnd)
         return {}

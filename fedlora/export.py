@@ -168,9 +168,28 @@ def load_base(path: str | Path) -> nn.Module:
 
 
 def _build_kwargs(spec) -> dict:
-    from fedlora.rundata import num_classes
+    from fedlora.rundata import is_causal, num_classes
 
+    if is_causal(spec):
+        return {"task": "causal-lm", **spec.model.kwargs}
     return {"seed": spec.seed, "num_classes": num_classes(spec), **spec.model.kwargs}
+
+
+def _task_type(base: nn.Module | None) -> str | None:
+    if getattr(base, "fedlora_task", None) == "causal-lm":
+        return "CAUSAL_LM"
+    return "SEQ_CLS" if _is_transformers_model(base) else None
+
+
+def _fan_in_fan_out(base: nn.Module | None, layers: list[str]) -> bool:
+    """GPT-2's Conv1D targets (fedlora adapts them as nn.Linear): PEFT must transpose B·A onto them.
+    One flag for the whole adapter in PEFT, so a mix of Conv1D and Linear targets cannot be exported."""
+    conv = set(getattr(base, "fedlora_conv1d", []) or [])
+    hits = [n in conv for n in layers]
+    if any(hits) and not all(hits):
+        raise ValueError(f"the adapted layers mix Conv1D ({[n for n in layers if n in conv]}) and Linear "
+                         "modules: PEFT's fan_in_fan_out is one flag per adapter; adapt one kind")
+    return bool(hits) and all(hits)
 
 
 def export_adapter(out_dir: Path, strategy: Strategy, *, rounds: int, model_name: str,
@@ -208,7 +227,7 @@ def export_adapter(out_dir: Path, strategy: Strategy, *, rounds: int, model_name
     r = max(peft_rank.values())
     config = {
         "peft_type": "LORA",
-        "task_type": "SEQ_CLS" if _is_transformers_model(base) else None,
+        "task_type": _task_type(base),
         "base_model_name_or_path": base_path,
         "inference_mode": True,
         "r": r,
@@ -219,6 +238,7 @@ def export_adapter(out_dir: Path, strategy: Strategy, *, rounds: int, model_name
         "modules_to_save": head_modules or None,
         "lora_dropout": float(dropout),
         "bias": "none",
+        "fan_in_fan_out": _fan_in_fan_out(base, layers),
     }
     lora_params = sum(peft_rank[n] * (d + k) for n, (d, k) in shapes.items())
     r_max_params = sum(strategy.r_max * (d + k) for d, k in shapes.values())
@@ -256,6 +276,11 @@ def export_adapter(out_dir: Path, strategy: Strategy, *, rounds: int, model_name
 
 def _how_to_load(model_name: str, base: nn.Module | None, base_path: str | None,
                  kwargs: dict | None) -> str:
+    if (kwargs or {}).get("task") == "causal-lm":
+        layers = (kwargs or {}).get("num_layers")
+        trunc = f", num_hidden_layers={layers}" if layers else ""
+        return (f"transformers.AutoModelForCausalLM.from_pretrained({base_path!r}{trunc}), then "
+                "peft.PeftModel.from_pretrained(base, adapter_dir)")
     if model_name == "minilm" or model_name.startswith("hf:"):
         n = (kwargs or {}).get("num_classes", 2)
         layers = (kwargs or {}).get("num_layers")
@@ -416,6 +441,10 @@ def export_merged(run_dir: str | Path, out: str | Path) -> Path:
     from fedlora.hf_models import MeanPoolingClassifier, get_tokenizer
 
     model = merged_model(cfg, fl)
+    if getattr(model, "fedlora_conv1d", None):  # GPT-2: back to its own Conv1D layout
+        from fedlora.causal_lm import restore_conv1d
+
+        restore_conv1d(model, model.fedlora_conv1d)
     out.mkdir(parents=True, exist_ok=True)
     if isinstance(model, MeanPoolingClassifier):
         _save_mean_pooling(model, out)
@@ -424,7 +453,7 @@ def export_merged(run_dir: str | Path, out: str | Path) -> Path:
     get_tokenizer(cfg.model.name).save_pretrained(str(out))
     meta = {"strategy": fl.name, "round": fl.round, "model": cfg.model.name,
             "fedlora_version": fedlora.__version__, "run": str(run_dir.absolute()),
-            "trust_remote_code": isinstance(model, MeanPoolingClassifier)}
+            "trust_remote_code": isinstance(model, MeanPoolingClassifier), "task": cfg.model.task}
     atomic_write_bytes(out / "fedlora_merged.json", json.dumps(meta, indent=2).encode())
     return out
 

@@ -183,6 +183,19 @@ def client_rows(d, partition_id: int, num_partitions: int, seed: int):
     return classification_layout(part, d.text_col, d.label_col, None, names, mapping)
 
 
+def client_raw(d, partition_id: int, num_partitions: int, seed: int):
+    """Client ``partition_id``'s rows of the training split as stored (the causal-LM task formats them)."""
+    from fedlora.data import _no_progress_bars
+
+    with _no_progress_bars():
+        return _federated(_key(d), num_partitions, seed).load_partition(partition_id, d.train_split)
+
+
+def split_raw(d, split: str):
+    """One whole split as stored."""
+    return _split(_key(d), split)
+
+
 def server_rows(d):
     """The whole ``test_split`` (``text``, ``label``): the server's held-out pool."""
     from fedlora.data import classification_layout
@@ -192,7 +205,7 @@ def server_rows(d):
                                  mapping)
 
 
-def check(d, num_partitions: int) -> None:
+def check(d, num_partitions: int, causal: bool = False) -> None:
     """Config validation: the source exists and is reachable, the splits and columns are there, and
     the partitioner can be built — within seconds, each failure a ``ValueError`` naming the key."""
     ident = d.name[len(PREFIX):]
@@ -238,8 +251,12 @@ def check(d, num_partitions: int) -> None:
         from datasets import load_dataset
 
         features = load_dataset(dataset_id(d.name), split=d.train_split, **_load_kwargs(d)).features
+    if features is not None and causal:  # a causal LM reads the columns of its row format
+        from fedlora.lm_data import detect_format
+
+        detect_format(list(features), d.format, f"data.name {d.name!r}")
     if features is not None:
-        for key in ("text_col", "label_col", "partition_by"):
+        for key in ("partition_by",) if causal else ("text_col", "label_col", "partition_by"):
             col = getattr(d, key)
             if col and col not in features:
                 raise ValueError(f"data.{key}: no column {col!r} in {d.name!r}; its columns are "

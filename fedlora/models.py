@@ -54,6 +54,10 @@ def get_model(name: str, **kw) -> nn.Module:
 
 def default_targets(name: str, model: nn.Module | None = None) -> tuple[list[str], list[str]]:
     """``(lora targets, trainable head modules)`` for a model name."""
+    if getattr(model, "fedlora_task", None) == "causal-lm":
+        from fedlora import causal_lm
+
+        return causal_lm.default_targets(model)
     if name.startswith("hf:") or name == "minilm":
         from fedlora import hf_models
 

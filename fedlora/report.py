@@ -1,7 +1,9 @@
 """Reports from run directories: ``metrics.jsonl`` (+ ``summary.json``) → Markdown table and PNG plots.
 
 One run directory per strategy. Each ``metrics.jsonl`` line is one round with at least ``round``
-and, when the run evaluated that round, ``accuracy``; communication comes from ``bytes_up`` /
+and, when the run evaluated that round, its metric: ``accuracy`` (classification; higher is
+better) or ``perplexity`` (causal LM; lower is better — "best", "rounds to target" and the plots
+follow the metric's direction); communication comes from ``bytes_up`` /
 ``bytes_down`` (round totals) or the per-client rows under ``clients`` (``bytes_up`` /
 ``bytes_down`` each). ``epsilon`` per client (DP runs) is read from the client rows.
 
@@ -23,7 +25,7 @@ class RunSeries:
     name: str
     strategy: str
     rounds: list[int] = field(default_factory=list)
-    accuracy: list[float | None] = field(default_factory=list)
+    values: list[float | None] = field(default_factory=list)  # the metric, where evaluated
     bytes_up: list[int] = field(default_factory=list)
     bytes_down: list[int] = field(default_factory=list)
     epsilon: float | None = None
@@ -31,6 +33,14 @@ class RunSeries:
     wall_seconds: float | None = None
     num_clients: int = 0
     personal: bool = False  # accuracy is the clients' personalised models' (FedSA), not a global one
+    metric: str = "accuracy"  # or "perplexity" (causal LM)
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.metric != "perplexity"
+
+    def best(self, values: list[float]) -> float:
+        return max(values) if self.higher_is_better else min(values)
 
     @property
     def cum_mb(self) -> list[float]:
@@ -41,8 +51,8 @@ class RunSeries:
         return out
 
     def evaluated(self) -> list[tuple[int, float, float]]:
-        """``(round, accuracy, cumulative MB)`` for the rounds that were evaluated."""
-        return [(r, a, mb) for r, a, mb in zip(self.rounds, self.accuracy, self.cum_mb) if a is not None]
+        """``(round, metric, cumulative MB)`` for the rounds that were evaluated."""
+        return [(r, a, mb) for r, a, mb in zip(self.rounds, self.values, self.cum_mb) if a is not None]
 
 
 def _round_bytes(row: dict, key: str) -> int:
@@ -68,13 +78,14 @@ def load_run(run_dir: str | Path) -> RunSeries:
     eps: list[float] = []
     clients: set[str] = set()
     s.personal = any("personal_accuracy_weighted" in r for r in rows)
+    s.metric = metric_of(rows)
     if s.personal:
         s.strategy += " †"
     for r in rows:
         s.rounds.append(int(r["round"]))
-        acc = r.get("accuracy")
-        s.accuracy.append(None if acc is None or (isinstance(acc, float) and math.isnan(acc)) else
-                          float(acc))
+        acc = r.get(s.metric)
+        s.values.append(None if acc is None or (isinstance(acc, float) and math.isnan(acc)) else
+                        float(acc))
         s.bytes_up.append(_round_bytes(r, "bytes_up"))
         s.bytes_down.append(_round_bytes(r, "bytes_down"))
         for c in r.get("clients") or []:
@@ -91,16 +102,25 @@ def load_run(run_dir: str | Path) -> RunSeries:
     return s
 
 
+def metric_of(rows: list[dict]) -> str:
+    """A run's metric: ``perplexity`` when its rows report one (causal LM), else ``accuracy``."""
+    return "perplexity" if any(r.get("perplexity") is not None for r in rows) else "accuracy"
+
+
+SHORT = {"accuracy": "acc", "perplexity": "ppl"}
+
+
 def rounds_to_target(s: RunSeries, target: float) -> int | None:
     for r, a, _ in s.evaluated():
-        if a >= target:
+        if (a >= target) if s.higher_is_better else (a <= target):
             return r
     return None
 
 
 def table(runs: list[RunSeries], target: float | None = None) -> str:
     """The comparison table (Markdown)."""
-    head = ["strategy", "final acc", "best acc"]
+    short = SHORT.get(runs[0].metric, runs[0].metric) if runs else "acc"
+    head = ["strategy", f"final {short}", f"best {short}"]
     if target is not None:
         head.append(f"rounds to {target:.2f}")
     head += ["MB up", "MB down", "MB / client", "wall s", "ε (max) / δ"]
@@ -108,7 +128,7 @@ def table(runs: list[RunSeries], target: float | None = None) -> str:
     for s in runs:
         ev = s.evaluated()
         final = f"{ev[-1][1]:.4f}" if ev else "–"
-        best = f"{max(a for _, a, _ in ev):.4f}" if ev else "–"
+        best = f"{s.best([a for _, a, _ in ev]):.4f}" if ev else "–"
         up, down = sum(s.bytes_up) / MB, sum(s.bytes_down) / MB
         per = (up + down) / s.num_clients if s.num_clients else float("nan")
         row = [s.strategy, final, best]
@@ -124,7 +144,8 @@ def table(runs: list[RunSeries], target: float | None = None) -> str:
 
 
 def plots(runs: list[RunSeries], out_dir: str | Path) -> list[Path]:
-    """``accuracy_vs_round.png`` and ``accuracy_vs_mb.png`` (log x) in ``out_dir``."""
+    """``<metric>_vs_round.png`` and ``<metric>_vs_mb.png`` (log x) in ``out_dir`` (``accuracy``, or
+    ``perplexity`` on a log y axis)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -133,8 +154,9 @@ def plots(runs: list[RunSeries], out_dir: str | Path) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for fname, xlabel, xi, logx in (("accuracy_vs_round.png", "round", 0, False),
-                                    ("accuracy_vs_mb.png", "cumulative MB communicated (up + down)",
+    metric = runs[0].metric if runs else "accuracy"
+    for fname, xlabel, xi, logx in ((f"{metric}_vs_round.png", "round", 0, False),
+                                    (f"{metric}_vs_mb.png", "cumulative MB communicated (up + down)",
                                      2, True)):
         fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
         for s in runs:
@@ -148,7 +170,9 @@ def plots(runs: list[RunSeries], out_dir: str | Path) -> list[Path]:
 
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("accuracy")
+        ax.set_ylabel(metric + ("" if metric == "accuracy" else " (lower is better)"))
+        if metric == "perplexity":
+            ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
@@ -166,8 +190,8 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, title: str = "
     pngs = plots(runs, out_dir)
     body = [f"# {title}\n", notes + "\n" if notes else "", table(runs, target), ""]
     if any(r.personal for r in runs):
-        body.append("† personalised: no global model exists; the accuracy is the weighted mean of the "
-                    "sampled clients' own models on their own validation shards, not the server's "
+        body.append(f"† personalised: no global model exists; the {runs[0].metric} is the weighted mean "
+                    "of the sampled clients' own models on their own validation shards, not the server's "
                     "test split.\n")
     body += [f"![{p.stem}]({p.name})\n" for p in pngs]
     report = out_dir / "report.md"
@@ -193,7 +217,8 @@ def write_sweep_report(out_dir: str | Path, key: str, values: list[tuple[object,
             s = load_run(d)
             series.setdefault(s.strategy, []).append((v, s))
     head = ["strategy"] + [f"{key}={v}" for v, _ in values]
-    lines = [f"# {title}\n", "Each cell: final accuracy (best) · MB up+down"
+    metric = next((s.metric for ss in series.values() for _, s in ss), "accuracy")
+    lines = [f"# {title}\n", f"Each cell: final {metric} (best) · MB up+down"
              + (" · ε (max over clients)" if any(s.epsilon is not None for ss in series.values()
                                                   for _, s in ss) else "") + ".\n",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -206,7 +231,7 @@ def write_sweep_report(out_dir: str | Path, key: str, values: list[tuple[object,
                 cells.append("–")
                 continue
             mb = (sum(s.bytes_up) + sum(s.bytes_down)) / MB
-            cell = f"{ev[-1][1]:.4f} ({max(a for _, a, _ in ev):.4f}) · {mb:.2f}"
+            cell = f"{ev[-1][1]:.4f} ({s.best([a for _, a, _ in ev]):.4f}) · {mb:.2f}"
             if s.epsilon is not None:
                 cell += f" · ε {s.epsilon:.2f}"
             cells.append(cell)
@@ -222,7 +247,7 @@ def write_sweep_report(out_dir: str | Path, key: str, values: list[tuple[object,
     if not numeric:
         ax.set_xticks(range(len(xs)), [str(v) for v in xs])
     ax.set_xlabel(key)
-    ax.set_ylabel("final accuracy")
+    ax.set_ylabel(f"final {metric}")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

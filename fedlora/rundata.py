@@ -36,6 +36,10 @@ from fedlora.synthetic import SyntheticTask, make_loader
 VAL_SEED_OFFSET = 500_000
 
 
+def is_causal(spec: ClientSpec) -> bool:
+    return spec.model.task == "causal-lm"
+
+
 def num_classes(spec: ClientSpec) -> int:
     d = spec.data
     if d.name == "synthetic":
@@ -52,6 +56,12 @@ def num_classes(spec: ClientSpec) -> int:
 def build_base(spec: ClientSpec) -> nn.Module:
     """The pretrained model (no adapters), seeded by the run seed."""
     m = spec.model
+    if is_causal(spec):
+        from fedlora import causal_lm
+        from fedlora.hf_models import model_path
+
+        return causal_lm.load_model(model_path(m.name), gradient_checkpointing=m.gradient_checkpointing,
+                                    quantize=m.quantize, **m.kwargs)
     return get_model(m.name, seed=spec.seed, num_classes=num_classes(spec), **m.kwargs)
 
 
@@ -75,6 +85,53 @@ def inject(spec: ClientSpec, model: nn.Module, rank: int) -> tuple[list[str], li
 
 def _is_text(spec: ClientSpec) -> bool:
     return spec.data.name != "synthetic"
+
+
+# ---- causal-LM data (fedlora.lm_data) ---------------------------------------------------------------
+
+@lru_cache(maxsize=4)
+def _lm_pools(spec_key: str):
+    """``(client rows, server rows, format)`` of a causal-LM source, as stored."""
+    from fedlora import lm_data
+
+    spec = _DataSeed.model_validate_json(spec_key)
+    d = spec.data
+    if hf_data.is_hf(d.name):
+        server = hf_data.split_raw(d, d.test_split)
+        return None, server, lm_data.detect_format(list(server.column_names), d.format, d.name)
+    rows = lm_data.read_rows(d.name)
+    fmt = lm_data.detect_format(list(rows.column_names), d.format, d.name)
+    clients, server = lm_data.split_rows(rows, spec.seed)
+    if d.limit and d.limit < len(clients):
+        keep = np.random.default_rng(spec.seed).permutation(len(clients))[:d.limit]
+        clients = clients.select(np.sort(keep).tolist())
+    return clients, server, fmt
+
+
+def _lm_tokenize(spec: ClientSpec, rows, where: str):
+    from fedlora import lm_data
+    from fedlora.hf_models import get_tokenizer
+
+    fmt = _lm_pools(spec.key("data", "seed"))[2]
+    return lm_data.tokenize(list(rows), fmt, get_tokenizer(spec.model.name), spec.data.max_length or 256,
+                            spec.data.packing, where)
+
+
+def _lm_client_data(spec: ClientSpec, partition_id: int, num_partitions: int):
+    from fedlora import data as fdata
+    from fedlora import lm_data
+
+    d = spec.data
+    if hf_data.is_hf(d.name):
+        part = hf_data.client_raw(d, partition_id, num_partitions, spec.seed)
+    else:
+        pool = _lm_pools(spec.key("data", "seed"))[0]
+        idx = lm_data.partition_rows(pool, num_partitions, d, spec.seed)[partition_id]
+        part = pool.select(idx.tolist())
+    train, val = fdata.train_val_split(part, d.val_fraction, seed=spec.seed + partition_id)
+    where = f"client {partition_id}'s data"
+    return (_lm_tokenize(spec, train, where),
+            _lm_tokenize(spec, val, where + " (validation)") if d.val_fraction > 0 else None)
 
 
 #: a CSV/TSV file without a test file: this share of its rows is the server's held-out split
@@ -140,6 +197,9 @@ def client_data(spec: ClientSpec, partition_id: int, num_partitions: int) -> tup
         return _CLIENT_DATA[key]
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} outside 0..num-partitions-1={num_partitions - 1}")
+    if is_causal(spec):
+        _CLIENT_DATA[key] = _lm_client_data(spec, partition_id, num_partitions)
+        return _CLIENT_DATA[key]
     task = SyntheticTask()
     n_val = max(1, round(d.examples_per_client * d.val_fraction)) if d.val_fraction > 0 else 0
     if d.name == "synthetic" and d.partition == "iid":
@@ -169,7 +229,7 @@ def client_data(spec: ClientSpec, partition_id: int, num_partitions: int) -> tup
 
 def _server_rows(spec: ClientSpec, examples: int, offset: int):
     """``examples`` rows of the server's held-out pool after the first ``offset`` (seeded order)."""
-    pool = _real_pools(spec.key("data", "seed"))[1]
+    pool = (_lm_pools if is_causal(spec) else _real_pools)(spec.key("data", "seed"))[1]
     n = len(pool)
     if offset + examples > n and offset:
         raise ValueError(f"the server's held-out split of {spec.data.name!r} has {n} rows: too "
@@ -185,7 +245,21 @@ def server_eval_data(spec: ClientSpec) -> Dataset:
     d = spec.data
     if d.name == "synthetic":
         return SyntheticTask().generate(d.server_examples, seed=spec.seed + 10_000)
+    if is_causal(spec):
+        return _lm_tokenize(spec, _server_rows(spec, d.server_examples, 0), "the server's held-out rows")
     return _tokenize(spec, _server_rows(spec, d.server_examples, 0))
+
+
+def server_prompts(spec: ClientSpec, n: int) -> list[tuple[str, str, bool]]:
+    """``(prompt, reference response, prompt is templated)`` of the first ``n`` held-out server rows
+    (the generation checks)."""
+    from fedlora import lm_data
+    from fedlora.hf_models import get_tokenizer
+
+    fmt = _lm_pools(spec.key("data", "seed"))[2]
+    tok = get_tokenizer(spec.model.name)
+    pool = _lm_pools(spec.key("data", "seed"))[1]
+    return [lm_data.render(r, fmt, tok) for r in _server_rows(spec, min(n, len(pool)), 0)]
 
 
 def init_data(spec: ClientSpec, examples: int) -> Dataset:
@@ -194,10 +268,16 @@ def init_data(spec: ClientSpec, examples: int) -> Dataset:
     d = spec.data
     if d.name == "synthetic":
         return SyntheticTask().generate(examples, seed=spec.seed + 20_000)
+    if is_causal(spec):
+        return _lm_tokenize(spec, _server_rows(spec, examples, d.server_examples), "Fed-SB's init rows")
     return _tokenize(spec, _server_rows(spec, examples, d.server_examples))
 
 
 def loader(spec: ClientSpec, ds: Dataset, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
+    if is_causal(spec):
+        from fedlora.lm_data import make_loader as lm_loader
+
+        return lm_loader(ds, batch_size, shuffle, seed)
     if _is_text(spec):
         from fedlora.data import make_text_loader
 
@@ -207,6 +287,10 @@ def loader(spec: ClientSpec, ds: Dataset, batch_size: int, shuffle: bool, seed: 
 
 def collate_fn(spec: ClientSpec, ds: Dataset):
     """The batch collator of ``ds`` (the one ``loader`` uses; DP batches go through it too)."""
+    if is_causal(spec):
+        from fedlora.lm_data import LMCollator
+
+        return LMCollator(ds.pad_token_id)
     if _is_text(spec):
         from fedlora.data import text_collator
 

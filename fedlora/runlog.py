@@ -66,8 +66,11 @@ def _client_metric(rows: list[dict], key: str) -> list[float]:
 
 def summarize(rows: list[dict], extra: dict | None = None) -> dict:
     accs = [r["accuracy"] for r in rows if r.get("accuracy") is not None]
+    ppl = [r["perplexity"] for r in rows if r.get("perplexity") is not None]
     eps, deltas = _client_metric(rows, "epsilon"), _client_metric(rows, "delta")
     return _clean({
+        "metric": "perplexity" if ppl else "accuracy",
+        "final_perplexity": ppl[-1] if ppl else None, "best_perplexity": min(ppl) if ppl else None,
         "max_epsilon": max(eps) if eps else None, "delta": max(deltas) if deltas else None,
         "rounds": len(rows), "strategy": rows[-1]["strategy"] if rows else None,
         "final_accuracy": accs[-1] if accs else None, "best_accuracy": max(accs) if accs else None,
@@ -97,14 +100,16 @@ def round_table(rows: list[dict], title: str = "fedlora"):
     from rich.table import Table
 
     t = Table(title=title)
-    for col in ("round", "train loss", "eval loss", "accuracy", "MB up", "MB down", "clients", "time s"):
+    lm = any(r.get("perplexity") is not None for r in rows)
+    for col in ("round", "train loss", "eval loss", "perplexity" if lm else "accuracy", "MB up", "MB down",
+                "clients", "time s"):
         t.add_column(col, justify="right")
 
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
 
     for r in rows:
-        acc = r.get("accuracy", r.get("personal_accuracy_weighted"))
+        acc = r.get("perplexity") if lm else r.get("accuracy", r.get("personal_accuracy_weighted"))
         n_ok = len([c for c in r.get("clients", []) if c.get("accepted")])
         t.add_row(str(r["round"]), f(r.get("train_loss"), ".4f"), f(r.get("loss"), ".4f"), f(acc, ".3f"),
                   f(r.get("bytes_up", 0) / 1e6, ".3f"), f(r.get("bytes_down", 0) / 1e6, ".3f"),

@@ -48,6 +48,7 @@ def prepare_run_dir(cfg, resume: bool = False) -> Path:
 
     if not resume:
         shutil.rmtree(cfg.resolved_run_dir() / "checkpoints", ignore_errors=True)
+        (cfg.resolved_run_dir() / "generations.jsonl").unlink(missing_ok=True)  # appended per round
     (cfg.resolved_run_dir() / "summary.json").unlink(missing_ok=True)  # the run writes its own
     if cfg.data.name != "synthetic" and not cfg.data.root:
         # the apps run from Flower's copy of the project (FLWR_HOME/apps/...): pin the data root

@@ -3,6 +3,14 @@
 Batches are dicts with ``input_ids``, ``attention_mask`` and ``labels``. Models return logits or an
 HF output with ``.logits``. ``device="auto"`` picks CUDA when present; on CUDA the forward runs
 under bf16 autocast (the adapters and the master base delta stay in float32), on CPU in float32.
+
+The labels say the task: a vector (B) holds class ids (sequence classification, cross-entropy
+and accuracy); a matrix (B×T) holds the next-token targets of a causal LM, ``-100`` where a
+token is not scored (prompt, padding). The causal-LM training loss is the mean over sequences of
+each sequence's mean negative log-likelihood over its scored tokens (every example weighs the
+same, whatever its length: the per-sample loss DP-SGD clips); evaluation reports the token-level
+mean NLL (``loss``), its ``perplexity = exp(loss)`` and the top-1 next-token ``accuracy``, all over
+the scored tokens.
 """
 
 from __future__ import annotations
@@ -46,9 +54,16 @@ class TrainResult:
 
 @dataclass
 class EvalResult:
-    loss: float
-    accuracy: float
+    loss: float  # mean cross-entropy per example (classification) or per scored token (causal LM)
+    accuracy: float  # class accuracy, or next-token accuracy over the scored tokens
     num_examples: int
+    tokens: int = 0  # causal LM: the scored tokens
+
+    @property
+    def perplexity(self) -> float:
+        import math
+
+        return math.exp(min(self.loss, 700.0))
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -67,12 +82,29 @@ def _logits(out) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out
 
 
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token NLL of a causal LM (B×(T-1)) and the mask of scored tokens: position ``t``'s
+    logits predict token ``t+1``; labels of ``-100`` are not scored."""
+    target = labels[:, 1:]
+    mask = target != -100
+    logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32, fp64 kept
+    nll = F.cross_entropy(logits.transpose(1, 2), target.clamp_min(0), reduction="none")
+    return nll * mask, mask
+
+
+def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    if labels.dim() == 1:
+        return F.cross_entropy(logits.float(), labels)
+    nll, mask = token_nll(logits, labels)
+    return (nll.sum(1) / mask.sum(1).clamp_min(1)).mean()
+
+
 def _forward(model: nn.Module, batch: dict, device: torch.device) -> tuple[torch.Tensor, int]:
     inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
     labels = batch["labels"].to(device)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
         logits = _logits(model(**inputs))
-    return F.cross_entropy(logits.float(), labels), labels.shape[0]
+    return _loss(logits, labels), labels.shape[0]
 
 
 def _cycle(loader: Iterable) -> Iterator:
@@ -140,10 +172,11 @@ def train_local(model: nn.Module, loader: Iterable[dict], steps: int | None = No
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable[dict],
              device: str | torch.device = "auto") -> EvalResult:
-    """Mean cross-entropy and accuracy over the loader."""
+    """Mean cross-entropy and accuracy over the loader (per example for class labels, per scored
+    token for a causal LM's token labels)."""
     dev = resolve_device(device)
     model.to(dev).eval()
-    total, correct, n = 0.0, 0, 0
+    total, correct, n, tokens = 0.0, 0, 0, 0
     for batch in loader:
         if batch["labels"].shape[0] == 0:
             continue
@@ -151,12 +184,21 @@ def evaluate(model: nn.Module, loader: Iterable[dict],
         labels = batch["labels"].to(dev)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             logits = _logits(model(**inputs)).float()
-        total += F.cross_entropy(logits, labels, reduction="sum").item()
-        correct += (logits.argmax(-1) == labels).sum().item()
         n += labels.shape[0]
+        if labels.dim() == 1:
+            total += F.cross_entropy(logits, labels, reduction="sum").item()
+            correct += (logits.argmax(-1) == labels).sum().item()
+        else:
+            nll, mask = token_nll(logits, labels)
+            total += nll.sum().item()
+            correct += ((logits[:, :-1].argmax(-1) == labels[:, 1:]) & mask).sum().item()
+            tokens += int(mask.sum().item())
     if n == 0:
         raise ValueError("the evaluation loader yielded no example")
-    return EvalResult(total / n, correct / n, n)
+    if labels.dim() == 2 and tokens == 0:
+        raise ValueError("the evaluation loader yielded no scored token (every label is -100)")
+    per = tokens if labels.dim() == 2 else n
+    return EvalResult(total / per, correct / per, n, tokens)
 
 
 def accumulate_weight_gradients(model: nn.Module, loader: Iterable[dict], layer_names: list[str],

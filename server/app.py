@@ -146,7 +146,7 @@ class FedLoraStrategy(Strategy):
                                                        cfg.strategy.norm_bound_absolute))
         # the head every client starts from: uploads are checked against it from round 1
         self.fl.init_head(head_state(self.model, head_names))
-        self.evaluator = ServerEvaluator(self.model, self.spec)
+        self.evaluator = ServerEvaluator(self.model, self.spec, self.run_dir)
         self.log = RunLog(self.run_dir)
         self.roster = ClientRoster()
         self.ledger = RoundLedger(0)

@@ -1,0 +1,252 @@
+"""model.task = "causal-lm": tiny Llama / GPT-2 checkpoints built in code, every strategy through the
+real apps, the masked loss against a hand computation, GPT-2's Conv1D orientation against the direct
+formula, the row formats, bad input named before training, and exports that PEFT / transformers load
+and that generate what fedlora's global model generates."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+import lm_helpers  # noqa: E402
+
+from fedlora import causal_lm, lm_data  # noqa: E402
+from fedlora.config import load_config  # noqa: E402
+from fedlora.lora import LoRAConfig, inject_lora, lora_layers  # noqa: E402
+from fedlora.train import _loss, evaluate  # noqa: E402
+
+STRATEGIES = ["fedavg", "fedex", "flora", "fedsb", "fedsa"]
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory) -> Path:
+    return lm_helpers.llama(tmp_path_factory.mktemp("llama") / "m")
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    return lm_helpers.write_jsonl(tmp_path_factory.mktemp("d") / "rows.jsonl", lm_helpers.rows())
+
+
+def _cfg(model_dir: Path, data: Path, run_dir: Path, *sets: str):
+    return load_config(None, [
+        'model.task="causal-lm"', f"model.name={json.dumps(f'hf:{model_dir}')}",
+        f"data.name={json.dumps(str(data))}", "data.max_length=32", "data.server_examples=6",
+        "data.val_fraction=0.2", "clients.num=3", "clients.ranks=[2,4]", "rounds=2", "train.local_steps=6",
+        "train.batch_size=8", "train.lr=0.01", "eval.batch_size=16", f"run_dir={json.dumps(str(run_dir))}",
+        "strategy.fedsb_init_examples=6", "strategy.fedsb_init_batches=1", *sets])
+
+
+# ---- the loss, the orientation, the formats ---------------------------------------------------------
+
+def test_the_masked_loss_is_the_mean_over_sequences_of_their_response_tokens_nll():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 6, 11, generator=g, dtype=torch.float64)
+    labels = torch.tensor([[-100, -100, 4, 5, 1, -100], [-100, 7, 7, 2, 3, 9],
+                           [-100, -100, -100, -100, 0, 1]])
+    per_seq = []
+    for b in range(3):
+        terms = [-torch.log_softmax(logits[b, t], -1)[labels[b, t + 1]] for t in range(5)
+                 if labels[b, t + 1] != -100]
+        per_seq.append(sum(terms) / len(terms))
+    assert _loss(logits, labels).item() == pytest.approx((sum(per_seq) / 3).item(), rel=1e-12)
+
+
+def test_gpt2_conv1d_adapters_and_folds_equal_the_direct_formula(tmp_path):
+    """fedlora's GPT-2 (Conv1D as nn.Linear) computes the checkpoint's function; with an adapter
+    (s·B·A, out×in) and a folded base delta D it equals the original Conv1D model whose weight
+    (in×out) got (D + s·B·A)ᵀ added — the orientation every fold and export relies on."""
+    from transformers import GPT2LMHeadModel
+
+    path = lm_helpers.gpt2(tmp_path / "g")
+    ours = causal_lm.load_model(path, dtype=torch.float64).eval()
+    ref = GPT2LMHeadModel.from_pretrained(str(path), dtype=torch.float64).eval()
+    ids = torch.randint(3, 250, (2, 9), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(ours(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=0, atol=1e-10)
+    assert ours.fedlora_conv1d
+    assert all(isinstance(ours.get_submodule(n), torch.nn.Linear) for n in ours.fedlora_conv1d)
+    names = inject_lora(ours, LoRAConfig(targets=["attn.c_attn", "attn.c_proj"], rank=3, scale=0.7, seed=0))
+    g = torch.Generator().manual_seed(2)
+    layers = lora_layers(ours)
+    with torch.no_grad():
+        for n in names:
+            lin = layers[n]
+            b = torch.randn(lin.lora_b.weight.shape, generator=g, dtype=torch.float64) * 0.1
+            lin.lora_b.weight.copy_(b)
+            d = torch.randn(lin.base.weight.shape, generator=g, dtype=torch.float64) * 0.05
+            lin.fold_into_base_(d)
+            conv = ref.get_submodule(n)
+            full = d + 0.7 * lin.lora_b.weight @ lin.lora_a.weight
+            conv.weight.add_(full.t())
+    torch.testing.assert_close(ours(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=0, atol=1e-9)
+
+
+def test_formats_mask_the_prompt_and_end_with_eos(tmp_path):
+    tok = lm_helpers.tokenizer(tmp_path / "t")
+    chat_tok = lm_helpers.tokenizer(tmp_path / "c", chat_template=(
+        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}[assistant]{% endif %}"))
+    cases = [
+        ("alpaca", {"instruction": "the king", "input": "one", "output": "two three"}, tok,
+         lm_data.ALPACA_TEMPLATE.format(with_input=", paired with an input that provides further context",
+                                        instruction="the king", input_block="### Input:\none\n\n"),
+         "two three"),
+        ("prompt-completion", {"prompt": "the fool", "completion": " laughs"}, tok, "the fool", " laughs"),
+        ("text", {"text": "the ghost walks"}, tok, "", "the ghost walks"),
+        ("chat", {"messages": [{"role": "user", "content": "the queen"},
+                               {"role": "assistant", "content": "six"}]},
+         chat_tok, "[user] the queen\n[assistant]", "six"),
+    ]
+    for fmt, row, t, prompt, response in cases:
+        assert lm_data.detect_format(list(row)) == fmt
+        ds = lm_data.tokenize([row], fmt, t, max_length=200)
+        p_ids = t(prompt, add_special_tokens=fmt != "chat")["input_ids"]
+        r_ids = t(response, add_special_tokens=False)["input_ids"] + [t.eos_token_id]
+        assert ds.input_ids[0].tolist() == p_ids + r_ids, fmt
+        assert ds.labels[0].tolist() == [-100] * len(p_ids) + r_ids, fmt
+
+
+def test_truncation_empty_responses_and_packing(tmp_path):
+    tok = lm_helpers.tokenizer(tmp_path / "t")
+    long_prompt = {"prompt": "the king " * 30, "completion": " one"}
+    ok = {"prompt": "the", "completion": " two three"}
+    ds = lm_data.tokenize([ok, ok, {"prompt": "x", "completion": "  "}, long_prompt], "prompt-completion",
+                          tok, 16)
+    assert len(ds) == 2 and ds.skipped == {"empty_response": 1, "no_response_token_after_truncation": 1}
+    assert all(len(x) <= 16 for x in ds.input_ids)
+    with pytest.raises(ValueError, match=r"raise data.max_length \(now 16\)"):
+        lm_data.tokenize([long_prompt, long_prompt, ok], "prompt-completion", tok, 16)
+    plain = lm_data.tokenize([ok] * 5, "prompt-completion", tok, 64)
+    packed = lm_data.tokenize([ok] * 5, "prompt-completion", tok, 8, packing=True)
+    assert all(len(x) == 8 for x in packed.input_ids[:-1])
+    # the packed blocks are the plain rows' stream cut every 8 tokens (a last block with nothing to
+    # predict — its first token is never a target — is dropped)
+    stream_ids, stream_lab = torch.cat(plain.input_ids).tolist(), torch.cat(plain.labels).tolist()
+    n = sum(len(x) for x in packed.input_ids)
+    assert 0 < len(stream_ids) - n < 8 or n == len(stream_ids)
+    assert torch.cat(packed.input_ids).tolist() == stream_ids[:n]
+    assert torch.cat(packed.labels).tolist() == stream_lab[:n]
+
+
+# ---- bad input, before training -----------------------------------------------------------------------
+
+def test_bad_input_is_named_before_anything_starts(tmp_path, llama_dir, data_file):
+    bad = lm_helpers.write_jsonl(tmp_path / "bad.jsonl",
+                                 [{"prompt": "a", "completion": "b"}, {"prompt": "c"}])
+    with pytest.raises(ValueError, match=r"row 2 has no 'completion'"):
+        _cfg(llama_dir, bad, tmp_path / "r")
+    odd = lm_helpers.write_jsonl(tmp_path / "odd.jsonl", [{"question": "a", "answer": "b"}] * 3)
+    with pytest.raises(ValueError, match=r"no known row format in the columns \['question', 'answer'\]"):
+        _cfg(llama_dir, odd, tmp_path / "r")
+    with pytest.raises(ValueError, match=r"data.format: must be 'auto' or one of"):
+        _cfg(llama_dir, data_file, tmp_path / "r", 'data.format="yaml"')
+    with pytest.raises(ValueError, match=r"model.name: model.task = 'causal-lm' needs a local causal-LM"):
+        load_config(None, ['model.task="causal-lm"', 'model.name="tiny"',
+                           f"data.name={json.dumps(str(data_file))}"])
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32)).save_pretrained(str(tmp_path / "bert"))
+    with pytest.raises(ValueError, match=r"is not a causal LM \(config.json architectures \['BertModel'\]"):
+        _cfg(tmp_path / "bert", data_file, tmp_path / "r")
+    with pytest.raises(ValueError, match=r"gives 3 clients \(one per value\): set clients.num = 3"):
+        _cfg(llama_dir, data_file, tmp_path / "r", 'data.partition="natural"', 'data.partition_by="who"',
+             "clients.num=4")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"model.quantize = '4bit' needs a CUDA GPU"):
+            _cfg(llama_dir, data_file, tmp_path / "r", 'model.quantize="4bit"')
+
+
+# ---- runs ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategy_trains_a_tiny_llama_through_the_real_apps(tmp_path, llama_dir, data_file, strategy):
+    from fedlora.loopback import run_loopback
+
+    cfg = _cfg(llama_dir, data_file, tmp_path / strategy, f'strategy.name="{strategy}"',
+               'data.partition="natural"', 'data.partition_by="who"')
+    summary = run_loopback(cfg)
+    rows = [json.loads(x) for x in (tmp_path / strategy / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    assert all(c["accepted"] for r in rows for c in r["clients"]) and len(rows[0]["clients"]) == 3
+    assert rows[1]["train_loss"] < rows[0]["train_loss"]  # it learns
+    if strategy != "fedsa":
+        assert summary["metric"] == "perplexity" and summary["final_perplexity"] == pytest.approx(
+            math.exp(rows[-1]["loss"]), rel=1e-9)
+        assert summary["best_perplexity"] == min(r["perplexity"] for r in rows)
+        assert rows[-1]["perplexity"] < rows[0]["perplexity"] * 1.05
+
+
+def test_generations_are_written_and_the_report_knows_lower_is_better(tmp_path, llama_dir, data_file):
+    from fedlora.loopback import run_loopback
+    from fedlora.report import load_run, table
+
+    cfg = _cfg(llama_dir, data_file, tmp_path / "run", "eval.generate=3", "eval.max_new_tokens=4")
+    run_loopback(cfg)
+    gens = [json.loads(x) for x in (tmp_path / "run" / "generations.jsonl").read_text().splitlines()]
+    assert [g["round"] for g in gens] == [1, 1, 1, 2, 2, 2]
+    assert all(g["prompt"].startswith("the king") for g in gens)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 <= r["gen_contains"] <= 1 for r in rows)
+    s = load_run(tmp_path / "run")
+    assert s.metric == "perplexity" and not s.higher_is_better
+    line = table([s]).splitlines()
+    assert "final ppl" in line[0] and f"{min(r['perplexity'] for r in rows):.4f}" in line[2]
+
+
+def test_exports_load_in_peft_and_transformers_and_generate_the_same_tokens(tmp_path, data_file):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    from fedlora.client import load_global
+    from fedlora.export import export_merged, load_run
+    from fedlora.loopback import run_loopback
+    from fedlora.rundata import build_base, inject
+
+    for kind in ("llama", "gpt2"):
+        model_dir = getattr(lm_helpers, kind)(tmp_path / kind)
+        run = tmp_path / f"run-{kind}"
+        targets = ['lora.targets=["attn.c_attn", "attn.c_proj"]'] if kind == "gpt2" else []
+        run_loopback(_cfg(model_dir, data_file, run, 'strategy.name="fedex"', *targets))
+        cfg, fl, _, _ = load_run(run)
+        ours = build_base(cfg.client_spec())
+        inject(cfg.client_spec(), ours, fl.r_max)
+        load_global(ours, fl)
+        ours.eval()
+        ids = torch.tensor([[5, 17, 30, 8, 40]])
+        want = ours(input_ids=ids).logits
+        adapter = json.loads((run / "adapter" / "adapter_config.json").read_text())
+        assert adapter["task_type"] == "CAUSAL_LM" and adapter["fan_in_fan_out"] == (kind == "gpt2")
+        base = AutoModelForCausalLM.from_pretrained(str(model_dir))
+        pm = peft.PeftModel.from_pretrained(base, str(run / "adapter")).eval()
+        torch.testing.assert_close(pm(input_ids=ids).logits, want, rtol=1e-4, atol=1e-5)
+        greedy = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+        mask = torch.ones_like(ids)
+        assert pm.generate(input_ids=ids, attention_mask=mask, **greedy).tolist() == \
+            ours.generate(input_ids=ids, attention_mask=mask, use_cache=True, **greedy).tolist()
+        folder = export_merged(run, tmp_path / f"merged-{kind}")
+        merged = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+        torch.testing.assert_close(merged(input_ids=ids).logits, want, rtol=1e-4, atol=1e-5)
+        assert (tmp_path / f"merged-{kind}" / "tokenizer.json").is_file()
+
+
+def test_eval_reports_token_level_perplexity(tmp_path, llama_dir):
+    tok = lm_helpers.tokenizer(tmp_path / "t")
+    model = causal_lm.load_model(llama_dir).eval()
+    ds = lm_data.tokenize(lm_helpers.rows(10), "prompt-completion", tok, 32)
+    ev = evaluate(model, lm_data.make_loader(ds, 4, False), device="cpu")
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for x, y in zip(ds.input_ids, ds.labels):
+            logits = model(input_ids=x[None]).logits[0]
+            for t in range(len(x) - 1):
+                if y[t + 1] != -100:
+                    nll -= torch.log_softmax(logits[t].double(), -1)[y[t + 1]].item()
+                    n += 1
+    assert ev.tokens == n and ev.loss == pytest.approx(nll / n, rel=1e-5)
+    assert ev.perplexity == pytest.approx(math.exp(nll / n), rel=1e-5)
