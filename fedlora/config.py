@@ -345,8 +345,33 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     base = Path(path).parent if path is not None else Path(".")
     cfg.strategy.plugins = [str((base / p).resolve()) if p.endswith(".py") and not Path(p).is_absolute()
                             else p for p in cfg.strategy.plugins]
+    _absolute_paths(cfg, base)
     validate(cfg, config_path=path if validate_data else None, check_data=validate_data)
     return cfg
+
+
+def _absolute_paths(cfg: RunConfig, base: Path) -> None:
+    """Relative local paths (a data file, ``hf:<folder>`` for the model or the data) become absolute,
+    found next to the config file first, else in the working directory: Flower runs the apps from its
+    own copy of the project, where a relative path would point elsewhere. Anything not found stays
+    as written (a Hugging Face id; or an error of validation)."""
+    from fedlora.data import KNOWN_DATASETS
+
+    def resolve(text: str) -> str:
+        if not text or Path(text).expanduser().is_absolute():
+            return str(Path(text).expanduser()) if text.startswith("~") else text
+        for cand in (base / text, Path(text)):
+            if cand.exists():
+                return str(cand.resolve())
+        return text
+
+    if cfg.model.name.startswith("hf:"):
+        cfg.model.name = "hf:" + resolve(cfg.model.name[3:])
+    d = cfg.data
+    if d.name.startswith("hf:"):
+        d.name = "hf:" + resolve(d.name[3:])
+    elif d.name != "synthetic" and d.name not in KNOWN_DATASETS:
+        d.name = resolve(d.name)
 
 
 def _check(cond: bool, key: str, msg: str) -> None:

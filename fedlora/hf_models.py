@@ -120,8 +120,18 @@ def get_tokenizer(name: str):
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise ValueError(f"model {name!r}: the tokenizer has neither a pad nor an eos token")
+        if name not in _SAID_PAD:  # once per process: every client builds its tokenizer
+            _SAID_PAD.add(name)
+            import logging
+
+            logging.getLogger("fedlora").warning(
+                "model %s: the tokenizer has no pad token; padding with its EOS token %r (padded "
+                "positions are masked out of attention and loss)", name, tok.eos_token)
         tok.pad_token = tok.eos_token
     return tok
+
+
+_SAID_PAD: set[str] = set()
 
 
 def _seeded_init_(model: nn.Module, names: list[str], seed: int, std: float) -> None:

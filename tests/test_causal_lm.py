@@ -250,3 +250,77 @@ def test_eval_reports_token_level_perplexity(tmp_path, llama_dir):
                     n += 1
     assert ev.tokens == n and ev.loss == pytest.approx(nll / n, rel=1e-5)
     assert ev.perplexity == pytest.approx(math.exp(nll / n), rel=1e-5)
+
+
+def test_dp_on_a_causal_lm_clips_per_sample_adapter_gradients_and_accounts_like_opacus(
+        tmp_path, llama_dir, monkeypatch):
+    """Opacus on a Llama with LoRA: the per-sample gradients are those of the adapters alone (their
+    mean is the ordinary batch gradient), each is clipped to C, and ε is a fresh accountant's."""
+    from opacus.accountants import RDPAccountant
+    from opacus.optimizers import DPOptimizer
+
+    from fedlora.privacy import PrivacyConfig, PrivacyState, train_private
+    from fedlora.train import OptimConfig
+
+    seen: list[dict] = []
+    clip0 = DPOptimizer.clip_and_accumulate
+
+    def clip(self):
+        seen.append({"raw": [g.detach().clone() for g in self.grad_samples],
+                     "plain": [p.grad.detach().clone() for p in self.params]})
+        clip0(self)
+        seen[-1]["summed"] = [p.summed_grad.detach().clone() for p in self.params]
+
+    monkeypatch.setattr(DPOptimizer, "clip_and_accumulate", clip)
+    tok = lm_helpers.tokenizer(tmp_path / "t")
+    model = causal_lm.load_model(llama_dir)
+    inject_lora(model, LoRAConfig(targets=["q_proj", "v_proj"], rank=4, scale=1.0, seed=0))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n for n in trainable)
+    ds = lm_data.tokenize(lm_helpers.rows(100), "prompt-completion", tok, 32)
+    C = 0.01
+    cfg = PrivacyConfig.from_dict({"enabled": True, "noise_multiplier": 1.0, "max_grad_norm": C})
+    res = train_private(model, ds, cfg=cfg, state=PrivacyState(), batch_size=10, steps=3,
+                        planned_total_steps=3, optim=OptimConfig(lr=1e-2), device="cpu",
+                        collate_fn=lm_data.LMCollator(ds.pad_token_id), seed=0)
+    assert res.train.steps == 3 and len(seen) >= 1
+    for s in seen:
+        b = s["raw"][0].shape[0]
+        assert len(s["raw"]) == len(trainable)
+        for raw, plain in zip(s["raw"], s["plain"]):
+            torch.testing.assert_close(raw.sum(0) / b, plain, atol=1e-6, rtol=1e-4)
+        norms = torch.stack([g.reshape(b, -1).norm(dim=1) for g in s["raw"]], 1).norm(dim=1)
+        assert (norms > C).any()
+        factor = (C / (norms + 1e-6)).clamp(max=1.0)
+        for raw, summed in zip(s["raw"], s["summed"]):
+            torch.testing.assert_close(summed, torch.einsum("i,i...", factor, raw), atol=1e-8, rtol=1e-5)
+    acc = RDPAccountant()
+    acc.history = list(res.state.history)
+    assert res.state.history == [(1.0, 10 / len(ds), 3)]
+    assert res.epsilon == pytest.approx(acc.get_epsilon(delta=res.delta), rel=1e-12)
+
+
+@pytest.mark.slow
+def test_a_causal_lm_run_on_flowers_engine_from_relative_paths(tmp_path, llama_dir, data_file):
+    """`fedlora simulate` (Flower's engine, Ray) with the model folder and the data file given
+    relative to the working directory, as a user would: the apps run elsewhere and still find them."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copytree(llama_dir, tmp_path / "mymodel")
+    shutil.copy(data_file, tmp_path / "rows.jsonl")
+    sets = ['model.task="causal-lm"', 'model.name="hf:mymodel"', 'data.name="rows.jsonl"',
+            "data.max_length=32", "data.server_examples=6", "clients.num=3", "clients.ranks=[2,4]",
+            "rounds=2",
+            "train.local_steps=4", "train.batch_size=8", 'run_dir="run"', 'data.partition="natural"',
+            'data.partition_by="who"']
+    cmd = [str(Path(sys.executable).with_name("fedlora")), "simulate"]
+    cmd += [a for s in sets for a in ("--set", s)]
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home")}
+    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2] and rows[1]["train_loss"] < rows[0]["train_loss"]
+    assert "final perplexity" in res.stdout
