@@ -327,7 +327,7 @@ def export_global(run_dir: Path, strategy: Strategy, targets: list[str], base_mo
         if spec is not None:
             from fedlora import rundata
 
-            base = rundata.build_base(spec).eval()
+            base = rundata.build_base(spec, full_precision=True).eval()
             _, head = rundata.lora_config(spec, base, strategy.r_max)
             kwargs = _build_kwargs(spec)
             if base_path is None:
@@ -368,7 +368,7 @@ def load_run(run_dir: str | Path) -> RunState:
         raise FileNotFoundError(f"{run_dir} has no checkpoints/: the run has not finished a round")
     cfg = load_config(run_dir / "config.toml")
     spec = cfg.client_spec()
-    model = rundata.build_base(spec)
+    model = rundata.build_base(spec, full_precision=True)
     lcfg, _ = rundata.lora_config(spec, model, cfg.r_max)
     rundata.inject(spec, model, cfg.r_max)
     layers = {n: LayerSpec(m.out_features, m.in_features) for n, m in lora_layers(model).items()}
@@ -400,7 +400,7 @@ def merged_model(cfg, strategy: Strategy) -> nn.Module:
     ``fedlora.client.load_global`` computes, as plain weights)."""
     from fedlora import rundata
 
-    model = rundata.build_base(cfg.client_spec()).eval()
+    model = rundata.build_base(cfg.client_spec(), full_precision=True).eval()
     with torch.no_grad():
         for n in strategy.layers:
             w = model.get_submodule(n).weight

@@ -16,6 +16,12 @@
   ``W0`` can be shared read-only between clients, and resetting to ``W0`` is exact.
 - ``merge_()`` moves ``s·B·A`` into ``D`` (the adapter then no longer contributes) and
   ``unmerge_()`` takes it back out; both in the precision of ``D``.
+- A quantized base (bitsandbytes ``Linear4bit`` / ``Linear8bitLt``, QLoRA) is called as it is and
+  ``D`` is applied beside it, ``y = base(x) + D x + s·B·A x``: deltas are never folded into the
+  quantized weights. Exactness then holds in delta space: every client and the server share the
+  same frozen ``Q(W0)``, and what the strategies aggregate and fold (``D``, ``s·B·A``) is kept
+  exactly; the global model is ``Q(W0) + ΔW`` on quantized clients and ``W0 + ΔW`` where the base
+  is full precision (the server, the exports).
 """
 
 from __future__ import annotations
@@ -77,6 +83,7 @@ class LoRALinear(nn.Module):
         self.base = base
         for p in self.base.parameters():
             p.requires_grad_(False)
+        self.quantized = type(base).__name__ in QUANTIZED
         self.mode = mode
         self.scale = float(scale)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -199,12 +206,15 @@ class LoRALinear(nn.Module):
     def effective_weight(self) -> Tensor:
         """``W0 + D + s·B·A`` in master precision (what the layer computes, minus the bias)."""
         md = _master_dtype(self.base.weight.dtype)
-        w = self.base.weight.detach().to(md)
+        w = dequantized_weight(self.base).to(md) if self.quantized else self.base.weight.detach().to(md)
         if self.base_delta is not None:
             w = w + self.base_delta
         return w if self.merged else w + self.delta_weight()
 
     def _weight(self) -> Tensor:
+        if self.quantized:
+            raise TypeError("a quantized base has no dense weight to combine with D (forward applies D "
+                            "beside it); this operation needs a full-precision base")
         if self.base_delta is None:
             return self.base.weight
         w0 = self.base.weight
@@ -216,7 +226,12 @@ class LoRALinear(nn.Module):
         return self._w_eff
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.linear(x, self._weight(), self.base.bias)
+        if self.quantized:
+            y = self.base(x)
+            if self.base_delta is not None:
+                y = y + F.linear(x.to(self.base_delta.dtype), self.base_delta).to(y.dtype)
+        else:
+            y = F.linear(x, self._weight(), self.base.bias)
         if self.merged:
             return y
         h = self.lora_a(self.dropout(x))
@@ -276,6 +291,20 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, "
                 f"scale={self.scale:g}, mode={self.mode}")
+
+
+#: bitsandbytes' quantized linear layers (subclasses of nn.Linear) that LoRALinear wraps as they are
+QUANTIZED = ("Linear4bit", "Linear8bitLt")
+
+
+def dequantized_weight(layer: nn.Linear) -> Tensor:
+    """The dense weight of a bitsandbytes 4-bit or 8-bit layer (for diagnostics, not the forward)."""
+    import bitsandbytes.functional as bnbf
+
+    w = layer.weight
+    if type(layer).__name__ == "Linear4bit":
+        return bnbf.dequantize_4bit(w.data, w.quant_state)
+    return w.CB.float() * w.SCB.float()[:, None] / 127.0
 
 
 # ---- injection ----------------------------------------------------------------------------------

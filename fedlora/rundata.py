@@ -53,15 +53,16 @@ def num_classes(spec: ClientSpec) -> int:
     return len(_real_train_pool(spec.key("data", "seed")).features["label"].names)
 
 
-def build_base(spec: ClientSpec) -> nn.Module:
-    """The pretrained model (no adapters), seeded by the run seed."""
+def build_base(spec: ClientSpec, full_precision: bool = False) -> nn.Module:
+    """The pretrained model (no adapters), seeded by the run seed. ``full_precision``: never the
+    quantized base of ``model.quantize`` (the server evaluates and exports at full precision)."""
     m = spec.model
     if is_causal(spec):
         from fedlora import causal_lm
         from fedlora.hf_models import model_path
 
         return causal_lm.load_model(model_path(m.name), gradient_checkpointing=m.gradient_checkpointing,
-                                    quantize=m.quantize, **m.kwargs)
+                                    quantize="" if full_precision else m.quantize, **m.kwargs)
     return get_model(m.name, seed=spec.seed, num_classes=num_classes(spec), **m.kwargs)
 
 

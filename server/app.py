@@ -133,7 +133,7 @@ class FedLoraStrategy(Strategy):
         self.spec = cfg.client_spec()
         self.stop_after_round = stop_after_round
         torch.manual_seed(cfg.seed)
-        self.model = rundata.build_base(self.spec)
+        self.model = rundata.build_base(self.spec, full_precision=True)  # evaluation and exports
         self.layer_names, head_names = rundata.inject(self.spec, self.model, cfg.r_max)
         layers = {n: LayerSpec(m.out_features, m.in_features) for n, m in lora_layers(self.model).items()}
         dtype = torch.float64 if cfg.strategy.dtype == "float64" else torch.float32

@@ -324,3 +324,25 @@ def test_a_causal_lm_run_on_flowers_engine_from_relative_paths(tmp_path, llama_d
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2] and rows[1]["train_loss"] < rows[0]["train_loss"]
     assert "final perplexity" in res.stdout
+
+
+@pytest.mark.gpu
+def test_a_4bit_base_keeps_deltas_beside_the_quantized_weights(llama_dir):
+    """QLoRA: LoRALinear over bitsandbytes' Linear4bit computes Q(W0)x + Dx + s·B·A x; folding a delta
+    never touches the quantized weights; a few steps on CUDA lower the loss."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    pytest.importorskip("bitsandbytes")
+    from fedlora.lora import dequantized_weight
+
+    model = causal_lm.load_model(llama_dir, quantize="4bit")
+    inject_lora(model, LoRAConfig(targets=["q_proj", "v_proj"], rank=4, scale=1.0, seed=0))
+    lin = next(iter(lora_layers(model).values()))
+    assert lin.quantized
+    packed = lin.base.weight.data.clone()
+    d = torch.randn(lin.out_features, lin.in_features, device="cuda") * 0.01
+    lin.fold_into_base_(d)
+    assert torch.equal(lin.base.weight.data, packed)  # the quantized weights are never written
+    x = torch.randn(2, 5, lin.in_features, device="cuda", dtype=torch.bfloat16)
+    want = x.float() @ (dequantized_weight(lin.base).float() + d + lin.delta_weight().float()).t()
+    torch.testing.assert_close(lin(x).float(), want, rtol=0.05, atol=0.05)
