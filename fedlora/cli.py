@@ -132,11 +132,31 @@ def simulate(
                   f"MB down {s.get('bytes_down', 0) / 1e6:.3f} -> {run_dir}")
     idle = s.get("rounds_without_training") or []
     if idle:
-        console.print(f"[yellow]no client's update was accepted in round(s) {idle}[/yellow] (see the "
-                      "clients' errors in metrics.jsonl)")
+        console.print(f"[yellow]no client's update was accepted in round(s) {idle}[/yellow]")
+        for reason, count in client_errors(run_dir / "metrics.jsonl", idle):
+            console.print(f"  {count}× {reason}", markup=False)
     if s.get("rounds") and len(idle) == s["rounds"]:
         console.print("[red]no client trained in any round: the model never moved[/red]")
         raise typer.Exit(1)
+
+
+def client_errors(metrics: Path, rounds: list[int], limit: int = 3) -> list[tuple[str, int]]:
+    """The most frequent reasons the clients' replies failed or were rejected in ``rounds``."""
+    from collections import Counter
+
+    counts: Counter = Counter()
+    for line in metrics.read_text().splitlines() if metrics.is_file() else []:
+        row = json.loads(line)
+        if row.get("round") not in rounds:
+            continue
+        for c in row.get("clients", []):
+            reason = c.get("error") or c.get("rejected")
+            if not c.get("accepted") and reason:
+                counts[str(reason)[:300]] += 1
+        for f in row.get("failures", []):
+            if not row.get("clients") and f.get("error"):
+                counts[str(f["error"])[:300]] += 1
+    return counts.most_common(limit)
 
 
 def _resume_note(run_dir: Path) -> None:

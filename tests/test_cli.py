@@ -44,6 +44,7 @@ def test_a_run_in_which_no_client_ever_trained_exits_non_zero(tmp_path):
                'strategy.norm_bound_mode="reject"', "--set", "strategy.norm_bound_absolute=1e-12", *FAST)
     assert res.exit_code == 1, res.output
     assert "no client trained in any round" in res.output
+    assert "norm bound" in " ".join(res.output.split())  # the clients' own rejection reason is shown
     assert json.loads((run / "summary.json").read_text())["rounds_without_training"] == [1, 2]
 
 
