@@ -481,3 +481,19 @@ def test_dp_trains_b_alone(name, monkeypatch):
     assert seen and all(b_ids <= ids and not (a_ids & ids) for ids in seen)  # per-sample grads: B's
     for n, m in lora_layers(model).items():
         assert torch.equal(m.lora_a.weight, A0[n]) and not torch.equal(m.lora_b.weight, B0[n])
+
+
+@pytest.mark.parametrize("name", ["fedsvd", "flexlora"])
+def test_a_failing_svd_rejects_the_round_and_changes_nothing(name, monkeypatch):
+    s = _strategy(name)
+    ups, _ = _round(s, [2, 4], [3, 5], torch.Generator().manual_seed(13))
+    before = state_tensors(s)
+
+    def fail(*a, **k):
+        raise torch.linalg.LinAlgError("did not converge")
+
+    monkeypatch.setattr(torch.linalg, "svd", fail)
+    rep = s.aggregate(ups)
+    assert rep.accepted == [] and all("SVD" in r for r in rep.rejected.values()) and s.version == 0
+    after = state_tensors(s)
+    assert all(torch.equal(before[k], after[k]) for k in before)

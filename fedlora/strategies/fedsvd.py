@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from fedlora.strategies.defences import NonFiniteAggregate
 from fedlora.strategies.exactness import Term, low_rank
 from fedlora.strategies.ffa import FFA
 from fedlora.strategies.registry import register_strategy
@@ -39,17 +40,22 @@ def svd_of_product(U: Tensor, V: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
     ``U`` is d×ρ, ``V`` ρ×k. With ρ < min(d, k): ``U = Q_U R_U``, ``Vᵀ = Q_V R_V`` (QR) and the
     SVD of the ρ×ρ core ``R_U R_Vᵀ`` — O(ρ²(d+k)), no d×k product. Otherwise the dense SVD. In
-    float64 for the small core either way (its singular vectors set the new factors).
+    float64 for the small core either way (its singular vectors set the new factors). A
+    decomposition that fails (LAPACK not converging) raises ``NonFiniteAggregate``: the round is
+    rejected whole, before any state changes, never an exception out of ``aggregate``.
     """
     d, rho = U.shape
     k = V.shape[1]
-    if rho < min(d, k):
-        Qu, Ru = torch.linalg.qr(U)
-        Qv, Rv = torch.linalg.qr(V.T)
-        Pm, S, Qmh = torch.linalg.svd((Ru @ Rv.T).double())
-        return Qu @ Pm.to(U.dtype), S.to(U.dtype), Qmh.to(U.dtype) @ Qv.T
-    P, S, Qh = torch.linalg.svd(U @ V, full_matrices=False)
-    return P, S, Qh
+    try:
+        if rho < min(d, k):
+            Qu, Ru = torch.linalg.qr(U)
+            Qv, Rv = torch.linalg.qr(V.T)
+            Pm, S, Qmh = torch.linalg.svd((Ru @ Rv.T).double())
+            return Qu @ Pm.to(U.dtype), S.to(U.dtype), Qmh.to(U.dtype) @ Qv.T
+        return torch.linalg.svd(U @ V, full_matrices=False)
+    except torch.linalg.LinAlgError as e:
+        raise NonFiniteAggregate(f"the SVD of the averaged update failed ({e}): a diverged or hostile "
+                                 "client") from e
 
 
 @register_strategy
