@@ -497,3 +497,27 @@ def test_a_failing_svd_rejects_the_round_and_changes_nothing(name, monkeypatch):
     assert rep.accepted == [] and all("SVD" in r for r in rep.rejected.values()) and s.version == 0
     after = state_tensors(s)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("mode", ["reject", "clip"])
+def test_norm_bound_measures_a_pruned_update_against_the_slice_it_was_sent(mode):
+    from fedlora.strategies import NormBound
+
+    s = _strategy("hetlora", hetlora_gamma=0.5, norm_bound=NormBound(mode, multiple=2.0))
+    sent = {f"c{i}": s.payload(f"c{i}", 4, 0).factors for i in range(4)}
+    g = torch.Generator().manual_seed(14)
+
+    def moved(cid, r, size):  # the leading r-slice of what it was sent, moved by `size` per factor
+        def noise(t):
+            return t + size * torch.randn(t.shape, generator=g, dtype=F64)
+
+        return ClientUpdate(cid, r, 5, 0, {n: {"A": noise(f["A"][:r]), "B": noise(f["B"][:, :r])}
+                                           for n, f in sent[cid].items()})
+
+    ups = [moved("c0", 4, 0.1), moved("c1", 2, 0.1), moved("c2", 4, 0.1), moved("c3", 2, 5.0)]
+    rep = s.aggregate(ups)
+    if mode == "reject":  # c1 pruned and moved little: within the bound; c3 pruned and moved far
+        assert rep.accepted == ["c0", "c1", "c2"] and "norm bound" in rep.rejected["c3"]
+    else:
+        assert rep.accepted == ["c0", "c1", "c2", "c3"]
+        assert s.ranks == {"c0": 4, "c1": 2, "c2": 4, "c3": 2}
