@@ -29,8 +29,10 @@ Departures from the paper, and why:
   AdamW applies weight decay): with SGD it is exactly the gradient of the penalised loss; with
   DP-SGD it stays outside the per-sample clipping and noise (R does not depend on the data, so the
   guarantee is unchanged);
-- the paper's comparison is against the norm "of the previous round"; the client compares with the
-  norm at the start of this round (what it was sent), so it needs no state of its own.
+- the pruning rule is the one reconstructed in shared/reference/algorithms.md §8 (not checked
+  against the paper's text): the tail's norm product after local training against its value at
+  the start of the round (what the client was sent), so the client needs no state of its own;
+  the defaults λ = 0.01, γ = 0.9 are ours (the paper's are not known here).
 
 Heterogeneous ranks: the leading slice (the paper's truncation) and zero padding. Communication
 per layer: up and down ``r_i(d+k)`` at the client's current rank.
