@@ -103,7 +103,10 @@ def test_ffa_average_is_the_completed_b_mean_and_tails_travel_only_when_they_mov
         t = bd.layers[n]
         assert isinstance(t, LowRank)
         torch.testing.assert_close(t.U @ t.V, S * s.B[n][:, 3:] @ s.A[n][3:])
-    assert s.payload("c1", 3, s.version).base_deltas == []  # it holds the current tail already
+    # bytes down: the slices r(d+k), plus the tail (r_max − r)(d+k) when it moved
+    assert stale.bytes_down == sum((3 + 1) * (d + k) * 8 for d, k in SHAPES.values())
+    fresh = s.payload("c1", 3, s.version)
+    assert fresh.base_deltas == [] and fresh.bytes_down == sum(3 * (d + k) * 8 for d, k in SHAPES.values())
     assert s.payload("c3", 4, 1).base_deltas == []  # r_max: no tail at any version
 
 
