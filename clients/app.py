@@ -35,7 +35,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedlora import flower_io, rundata
-from fedlora.client import apply_payload, head_state, make_update
+from fedlora.client import RankSelfPruning, apply_payload, head_state, make_update
 from fedlora.config import ClientSpec
 from fedlora.lora import adapter_state, lora_layers
 from fedlora.node_cache import NodeCache, base_deltas, process_age_s
@@ -206,7 +206,7 @@ def train(msg: Message, context: Context) -> Message:
     pid, nparts, rank, device_name = _node(context, spec)
     if int(context.node_config.get("fail-at-round", -1)) == rnd:
         raise RuntimeError(f"fault injection: client {pid} fails in round {rnd} (node config fail-at-round)")
-    if payload.rank != rank:
+    if payload.rank > rank:  # (below it: a rule that prunes ranks sends less than the node has)
         raise ValueError(f"payload is for rank {payload.rank} but this node has rank {rank}")
     device = resolve_device(device_name)
     entry, load_s = get_model_entry(spec, context.node_config.get("cache-dir"))
@@ -231,9 +231,11 @@ def train(msg: Message, context: Context) -> Message:
         torch.cuda.reset_peak_memory_stats(device)
     metrics: dict[str, float | int] = {}
     pstate = None
+    pruning = RankSelfPruning.from_payload(model, payload)
+    before_step = pruning.before_step if pruning else None
     if spec.privacy.get("enabled"):
         res, pmetrics, pstate = _train_private(context, spec, model, train_ds, optim, device, pid,
-                                               flower_io.record_privacy(msg.content))
+                                               flower_io.record_privacy(msg.content), before_step)
         metrics |= pmetrics
     else:
         # every random draw of this client's round (dropout, shuffles) from (seed, client, round),
@@ -241,7 +243,9 @@ def train(msg: Message, context: Context) -> Message:
         torch.manual_seed((spec.seed * 1_000_003 + pid) * 10_007 + rnd)
         loader = rundata.loader(spec, train_ds, tr.batch_size, True, spec.seed + rnd - 1)
         res = train_local(model, loader, steps=tr.local_steps, optim=optim, device=device,
-                          grad_accum=tr.grad_accum)
+                          grad_accum=tr.grad_accum, before_step=before_step)
+    if pruning is not None:
+        metrics["upload-rank"] = pruning.finish()
     model.to("cpu")
     metrics |= {"loss": res.loss, "train-time-s": res.seconds, "steps": res.steps,
                 "peak-memory-bytes": peak_memory_bytes(device), "rank": rank, "partition-id": pid,
@@ -262,7 +266,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def _train_private(context: Context, spec: ClientSpec, model: nn.Module, train_ds, optim: OptimConfig,
-                   device: torch.device, pid: int, server_copy: dict | None):
+                   device: torch.device, pid: int, server_copy: dict | None, before_step=None):
     """DP-SGD through fedlora.privacy, one accountant per client for the whole run.
 
     Its history must outlive the node process and a run restart: it is kept in context.state, in
@@ -287,7 +291,8 @@ def _train_private(context: Context, spec: ClientSpec, model: nn.Module, train_d
     tr = spec.train
     res = train_private(model, train_ds, cfg=cfg, state=state, batch_size=tr.batch_size,
                         steps=tr.local_steps, planned_total_steps=spec.rounds * tr.local_steps,
-                        optim=optim, device=device, collate_fn=rundata.collate_fn(spec, train_ds), seed=None)
+                        optim=optim, device=device, collate_fn=rundata.collate_fn(spec, train_ds), seed=None,
+                        before_step=before_step)
     saved = res.state.to_dict()
     context.state[STATE_PRIVACY] = ConfigRecord(saved)
     if cache is not None:

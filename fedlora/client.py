@@ -71,6 +71,64 @@ def apply_payload(model: nn.Module, payload: ClientPayload) -> None:
                 p.copy_(t.to(p.dtype))
 
 
+class RankSelfPruning:
+    """Local rank self-pruning, as a payload asks for it (``prune_to``, ``tail_penalty``; HetLoRA,
+    arXiv 2401.06432 — but any rule may ask, the client never needs to know which).
+
+    With ``r' = payload.prune_to`` (0 < r' < rank) the *tail* of each adapted layer is its
+    components beyond r': ``B_t = B[:, r':]``, ``A_t = A[r':]``. During local training the penalty
+    ``R = λ·Σ_l ‖B_{t,l}‖_F·‖A_{t,l}‖_F`` (λ = ``payload.tail_penalty``) is applied as a decoupled
+    step before each optimizer step (``before_step``: ``θ ← θ − lr·∇R(θ)`` on the trained factors,
+    the gradient taken at the same point as the loss's), which with SGD is exactly a step on the
+    penalised loss and, like AdamW's weight decay, stays out of the optimizer's normalisation — and
+    out of DP-SGD's per-sample clipping and noise (R does not depend on the data). After training
+    (``finish``) the client drops the tail, so its update has rank r', when ``Σ_l ‖B_t‖·‖A_t‖`` is
+    smaller than at the start of the round.
+    """
+
+    def __init__(self, model: nn.Module, payload: ClientPayload) -> None:
+        self.layers = lora_layers(model)
+        self.keep, self.lam = int(payload.prune_to), float(payload.tail_penalty)
+        self.start = self.tail_norm()
+
+    @classmethod
+    def from_payload(cls, model: nn.Module, payload: ClientPayload) -> RankSelfPruning | None:
+        """The payload's pruning rule for ``model`` (after ``apply_payload``), ``None`` without one."""
+        return cls(model, payload) if 0 < payload.prune_to < payload.rank else None
+
+    def tail_norm(self) -> float:
+        """``Σ_l ‖B_l[:, r':]‖_F·‖A_l[r':]‖_F``."""
+        with torch.no_grad():
+            return sum(float(m.lora_b.weight[:, self.keep:].norm() * m.lora_a.weight[self.keep:].norm())
+                       for m in self.layers.values())
+
+    @torch.no_grad()
+    def before_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.lam == 0:
+            return
+        lr = float(optimizer.param_groups[0]["lr"])
+        for m in self.layers.values():
+            B, A = m.lora_b.weight, m.lora_a.weight
+            Bt, At = B[:, self.keep:], A[self.keep:]
+            nb, na = Bt.norm(), At.norm()
+            # ∂R/∂B_t = λ‖A_t‖·B_t/‖B_t‖, ∂R/∂A_t = λ‖B_t‖·A_t/‖A_t‖ (0 where a norm is 0), both at θ
+            gB = Bt * (self.lam * na / nb) if nb > 0 else None
+            gA = At * (self.lam * nb / na) if na > 0 else None
+            if gB is not None and B.requires_grad:
+                Bt.sub_(gB, alpha=lr)
+            if gA is not None and A.requires_grad:
+                At.sub_(gA, alpha=lr)
+
+    def finish(self) -> int:
+        """Prune if the tail shrank during the round; the adapter's rank afterwards."""
+        if self.tail_norm() < self.start:
+            with torch.no_grad():
+                for m in self.layers.values():
+                    k = self.keep
+                    m.set_factors_(m.lora_a.weight[:k].clone(), m.lora_b.weight[:, :k].clone())
+        return next(iter(self.layers.values())).rank
+
+
 def head_state(model: nn.Module, head_names: list[str]) -> dict[str, torch.Tensor]:
     """Parameters of the named head modules, by full parameter name (detached copies)."""
     out = {}

@@ -7,7 +7,7 @@ A run is one TOML file; every section and key is optional (the defaults are the 
     [model]     name = "tiny"          kwargs = {}
     [lora]      targets = []  head = []   alpha = 16.0   scale = 0.0   dropout = 0.0   rslora = false
     [strategy]  name = "fedex"  weighting = "samples"  r_max = 0  check_exactness = true
-                plugins = []  fedsb_init_examples = 64 ...
+                plugins = []  fedsb_init_examples = 64  hetlora_lambda = 0.01 ...
     [clients]   num = 6  ranks = [2, 4, 8]  fraction_train = 1.0  min_nodes = 0  round_timeout = 600.0
                 min_replies = 0
     [data]      name = "synthetic"  examples_per_client = 256  partition = "iid" ...
@@ -107,6 +107,10 @@ class StrategySection(Section):
     fedsb_init_batches: int = 2
     # size of the LoRA-SB init step U = -eta·sign(G); 0: train.lr (one AdamW-like first step)
     fedsb_eta: float = 0.0
+    # HetLoRA (arXiv 2401.06432) local rank self-pruning: λ of the penalty λ·Σ‖B_tail‖·‖A_tail‖ on
+    # the components beyond ⌊γ·r⌋, and γ (the rank a client prunes to when its tail shrank)
+    hetlora_lambda: float = 0.01
+    hetlora_gamma: float = 0.9
 
 
 class ClientsSection(Section):
@@ -226,6 +230,16 @@ class RunConfig(Section):
         from fedlora.strategies import strategy_class
 
         return strategy_class(self.strategy.name)
+
+    def strategy_kwargs(self) -> dict[str, Any]:
+        """The ``[strategy]`` keys the chosen rule takes (its ``config_keys``), as keyword
+        arguments of ``create_strategy``."""
+        cls = self.strategy_class()
+        missing = [k for k in cls.config_keys if k not in StrategySection.model_fields]
+        if missing:
+            raise ValueError(f"strategy {cls.name!r} takes config keys {missing} that [strategy] does "
+                             f"not have; known keys: {sorted(StrategySection.model_fields)}")
+        return {k: getattr(self.strategy, k) for k in cls.config_keys}
 
     def rank_for(self, partition_id: int) -> int:
         return self.clients.ranks[partition_id % len(self.clients.ranks)]
@@ -440,6 +454,11 @@ def validate(cfg: RunConfig, config_path: str | Path | None = None, check_data: 
            "fedsb_init_examples and fedsb_init_batches must be >= 1")
     _check(s.fedsb_eta >= 0 and math.isfinite(s.fedsb_eta), "strategy.fedsb_eta",
            f"must be >= 0 (0 means train.lr), got {s.fedsb_eta}")
+    _check(s.hetlora_lambda >= 0 and math.isfinite(s.hetlora_lambda), "strategy.hetlora_lambda",
+           f"must be >= 0 (0: no rank penalty), got {s.hetlora_lambda}")
+    _check(0 < s.hetlora_gamma < 1, "strategy.hetlora_gamma",
+           f"must be in (0, 1) (a client of rank r prunes to floor(gamma*r)), got {s.hetlora_gamma}")
+    cfg.strategy_kwargs()
     c = cfg.clients
     _check(c.num >= 1, "clients.num", f"must be >= 1, got {c.num}")
     _check(len(c.ranks) >= 1 and all(r >= 1 for r in c.ranks), "clients.ranks",

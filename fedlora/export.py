@@ -375,7 +375,7 @@ def load_run(run_dir: str | Path) -> RunState:
     dtype = torch.float64 if cfg.strategy.dtype == "float64" else torch.float32
     fl = create_strategy(cfg.strategy.name, layers=layers, r_max=cfg.r_max, scale=cfg.scale,
                          weighting=cfg.strategy.weighting, seed=cfg.seed, dtype=dtype,
-                         check_exactness=False)
+                         check_exactness=False, **cfg.strategy_kwargs())
     ck = load_checkpoint(ck_path)
     fl.load_state_dict(ck.state["strategy"])
     return RunState(cfg, fl, int(ck.round), list(lcfg.targets))

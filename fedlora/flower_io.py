@@ -7,7 +7,8 @@ Message layout (a ``RecordDict``):
   ``base_deltas``; ``D`` dense, ``U``/``V`` factored ``U @ V``, ``M`` a Fed-SB tail core);
   ``"fedlora.frozen"`` ArrayRecord (Fed-SB's tail factors, once); ``"fedlora.head"`` ArrayRecord
   (when the payload carries a head); ``"fedlora.payload"`` ConfigRecord (client id, rank, versions,
-  reset flags, seed, meta as JSON, ``from_version``: the base version the deltas start from);
+  reset flags, seed, meta as JSON, ``from_version``: the base version the deltas start from, what
+  to train and upload, the rank self-pruning fields ``prune_to`` and ``tail_penalty``);
   ``"fedlora.run"`` ConfigRecord (``spec``: the run's client spec as JSON, ``round``).
 - update (client → server, TRAIN reply): ``"fedlora.update"`` ArrayRecord ``{layer}::{key}`` and
   ``head::{param}``; ``"fedlora.update.meta"`` ConfigRecord (client id, rank, base version);
@@ -142,7 +143,8 @@ def payload_to_record(p: ClientPayload, spec: ClientSpec | None = None, round: i
         "num_deltas": len(p.base_deltas), "meta": json.dumps(p.meta, default=str),
         "bytes_down": int(p.bytes_down), "from_version": int(from_version),
         "trains": list(p.trains), "uploads": list(p.uploads), "upload_head": bool(p.upload_head),
-        "personal_eval": bool(p.personal_eval)})
+        "personal_eval": bool(p.personal_eval), "prune_to": int(p.prune_to),
+        "tail_penalty": float(p.tail_penalty)})
     rd[RUN] = run_record(spec, round)
     return rd
 
@@ -179,7 +181,8 @@ def record_to_payload(rd: RecordDict) -> ClientPayload:
                          int(c["base_version"]), bool(c["reset"]), None if seed < 0 else seed, head,
                          frozen, json.loads(str(c["meta"])), int(c["bytes_down"]),
                          tuple(str(k) for k in c["trains"]), tuple(str(k) for k in c["uploads"]),
-                         bool(c["upload_head"]), bool(c["personal_eval"]))
+                         bool(c["upload_head"]), bool(c["personal_eval"]),
+                         int(c.get("prune_to", 0)), float(c.get("tail_penalty", 0.0)))
 
 
 def run_record(spec: ClientSpec | None, round: int = 0) -> ConfigRecord:

@@ -431,7 +431,7 @@ def _generator(seed: int | None, device: torch.device) -> torch.Generator:
 def train_private(model: nn.Module, dataset: Dataset, *, cfg: PrivacyConfig, state: PrivacyState,
                   batch_size: int, steps: int, planned_total_steps: int, optim: OptimConfig,
                   device: str | torch.device = "auto", collate_fn=None,
-                  seed: int | None = None) -> PrivateTrainResult:
+                  seed: int | None = None, before_step=None) -> PrivateTrainResult:
     """One client's DP round: ``steps`` DP-SGD steps over ``dataset`` with Opacus.
 
     - ``batch_size``: the expected Poisson batch size; the sample rate is ``q = batch_size / n``.
@@ -445,6 +445,8 @@ def train_private(model: nn.Module, dataset: Dataset, *, cfg: PrivacyConfig, sta
       examples; default collation otherwise.
     - ``seed``: ``None`` (default) draws batches and noise from OS entropy. A fixed seed is for
       tests only (a known seed reveals the batches and the noise).
+    - ``before_step(optimizer)``: a data-independent step before each DP step (``train_local``),
+      e.g. a rank-pruning penalty: post-processing, outside the clipping and the noise.
 
     Raises ``ValueError`` for a bad config or a model Opacus cannot handle (before any training),
     and ``RuntimeError`` when steps were taken but no trainable parameter changed, or when the
@@ -520,7 +522,7 @@ def train_private(model: nn.Module, dataset: Dataset, *, cfg: PrivacyConfig, sta
                     p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
 
             res = train_local(model, _EmptyAware(loader), steps=steps, optimizer=dp_opt,
-                              device=dev, on_empty_batch=noise_only_step)
+                              device=dev, on_empty_batch=noise_only_step, before_step=before_step)
             new_history = [(float(s), float(r), int(k)) for s, r, k in engine.accountant.history]
             taken = sum(k for _, _, k in new_history) - state.total_steps
             if taken != res.steps:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from fedlora.client import apply_payload, load_global, make_update
+from fedlora.client import RankSelfPruning, apply_payload, load_global, make_update
 from fedlora.lora import LoRAConfig, inject_lora, lora_layers
 from fedlora.models import get_model
 from fedlora.strategies import LayerSpec, Strategy, create_strategy, strategy_class
@@ -30,7 +30,8 @@ class HarnessResult:
 
 def run_harness(strategy_name: str, ranks: list[int], rounds: int = 3, local_steps: int = 10,
                   seed: int = 0, lr: float = 1e-2, alpha: float = 16.0, batch_size: int = 32,
-                  examples_per_client: int = 256, fraction: float = 1.0) -> HarnessResult:
+                  examples_per_client: int = 256, fraction: float = 1.0,
+                  strategy_options: dict | None = None) -> HarnessResult:
     r_max = max(ranks)
     scale = alpha / r_max  # one scale for every client, whatever its rank
     cls = strategy_class(strategy_name)
@@ -43,7 +44,7 @@ def run_harness(strategy_name: str, ranks: list[int], rounds: int = 3, local_ste
     names = inject_lora(server_model, cfg)
     layers = {n: LayerSpec(m.out_features, m.in_features) for n, m in lora_layers(server_model).items()}
     strategy = create_strategy(strategy_name, layers=layers, r_max=r_max, scale=scale, seed=seed,
-                               dtype=torch.float32)
+                               dtype=torch.float32, **(strategy_options or {}))
     test = make_loader(task.generate(512, seed=seed + 10_000), 256, shuffle=False)
     if cls.init_from == "server-gradients":  # server-side init on a public split
         public = make_loader(task.generate(64, seed=seed + 20_000), 32, shuffle=False)
@@ -69,8 +70,12 @@ def run_harness(strategy_name: str, ranks: list[int], rounds: int = 3, local_ste
             p = strategy.payload(cid, ranks[int(cid.split("-")[1])], held[cid])
             apply_payload(m, p)
             held[cid] = p.base_version
+            pruning = RankSelfPruning.from_payload(m, p)
             res = train_local(m, make_loader(data[cid], batch_size, seed=seed + t), steps=local_steps,
-                              optim=OptimConfig(lr=lr), device="cpu")
+                              optim=OptimConfig(lr=lr), device="cpu",
+                              before_step=pruning.before_step if pruning else None)
+            if pruning is not None:
+                pruning.finish()
             losses[cid] = res.loss
             updates.append(make_update(m, p, len(data[cid]), head_names=["head"]))
             if not strategy.has_global_model:

@@ -121,7 +121,8 @@ def train_local(model: nn.Module, loader: Iterable[dict], steps: int | None = No
                 epochs: int | None = None, optim: OptimConfig | None = None,
                 device: str | torch.device = "auto", grad_accum: int = 1,
                 optimizer: torch.optim.Optimizer | None = None,
-                on_empty_batch: Callable[[], None] | None = None) -> TrainResult:
+                on_empty_batch: Callable[[], None] | None = None,
+                before_step: Callable[[torch.optim.Optimizer], None] | None = None) -> TrainResult:
     """Train the trainable parameters for ``steps`` optimizer steps or ``epochs`` passes.
 
     ``optimizer`` lets a caller pass one it built (Opacus' DPOptimizer); otherwise ``optim``
@@ -129,6 +130,8 @@ def train_local(model: nn.Module, loader: Iterable[dict], steps: int | None = No
     unless ``on_empty_batch`` is given: then it is called instead of the forward/backward pass and
     the batch still counts as a micro-batch, so the optimizer step is taken and counted (with
     Opacus: a noise-only step, which is what its accountant assumes for an empty Poisson draw).
+    ``before_step(optimizer)`` runs after the gradients are in, before each optimizer step (a
+    decoupled regulariser: ``fedlora.client.RankSelfPruning``).
     """
     if (steps is None) == (epochs is None):
         raise ValueError("give exactly one of steps= or epochs=")
@@ -157,11 +160,15 @@ def train_local(model: nn.Module, loader: Iterable[dict], steps: int | None = No
             n_examples += n
         micro += 1
         if micro == grad_accum:
+            if before_step is not None:
+                before_step(opt)
             opt.step()
             opt.zero_grad(set_to_none=True)
             micro = 0
             n_steps += 1
     if micro:  # an epoch ended inside an accumulation window
+        if before_step is not None:
+            before_step(opt)
         opt.step()
         opt.zero_grad(set_to_none=True)
         n_steps += 1

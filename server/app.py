@@ -143,7 +143,8 @@ class FedLoraStrategy(Strategy):
                                   max_weight_share=cfg.strategy.max_weight_share,
                                   norm_bound=NormBound(cfg.strategy.norm_bound_mode,
                                                        cfg.strategy.norm_bound_multiple,
-                                                       cfg.strategy.norm_bound_absolute))
+                                                       cfg.strategy.norm_bound_absolute),
+                                  **cfg.strategy_kwargs())
         # the head every client starts from: uploads are checked against it from round 1
         self.fl.init_head(head_state(self.model, head_names))
         self.evaluator = ServerEvaluator(self.model, self.spec, self.run_dir)
@@ -271,7 +272,7 @@ class FedLoraStrategy(Strategy):
             if cid in self.roster.privacy:
                 rd[flower_io.PRIVACY] = flower_io.privacy_to_record(self.roster.privacy[cid])
             msg = Message(rd, dst_node_id=nid, message_type=MessageType.TRAIN, group_id=str(rnd))
-            self.ledger.expect(Pending(cid, nid, rank, p.base_version, flower_io.wire_bytes(msg),
+            self.ledger.expect(Pending(cid, nid, p.rank, p.base_version, flower_io.wire_bytes(msg),
                                        p.bytes_down))
             msgs.append(msg)
         return msgs

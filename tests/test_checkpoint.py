@@ -72,28 +72,37 @@ def test_nested_state_roundtrip_exact(tmp_path):
     assert not (tmp_path / "bad.ckpt").exists()
 
 
-def test_real_strategy_state_restores(tmp_path):
-    from strategy_helpers import Multi, apply_payload, layer_specs, make_update, train_randomly
+@pytest.mark.parametrize("name", ["fedex", "ffa", "rolora", "fedsvd", "flexlora", "hetlora"])
+def test_real_strategy_state_restores(tmp_path, name):
+    from strategy_helpers import Multi, apply_payload, layer_specs, make_update, state_tensors, train_randomly
 
     from fedlora.strategies import create_strategy
 
-    s = create_strategy("fedex", layers=layer_specs(), r_max=4, scale=1.5, dtype=torch.float64)
+    s = create_strategy(name, layers=layer_specs(), r_max=4, scale=1.5, dtype=torch.float64)
     gen = torch.Generator().manual_seed(0)
     ups = []
     for i, r in enumerate([2, 4]):
         m = Multi(0, r, 1.5, "lora")
         p = s.payload(f"c{i}", r, 0)
         apply_payload(m, p)
-        train_randomly(m, gen, "fedex")
+        train_randomly(m, gen, name)
         ups.append(make_update(m, p, 5))
     s.aggregate(ups)
     save_checkpoint(checkpoint_path(tmp_path, 1), strategy=s.name, round=1, state=s.state_dict(),
                     scale=s.scale, r_max=4)
-    fresh = create_strategy("fedex", layers=layer_specs(), r_max=4, scale=1.5, dtype=torch.float64)
+    fresh = create_strategy(name, layers=layer_specs(), r_max=4, scale=1.5, dtype=torch.float64)
     fresh.load_state_dict(load_checkpoint(latest_checkpoint(tmp_path)).state)
+    a, b = state_tensors(s), state_tensors(fresh)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     for n in layer_specs():
         assert torch.equal(fresh.global_delta(n), s.global_delta(n))
-    assert fresh.payload("late", 2, 0).base_deltas[0].reset
+    late, again = fresh.payload("late", 2, 0), s.payload("late", 2, 0)
+    assert late.trains == again.trains and late.rank == again.rank
+    assert all(torch.equal(late.factors[n][k], t) for n, f in again.factors.items() for k, t in f.items())
+    if name == "fedex":
+        assert late.base_deltas[0].reset
+    if name == "hetlora":  # the clients' (pruned) ranks are state too
+        assert fresh.ranks == s.ranks == {"c0": 2, "c1": 4}
 
 
 def test_atomic_write_keeps_previous_on_failure(tmp_path, monkeypatch):

@@ -38,7 +38,8 @@ def _rows(run_dir):
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("name", ["fedavg", "fedex", "flora", "fedsb", "fedsa"])
+@pytest.mark.parametrize("name", ["fedavg", "fedex", "flora", "fedsb", "fedsa"] + [
+    pytest.param(n, marks=pytest.mark.slow) for n in ("ffa", "rolora", "fedsvd", "flexlora", "hetlora")])
 def test_strategy_through_flower_apps(tmp_path, name):
     cfg = _cfg(tmp_path, name)
     summary = run_loopback(cfg)
@@ -65,8 +66,28 @@ def test_strategy_through_flower_apps(tmp_path, name):
     for layer, d in got.items():
         torch.testing.assert_close(d, ref.strategy.global_delta(layer).float(), rtol=1e-4, atol=2e-6,
                                    msg=layer)
-    if name in ("fedex", "flora", "fedsb"):
+    if ref.strategy.exact:
         assert all(r["aggregation_error"] < 1e-4 for r in rows)
+
+
+@pytest.mark.parametrize("dp", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_hetlora_clients_prune_their_rank_through_the_apps(tmp_path, dp):
+    """HetLoRA's self-pruning crosses Flower's records: the payload's generic fields reach the
+    ClientApp (also on the DP path), the reply comes back at the pruned rank and is accepted, and
+    the next payload is sent at that rank."""
+    extra = ["strategy.hetlora_lambda=20.0", "strategy.hetlora_gamma=0.5", "train.local_steps=5",
+             "clients.ranks=[2, 4, 8]", "clients.num=3"]
+    if dp:
+        extra += ["privacy.enabled=true", "privacy.noise_multiplier=0.8"]
+    run_loopback(_cfg(tmp_path, "hetlora", rounds=3, extra=extra))
+    r1, r2, r3 = _rows(tmp_path / "hetlora")
+    assert all(c["accepted"] for r in (r1, r2, r3) for c in r["clients"])
+    assert [c["rank"] for c in r1["clients"]] == [c["rank"] for c in r2["clients"]] == [2, 4, 8]
+    assert [c["metrics"]["upload-rank"] for c in r1["clients"]] == [2, 4, 8]  # round 1: the tails grew
+    pruned = [c["metrics"]["upload-rank"] for c in r2["clients"]]
+    assert pruned[:2] == [1, 2] and pruned[2] in (4, 8)
+    assert [c["rank"] for c in r3["clients"]] == pruned  # sent at the pruned rank from then on
+    assert r3["tensor_bytes_up"] < r1["tensor_bytes_up"]
 
 
 def test_a_failing_client_does_not_stop_the_round(tmp_path):

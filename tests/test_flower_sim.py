@@ -1,7 +1,8 @@
 """`fedlora simulate` on Flower's simulation engine (`flwr run`, Ray): the real apps end to end.
 
 The default suite runs one (fedex, 3 virtual clients of ranks 2/4/8, 2 rounds, tiny model) and checks
-it against the same run over the in-process LoopbackGrid; the other strategies are marked slow.
+it against the same run over the in-process LoopbackGrid, and one HetLoRA run whose clients prune
+their rank; the other strategies are marked slow.
 """
 
 from __future__ import annotations
@@ -30,11 +31,13 @@ def _flower_sections() -> str:
     return text[text.index("[tool.flwr"):]
 
 
-def _simulate(tmp_path: Path, strategy: str) -> Path:
+def _simulate(tmp_path: Path, strategy: str, *sets: str) -> Path:
     run_dir = tmp_path / f"sim-{strategy}"
     cmd = [str(BIN / "fedlora"), "simulate", "--strategy", strategy, "--rounds", "2",
            "--set", f"run-dir={json.dumps(str(run_dir))}", "--set", f"num-clients={len(RANKS)}",
            "--set", f"ranks={RANKS}"]
+    for item in sets:
+        cmd += ["--set", item]
     env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home")}
     res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-3000:]
@@ -72,9 +75,25 @@ def test_flwr_run_fedex(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["fedavg", "flora", "fedsb", "fedsa"])
+@pytest.mark.parametrize("strategy", ["fedavg", "flora", "fedsb", "fedsa",
+                                      "ffa", "rolora", "fedsvd", "flexlora", "hetlora"])
 def test_flwr_run_other_strategies(tmp_path, strategy):
     _check(tmp_path, strategy)
+
+
+def test_flwr_run_hetlora_clients_prune_on_flowers_engine(tmp_path):
+    """The default engine run of issue #15's rules: HetLoRA's pruning fields travel in Flower's
+    records to Ray-hosted ClientApps, whose replies come back at the pruned rank, accepted."""
+    run_dir = _simulate(tmp_path, "hetlora", "strategy.hetlora_lambda=20.0", "strategy.hetlora_gamma=0.5",
+                        "train.local_steps=5")
+    r1, r2 = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert not r1["failures"] and not r2["failures"]
+    assert all(c["accepted"] for r in (r1, r2) for c in r["clients"])
+    assert sorted(c["metrics"]["upload-rank"] for c in r1["clients"]) == RANKS
+    up = {c["rank"]: c["metrics"]["upload-rank"] for c in r2["clients"]}
+    assert up[2] == 1 and up[4] == 2  # pruned to floor(γ·r), and the server took them
+    assert r2["tensor_bytes_up"] < r1["tensor_bytes_up"]
+    assert json.loads((run_dir / "summary.json").read_text())["rounds"] == 2
 
 
 def test_cli_inprocess_then_resume(tmp_path):

@@ -25,7 +25,7 @@ from strategy_helpers import (
 from fedlora.flower_io import record_to_update, update_to_record
 from fedlora.strategies import NormBound, create_strategy
 
-NAMES = ["fedavg", "fedex", "flora", "fedsb", "fedsa"]
+NAMES = ["fedavg", "fedex", "flora", "fedsb", "fedsa", "ffa", "rolora", "fedsvd", "flexlora", "hetlora"]
 
 
 def _strategy(name, dtype=torch.float32, **kw):

@@ -69,8 +69,11 @@ def _run(name: str, ranks: list[int], r_max: int, rounds: int, seed: int, weight
     return s, worst_sync, worst_exact
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(name=st.sampled_from(["fedex", "flora", "fedsb"]),
+EXACT = ["fedex", "flora", "fedsb", "ffa", "rolora", "fedsvd"]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(name=st.sampled_from(EXACT),
        r_max=st.integers(1, 4),
        k=st.integers(1, 8),
        data=st.data(),
@@ -87,7 +90,7 @@ def test_exact_strategies_sync_and_exact(name, r_max, k, data, seed, weighting, 
 
 def test_heterogeneous_ranks_with_returning_clients_every_strategy():
     ranks = [1, 2, 4, 3, 4, 2]
-    for name in ["fedex", "flora", "fedsb"]:
+    for name in EXACT:
         s, sync, exact = _run(name, ranks, 4, rounds=6, seed=3, weighting="samples", history=2)
         assert sync < 1e-9 and exact < 1e-9, name
         assert s.version == 6 + (name == "fedsb")  # Fed-SB's init is a version step of its own
@@ -111,7 +114,7 @@ def test_fedavg_is_inexact_on_random_factors_and_reports_it():
 
 
 def test_exact_strategies_report_zero_error():
-    for name in ["fedex", "flora", "fedsb"]:
+    for name in EXACT:
         s = create_strategy(name, layers=layer_specs(), r_max=3, scale=SCALE, dtype=torch.float64)
         gen = torch.Generator().manual_seed(1)
         if name == "fedsb":

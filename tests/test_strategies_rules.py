@@ -219,7 +219,10 @@ def test_fedsb_round_uses_only_this_rounds_updates():
         torch.testing.assert_close(s.R[n], ups2[0].factors[n]["R"])
 
 
-@pytest.mark.parametrize("name", ["fedavg", "fedex", "flora", "fedsb", "fedsa"])
+ALL = ["fedavg", "fedex", "flora", "fedsb", "fedsa", "ffa", "rolora", "fedsvd", "flexlora", "hetlora"]
+
+
+@pytest.mark.parametrize("name", ALL)
 def test_bad_updates_rejected_with_reasons_state_untouched(name):
     s = _strategy(name)
     ups, _ = _round(s, [2, 2])
@@ -308,7 +311,7 @@ def test_head_is_averaged_with_the_same_weights():
                                torch.full((2, 4), 0.75, dtype=F64))
 
 
-@pytest.mark.parametrize("name", ["fedavg", "fedex", "flora", "fedsb", "fedsa"])
+@pytest.mark.parametrize("name", ALL)
 def test_state_dict_roundtrip_continues_identically(name):
     s = _strategy(name, history=2)
     gen = torch.Generator().manual_seed(7)

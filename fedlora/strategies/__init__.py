@@ -24,7 +24,7 @@ from fedlora.strategies.registry import (
 from fedlora.strategies.types import BaseDelta, ClientPayload, ClientUpdate, LayerSpec, RoundReport
 
 # the built-in rules register themselves on import; the order is the CLI's and compare's order
-BUILTIN = ("fedavg", "fedex", "flora", "fedsb", "fedsa")
+BUILTIN = ("fedavg", "fedex", "flora", "fedsb", "fedsa", "ffa", "rolora", "fedsvd", "flexlora", "hetlora")
 for _name in BUILTIN:
     importlib.import_module(f"fedlora.strategies.{_name}")
 

@@ -64,6 +64,9 @@ class Strategy:
     exact: ClassVar[bool] = False
     #: whether the rule starts from per-rank-group weighted sums of the uploads (FLoRA: stacks)
     sums_uploads: ClassVar[bool] = True
+    #: the ``[strategy]`` config keys the rule takes as keyword arguments of its constructor
+    #: (``RunConfig.strategy_kwargs`` passes exactly these; e.g. HetLoRA's ``hetlora_lambda``)
+    config_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, layers: dict[str, LayerSpec], r_max: int, scale: float,
                  weighting: str = "samples", seed: int = 0, dtype: torch.dtype = torch.float32,
@@ -122,12 +125,13 @@ class Strategy:
         p = self._payload(str(client_id), rank, base_version)
         if self.shares_head and self._head is not None:
             p.head = {k: v.clone() for k, v in self._head.items()}
-        p.trains, p.uploads = tuple(sorted(self.round_trains())), tuple(sorted(self.uploads))
+        uploads = self.round_uploads()
+        p.trains, p.uploads = tuple(sorted(self.round_trains())), tuple(sorted(uploads))
         p.upload_head, p.personal_eval = self.shares_head, self.personal_eval()
         p.bytes_down = payload_bytes(p)
-        self._ranks_sent[p.client_id] = rank
+        self._ranks_sent[p.client_id] = p.rank  # (a rule may send less than asked: HetLoRA's pruning)
         if self.norm_bound.mode != "off":
-            self._given[p.client_id] = {n: {k: f[k] for k in self.uploads if k in f}
+            self._given[p.client_id] = {n: {k: f[k] for k in uploads if k in f}
                                         for n, f in p.factors.items()}
         self._sent[p.client_id] = self._sent.get(p.client_id, 0) + p.bytes_down
         return p
@@ -135,6 +139,9 @@ class Strategy:
     def aggregate(self, updates: list[ClientUpdate]) -> RoundReport:
         t0 = time.perf_counter()
         rejected: dict[str, str] = {}
+        # the factors this round's updates carry: what this round's payloads asked for (an update
+        # for another round is stale, rejected on its base version)
+        self.validator.use_keys(self.round_uploads())
         accepted = self._structurally_valid(updates, rejected)
         accepted = in_range(accepted, magnitude_limit(self.dtype, len(accepted), self.scale), self.dtype,
                             rejected)
@@ -165,7 +172,7 @@ class Strategy:
         error, diag_s = None, 0.0
         if diagnose:
             t1 = time.perf_counter()
-            error = exactness.aggregation_error({n: self.global_change(n) for n in self.layers}, clients, p)
+            error = self._aggregation_error(clients, p)
             diag_s = time.perf_counter() - t1
         self.version += 1
         self.round += 1
@@ -197,6 +204,20 @@ class Strategy:
     def round_trains(self) -> frozenset[str]:
         """The factors clients train in the coming round (a rule may alternate them)."""
         return self.trains
+
+    def round_uploads(self) -> frozenset[str]:
+        """The factors the coming round's updates carry (a subset of ``uploads``)."""
+        return self.uploads
+
+    def upload_ranks(self, sent: int) -> frozenset[int]:
+        """The ranks an update may have after a payload of rank ``sent`` (a rule whose clients
+        may prune their rank during the round adds the pruned one)."""
+        return frozenset({sent})
+
+    def _aggregation_error(self, clients: list[dict[str, list[exactness.Term]]], p: list[float]) -> float:
+        """The round's aggregation error (STRATEGIES.md), from the clients' changes (called right
+        after ``_aggregate``); a rule whose inexactness lies elsewhere reports its own measure."""
+        return exactness.aggregation_error({n: self.global_change(n) for n in self.layers}, clients, p)
 
     def initialize(self, gradients: dict[str, Tensor], **kw) -> None:
         raise ValueError(f"{self.name} needs no initialisation (init_from is None)")
@@ -256,7 +277,7 @@ class Strategy:
             except Exception as e:  # noqa: BLE001 - an update is untrusted: whatever it holds
                 reason, clean = f"malformed update ({type(e).__name__}: {e})", None
             sent = self._ranks_sent.get(cid)
-            if not reason and sent is not None and u.rank != sent:
+            if not reason and sent is not None and u.rank not in self.upload_ranks(sent):
                 reason = f"rank {u.rank} but its payload was for rank {sent}: retrain on a fresh payload"
             if reason:
                 rejected[cid] = reason

@@ -90,6 +90,19 @@ def capped_weights(p: list[float], cap: float) -> list[float]:
         capped |= over
 
 
+def _sent_part(sent: Tensor | None, t: Tensor) -> Tensor | None:
+    """What the client was sent for the factor it uploads as ``t``: the same tensor, or its leading
+    slice when ``t`` has a lower rank (a client that pruned its rank: HetLoRA); ``None`` when
+    nothing comparable was sent."""
+    if sent is None or sent.dim() != t.dim():
+        return None
+    if sent.shape == t.shape:
+        return sent
+    if all(a >= b for a, b in zip(sent.shape, t.shape)):
+        return sent[tuple(slice(0, b) for b in t.shape)]
+    return None
+
+
 @dataclass(frozen=True)
 class NormBound:
     """An optional defence against outsized updates (off by default).
@@ -121,21 +134,23 @@ class NormBound:
         if self.mode == "off" or not updates:
             return updates
         sizes = []
+        refs = []
         for u in updates:
             g = given.get(u.client_id, {})
+            ref = {n: {k: _sent_part(g.get(n, {}).get(k), t) for k, t in f.items()}
+                   for n, f in u.factors.items()}
             sq = 0.0
             for n, f in u.factors.items():
                 for k, t in f.items():
-                    ref = g.get(n, {}).get(k)
-                    if ref is not None and ref.shape != t.shape:
-                        ref = None  # not what it was sent (the strategy rejects a changed rank)
-                    sq += float((t - ref).pow(2).sum()) if ref is not None else float(t.pow(2).sum())
+                    r = ref[n][k]
+                    sq += float((t - r).pow(2).sum()) if r is not None else float(t.pow(2).sum())
             sizes.append(math.sqrt(sq))
+            refs.append(ref)
         # a zero median (clients echoing their payload) bounds at 0: only unchanged updates pass
         bound = min((b for b in (self.multiple * sorted(sizes)[(len(sizes) - 1) // 2], self.absolute)
                      if b > 0), default=0.0)
         out = []
-        for u, size in zip(updates, sizes):
+        for u, size, ref in zip(updates, sizes, refs):
             if size <= bound:
                 out.append(u)
             elif self.mode == "reject":
@@ -143,8 +158,8 @@ class NormBound:
                     f"update norm {size:.4g} above the norm bound {bound:.4g} (strategy.norm_bound_"
                     f"multiple={self.multiple}, strategy.norm_bound_absolute={self.absolute})")
             else:
-                c, g = bound / size, given.get(u.client_id, {})
-                factors = {n: {k: (g[n][k] + c * (t - g[n][k])) if k in g.get(n, {}) else c * t
+                c = bound / size
+                factors = {n: {k: (ref[n][k] + c * (t - ref[n][k])) if ref[n][k] is not None else c * t
                                for k, t in f.items()} for n, f in u.factors.items()}
                 out.append(ClientUpdate(u.client_id, u.rank, u.num_examples, u.base_version, factors,
                                         u.head, {**u.metrics, "clipped_by": c}))

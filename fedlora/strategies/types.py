@@ -38,6 +38,10 @@ class ClientPayload:
     ``trains``: the factor keys the client trains this round (the others stay frozen);
     ``uploads``: the keys its update carries; ``upload_head``: whether it uploads its head;
     ``personal_eval``: whether it evaluates its own model on its validation shard (no global model).
+    ``prune_to`` (0: off) and ``tail_penalty``: local rank self-pruning (``fedlora.client.
+    RankSelfPruning``): during training the components beyond ``prune_to`` carry the penalty
+    ``tail_penalty·Σ_l ‖B_l[:, prune_to:]‖_F·‖A_l[prune_to:]‖_F``; after it the client drops them
+    (its update then has rank ``prune_to``) when that norm product shrank during the round.
     """
 
     client_id: str
@@ -55,6 +59,8 @@ class ClientPayload:
     uploads: tuple[str, ...] = ("A", "B")
     upload_head: bool = True
     personal_eval: bool = False
+    prune_to: int = 0
+    tail_penalty: float = 0.0
 
 
 @dataclass

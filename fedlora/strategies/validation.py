@@ -10,6 +10,7 @@ declared rank, its factors read as views of the buffer. Finiteness is not checke
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 
@@ -29,6 +30,12 @@ class UpdateValidator:
         self.keys = sorted(uploads)
         self.weighting, self.shares_head = weighting, shares_head
         self._layouts: dict[int, list[tuple[str, str, tuple[int, int]]]] = {}
+
+    def use_keys(self, keys: Iterable[str]) -> None:
+        """Check updates for these factor keys from now on (a rule may alternate them by round)."""
+        keys = sorted(keys)
+        if keys != self.keys:
+            self.keys, self._layouts = keys, {}
 
     def layout(self, r: int) -> list[tuple[str, str, tuple[int, int]]]:
         """``(layer, key, shape)`` of a rank-r update in the flat order: layers in order, keys sorted."""
