@@ -186,6 +186,8 @@ def compare(
     sweep: str = typer.Option(None, "--sweep", help="repeat for each value of one key: "
                               "section.key=v1,v2,... (e.g. data.alpha=0.1,0.5,10)"),
     rounds: int = typer.Option(None, "--rounds", "-r", help="number of rounds (overrides the config)"),
+    seeds: str = typer.Option(None, "--seeds", help="repeat the comparison for each seed and report "
+                              "mean ± std over them: 0,1,2"),
     resume: bool = typer.Option(False, "--resume", help="continue a stopped comparison: finished runs "
                                 "are kept, interrupted ones continue from their last checkpoint"),
 ) -> None:
@@ -201,7 +203,9 @@ def compare(
     try:
         names = cmp.parse_strategies(strategies)
         root, runs = cmp.plan(config, names, list(set_), centralized)
-        swept = cmp.parse_sweep(sweep) if sweep else None
+        if seeds and sweep:
+            raise ValueError("--seeds and --sweep: give one of them (a sweep over seeds is --seeds)")
+        swept = cmp.parse_sweep(f"seed={seeds}" if seeds else sweep) if (seeds or sweep) else None
         if swept:
             root, planned = cmp.plan_sweep(config, names, list(set_), *swept, centralized)
             runs = runs * len(planned)

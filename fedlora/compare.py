@@ -12,6 +12,10 @@ heterogeneity sweep ``data.alpha=0.1,0.5,10``; accuracy against the privacy budg
 ``<root>/sweep.md`` the final/best accuracy of every strategy at every value with ``sweep.png``
 (final accuracy against the value).
 
+``--seeds 0,1,2`` repeats the comparison once per seed (``<root>/seed-<s>/``) and writes
+``<root>/seeds.md``: each strategy's final and best metric as mean ± standard deviation over the
+seeds, with the mean MB up / down.
+
 ``--resume`` continues a comparison that was stopped (or extends it with ``--rounds``): each run
 whose summary covers the rounds asked for is kept, one with checkpoints continues from the newest
 that verifies, the others start (``resume_state``).
@@ -25,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fedlora.config import RunConfig, load_config, parse_value
-from fedlora.report import write_report, write_sweep_report
+from fedlora.report import write_report, write_seed_summary, write_sweep_report
 from fedlora.strategies import strategy_names
 
 
@@ -185,5 +189,9 @@ def sweep(config: Path | None, strategies: list[str], overrides: list[str], key:
         report = compare(config, strategies, overrides, run_one, centralized, target, setting)
         per_value.append((v, report.parent))
     names = strategies + (["centralized"] if centralized else [])
-    return write_sweep_report(root, key, [(v, [d / n for n in names]) for v, d in per_value],
-                              title=f"fedlora sweep of {key}: {load_config(config, overrides).name}")
+    runs = [(v, [d / n for n in names]) for v, d in per_value]
+    name = load_config(config, overrides).name
+    if key == "seed":  # repeats of one comparison: mean ± standard deviation over the seeds
+        write_sweep_report(root, key, runs, title=f"fedlora runs per seed: {name}")
+        return write_seed_summary(root, runs, title=f"fedlora compare over seeds: {name}")
+    return write_sweep_report(root, key, runs, title=f"fedlora sweep of {key}: {name}")

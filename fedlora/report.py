@@ -258,3 +258,42 @@ def write_sweep_report(out_dir: str | Path, key: str, values: list[tuple[object,
     path = out_dir / "sweep.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def write_seed_summary(out_dir: str | Path, values: list[tuple[object, list[str | Path]]],
+                       title: str = "fedlora comparison over seeds") -> Path:
+    """``seeds.md``: per strategy, the final and best metric as mean ± sample standard deviation over
+    the seeds (n given), MB up / down (mean) and ε (max). ``values``: ``[(seed, [run dir per
+    strategy]), ...]``, as ``write_sweep_report`` takes them."""
+    import statistics
+
+    series: dict[str, list[RunSeries]] = {}
+    for _, dirs in values:
+        for d in dirs:
+            s = load_run(d)
+            series.setdefault(s.strategy, []).append(s)
+    metric = next((ss[0].metric for ss in series.values() if ss), "accuracy")
+    short = SHORT.get(metric, metric)
+
+    def ms(xs: list[float]) -> str:
+        if not xs:
+            return "–"
+        sd = statistics.stdev(xs) if len(xs) > 1 else float("nan")
+        return f"{statistics.fmean(xs):.4f} ± {sd:.4f}"
+
+    lines = [f"# {title}\n", f"Mean ± sample standard deviation over the seeds "
+             f"({', '.join(str(v) for v, _ in values)}); MB: mean per run.\n",
+             f"| strategy | n | final {short} | best {short} | MB up | MB down | ε (max) |",
+             "|---|---|---|---|---|---|---|"]
+    for name, ss in series.items():
+        ev = [s.evaluated() for s in ss]
+        final = [e[-1][1] for e in ev if e]
+        best = [s.best([a for _, a, _ in e]) for s, e in zip(ss, ev) if e]
+        up = statistics.fmean(sum(s.bytes_up) / MB for s in ss)
+        down = statistics.fmean(sum(s.bytes_down) / MB for s in ss)
+        eps = [s.epsilon for s in ss if s.epsilon is not None]
+        lines.append(f"| {name} | {len(final)} | {ms(final)} | {ms(best)} | {up:.3f} | {down:.3f} | "
+                     + (f"{max(eps):.2f}" if eps else "–") + " |")
+    path = Path(out_dir) / "seeds.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

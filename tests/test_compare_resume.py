@@ -69,3 +69,23 @@ def test_resume_with_nothing_there_runs_everything(tmp_path):
     assert res.exit_code == 0, res.output
     assert all((root / n / "summary.json").is_file() for n in ("fedavg", "fedex"))
     shutil.rmtree(root)
+
+
+def test_seeds_report_mean_and_standard_deviation_of_each_strategys_runs(tmp_path):
+    import statistics
+
+    root = tmp_path / "cmp"
+    res = _compare(root, "--seeds", "0,1,2", "--rounds", "1")
+    assert res.exit_code == 0, res.output
+    text = (root / "seeds.md").read_text()
+    for name in ("fedavg", "fedex"):
+        finals = [_rows(root / f"seed-{s}" / name)[-1]["accuracy"] for s in (0, 1, 2)]
+        assert len(set(finals)) > 1  # the seeds differ
+        line = next(x for x in text.splitlines() if x.startswith(f"| {name} |"))
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        assert cells[1] == "3"
+        assert cells[2] == f"{statistics.fmean(finals):.4f} ± {statistics.stdev(finals):.4f}"
+        mb_up = statistics.fmean(sum(r["bytes_up"] for r in _rows(root / f"seed-{s}" / name)) / 1e6
+                                 for s in (0, 1, 2))
+        assert cells[4] == f"{mb_up:.3f}"
+    assert _compare(root, "--seeds", "0,1", "--sweep", "data.alpha=1").exit_code == 2
