@@ -345,14 +345,36 @@ def test_build_base_same_seed_same_weights(tiny_base, tmp_path):
     assert any(not (a[k] == c[k]).all() for k in a)
 
 
+def _fake_pretrain(built: list):
+    def pretrain(out, params, log_every):  # writes the files a finished build has, instantly
+        for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+            (out / name).write_text(str(len(built)))
+        built.append(params)
+        return {}
+    return pretrain
+
+
 def test_build_base_default_folder_is_keyed_by_the_parameters(monkeypatch, tmp_path):
     monkeypatch.setenv("FEDLORA_CACHE", str(tmp_path))
-    built = []
-    monkeypatch.setattr(S, "_pretrain", lambda out, params, log_every: built.append(params) or {})
+    built: list = []
+    monkeypatch.setattr(S, "_pretrain", _fake_pretrain(built))
     path = S.build_base(**TINY, log_every=0)
     assert path.parent == tmp_path and re.fullmatch(r"shakespeare-llama-[0-9a-f]{10}", path.name)
+    assert S.build_base(**TINY, log_every=0) == path and len(built) == 1  # reused
     other = S.build_base(**{**TINY, "steps": 31}, log_every=0)
     assert other != path and len(built) == 2
+    assert S.build_base(**TINY, force=True, log_every=0) == path and len(built) == 3
+    assert (path / "config.json").read_text() == "2"  # replaced by the forced build
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, other.name])
+
+
+def test_stale_temp_folders_of_killed_builds_are_removed(monkeypatch, tmp_path):
+    monkeypatch.setattr(S, "_pretrain", _fake_pretrain([]))
+    dead = tmp_path / ".base.building-999999999-0123abcd"  # no such process
+    dead.mkdir()
+    (dead / "config.json").write_text("{}")
+    S.build_base(tmp_path / "base", **TINY, log_every=0)
+    assert [p.name for p in tmp_path.iterdir()] == ["base"]
 
 
 def test_a_failed_build_leaves_nothing_that_looks_finished(monkeypatch, tmp_path):
