@@ -475,15 +475,17 @@ def role_rows(min_speeches: int = 40, max_roles: int | None = None) -> list[dict
 
 def write_roles(path: str | Path, min_speeches: int = 40, max_roles: int | None = None) -> Path:
     """``role_rows(...)`` as JSONL (one object a line), written atomically; returns the path."""
-    path = Path(path)
+    return _write_jsonl(Path(path), role_rows(min_speeches, max_roles))
+
+
+def _write_jsonl(path: Path, rows: Sequence[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    rows = role_rows(min_speeches, max_roles)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         with tmp.open("w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
+        os.replace(tmp, path)  # readers never see a half-written file
     finally:
         tmp.unlink(missing_ok=True)
     return path
@@ -789,20 +791,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     roles.add_argument("--max-roles", type=int, default=None)
     args = parser.parse_args(argv)
 
-    if args.command == "base":
-        kwargs = {} if args.steps is None else {"steps": args.steps}
-        path = build_base(args.out, force=args.force, **kwargs)
-        meta = base_metadata(path)
-        print(f"base: {path}\n  {meta['n_parameters']:,} parameters, train loss {meta['final_train_loss']}, "
-              f"held-out loss {meta['heldout_loss']} (untrained {meta['initial_heldout_loss']}, "
-              f"ln(vocab) {meta['ln_vocab']})")
-        print(f'model.name = "hf:{path}"')
-    else:
-        rows = role_rows(args.min_speeches, args.max_roles)
-        path = write_roles(args.out, args.min_speeches, args.max_roles)
-        print(f"{len({r['role'] for r in rows})} roles, {len(rows)} rows -> {path}")
+    try:
+        if args.command == "base":
+            kwargs = {} if args.steps is None else {"steps": args.steps}
+            path = build_base(args.out, force=args.force, **kwargs)
+            meta = base_metadata(path)
+            print(f"base: {path}\n  {meta['n_parameters']:,} parameters, "
+                  f"train loss {meta['final_train_loss']}, held-out loss {meta['heldout_loss']} "
+                  f"(untrained {meta['initial_heldout_loss']}, ln(vocab) {meta['ln_vocab']})")
+            print(f'model.name = "hf:{path}"')
+        else:
+            rows = role_rows(args.min_speeches, args.max_roles)
+            path = _write_jsonl(args.out, rows)
+            print(f"{len({r['role'] for r in rows})} roles, {len(rows)} rows -> {path}")
+    except (ValueError, OSError) as e:  # bad arguments, a missing asset, a folder we won't overwrite
+        parser.exit(2, f"{parser.prog} {args.command}: error: {e}\n")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

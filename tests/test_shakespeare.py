@@ -256,6 +256,10 @@ def test_write_roles_and_cli(tmp_path, capsys):
     assert S.main(["roles", str(tmp_path / "cli.jsonl"), "--min-speeches", "100", "--max-roles", "3"]) == 0
     assert f"3 roles, {len(rows)} rows" in capsys.readouterr().out
     assert (tmp_path / "cli.jsonl").read_text() == path.read_text()
+    with pytest.raises(SystemExit) as exit_:
+        S.main(["roles", str(tmp_path / "bad.jsonl"), "--min-speeches", "0"])
+    assert exit_.value.code == 2 and "min_speeches must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "bad.jsonl").exists()
 
 
 def test_pretraining_text_format_and_held_out_part():
