@@ -11,8 +11,9 @@ The recipe, top to bottom:
    Night's Dream, write the tag in capitals without the period) starts a new turn; every other
    paragraph continues the current speaker's turn (a speech goes on after a stage direction).
    A tag this play uses may also carry the speech's first words on its line ("ALL. Amen.").
-   ACT / SCENE / PROLOGUE / EPILOGUE / INDUCTION headings end the turn and clear the speaker, so
-   text nobody is tagged for (an untagged prologue) is dropped. Stage directions — ``[...]``,
+   ACT / SCENE / PROLOGUE / EPILOGUE / INDUCTION headings (and captions: a capitals line standing
+   alone that is no tag) end the turn and clear the speaker, so text nobody is tagged for (an
+   untagged prologue, a procession's list) is dropped. Stage directions — ``[...]``,
    also ``{...]`` and ``[...}`` as the texts' typos have them, possibly spanning lines — are
    removed. A turn's lines are joined into one line.
 3. **Speaker names.** Tags are upper-cased. Plays that abbreviate ("Ham.", "Glou.", "Lady Cap.")
@@ -191,6 +192,12 @@ def _speech_after(line: str, spelling: str) -> bool:
         and rest[0].lower() not in _CONNECTORS
 
 
+def _is_caption(line: str) -> bool:
+    """A line in capitals standing alone that is no tag (too long for one) is a caption or a
+    title: like a heading, it ends the current speech."""
+    return line.isupper() and sum(c.isalpha() for c in line) >= 6
+
+
 def _normalise_tag(core: str) -> str:
     """Upper case, single spaces, no period before a group's AND ("PEMBROKE. AND BIGOT")."""
     return re.sub(r"\.(?=\s+(?:AND|&)\s)", "", " ".join(core.upper().split()))
@@ -354,6 +361,9 @@ def parse_play(text: str) -> list[Turn]:
             sp = next((sp for sp in inline if _speech_after(first, sp)), None)
             if sp is not None:
                 tag, rest = _tag(sp, alone=False), [par[0].strip()[len(sp):]] + par[1:]
+        if tag is None and len(par) == 1 and _is_caption(first):
+            speaker = None  # "THE ORDER OF THE CORONATION." (a list of a procession follows)
+            continue
         if tag is not None:
             speaker = tag
             raw.append((tag, []))
