@@ -717,7 +717,7 @@ def _remove_stale_builds(out_dir: Path) -> None:
 
 def build_base(out_dir: Path | None = None, *, vocab_size: int = 2048, hidden_size: int = 128,
                layers: int = 4, heads: int = 4, seq_len: int = 128, steps: int = 600,
-               batch_size: int = 16, lr: float = 5e-3, seed: int = 0, force: bool = False,
+               batch_size: int = 16, lr: float = 3e-3, seed: int = 0, force: bool = False,
                log_every: int = 50) -> Path:
     """The small pretrained Llama base on the pretraining plays (see the module docstring, step 6).
 
@@ -728,6 +728,10 @@ def build_base(out_dir: Path | None = None, *, vocab_size: int = 2048, hidden_si
     no folder that looks finished. An existing ``out_dir`` that is not a fedlora base is refused.
     Same parameters on the same machine → the same weights. ``log_every``: a progress line on
     stderr every that many steps (0: quiet).
+
+    The defaults (1.31M parameters, 600 steps of 16 × 128 tokens ≈ 3 passes over the 400k training
+    tokens) take ~3 minutes of one CPU thread; measured on a shared 2-core machine: held-out loss
+    4.44-4.47 over two seeds (untrained 7.67, ln 2048 = 7.62). ``lr=5e-3`` varied more (4.49-4.66).
     """
     for name, value in (("vocab_size", vocab_size), ("hidden_size", hidden_size), ("layers", layers),
                         ("heads", heads), ("seq_len", seq_len), ("steps", steps), ("batch_size", batch_size)):
