@@ -65,6 +65,7 @@ def plan(config: Path | None, strategies: list[str], overrides: list[str],
         cfg = load_config(config, overrides, values=values | {
             "strategy.name": "fedavg", "run_dir": str(root / "centralized"),
             "clients.num": 1, "clients.ranks": [base.r_max], "clients.fraction_train": 1.0,
+            "data.partition": "iid",  # one client holds everything (a natural split would need one per value)
             "train.local_steps": base.train.local_steps * per_round,
             # synthetic data is drawn per client: the pooled client draws everybody's examples
             "data.examples_per_client": base.data.examples_per_client * base.clients.num})
