@@ -346,3 +346,14 @@ def test_a_4bit_base_keeps_deltas_beside_the_quantized_weights(llama_dir):
     x = torch.randn(2, 5, lin.in_features, device="cuda", dtype=torch.bfloat16)
     want = x.float() @ (dequantized_weight(lin.base).float() + d + lin.delta_weight().float()).t()
     torch.testing.assert_close(lin(x).float(), want, rtol=0.05, atol=0.05)
+
+
+def test_a_centralized_baseline_of_a_natural_partition_is_one_pooled_client(tmp_path, llama_dir, data_file):
+    from fedlora.compare import plan
+
+    sets = ['model.task="causal-lm"', f"model.name={json.dumps(f'hf:{llama_dir}')}",
+            f"data.name={json.dumps(str(data_file))}", 'data.partition="natural"', 'data.partition_by="who"',
+            "clients.num=3", f"run_dir={json.dumps(str(tmp_path / 'cmp'))}"]
+    _, runs = plan(None, ["fedavg", "fedex"], sets, centralized=True)
+    assert [(n, c.clients.num, c.data.partition) for n, c in runs] == [
+        ("fedavg", 3, "natural"), ("fedex", 3, "natural"), ("centralized", 1, "iid")]
