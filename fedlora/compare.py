@@ -144,7 +144,9 @@ def run_config(cfg: RunConfig, engine: str = "flower", timeout: float = 24 * 360
     else:
         raise ValueError(f"--engine must be 'flower' or 'inprocess', got {engine!r}")
     if not (run_dir / "summary.json").exists():
-        raise RuntimeError(f"{cfg.strategy.name}: the run ended without {run_dir / 'summary.json'}")
+        cause = r.cause() if engine == "flower" else None
+        raise RuntimeError(f"{cfg.strategy.name}: the run ended without {run_dir / 'summary.json'}"
+                           + (f": {cause}" if cause else ""))
     return run_dir
 
 

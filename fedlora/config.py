@@ -587,6 +587,13 @@ def _validate_causal(cfg: RunConfig, check_data: bool) -> None:
     _check(path.is_file(), "data.name", f"{d.name!r}: no file {str(path.absolute())!r}")
     rows = lm_data.read_rows(path)
     lm_data.check_rows(rows, d, repr(d.name))
+    held_out = max(1, round(len(rows) * lm_data.SERVER_SHARE))
+    if cfg.strategy_class().init_from == "server-gradients":
+        need = d.server_examples + cfg.strategy.fedsb_init_examples
+        _check(need <= held_out, "data.server_examples",
+               f"the server holds out {held_out} of the {len(rows)} rows; {d.server_examples} evaluation "
+               f"rows plus strategy.fedsb_init_examples={cfg.strategy.fedsb_init_examples} init rows need "
+               f"{need}: lower one of them")
     if d.partition == "natural":
         have = len(lm_data.natural_groups(list(rows[d.partition_by])))
         _check(have == cfg.clients.num, "clients.num",
