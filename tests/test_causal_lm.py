@@ -157,6 +157,10 @@ def test_bad_input_is_named_before_anything_starts(tmp_path, llama_dir, data_fil
     with pytest.raises(ValueError, match=r"gives 3 clients \(one per value\): set clients.num = 3"):
         _cfg(llama_dir, data_file, tmp_path / "r", 'data.partition="natural"', 'data.partition_by="who"',
              "clients.num=4")
+    msg = (r"data.server_examples: the server holds out 12 of the 120 rows; 12 evaluation rows plus "
+           r"strategy.fedsb_init_examples=6 init rows need 18")
+    with pytest.raises(ValueError, match=msg):
+        _cfg(llama_dir, data_file, tmp_path / "r", 'strategy.name="fedsb"', "data.server_examples=12")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match=r"model.quantize = '4bit' needs a CUDA GPU"):
             _cfg(llama_dir, data_file, tmp_path / "r", 'model.quantize="4bit"')
