@@ -70,22 +70,30 @@ class ServerEvaluator:
         return {"gen_exact_match": exact / n, "gen_contains": contains / n}
 
     @staticmethod
-    def personal(rows: list[dict]) -> dict:
-        """Mean and example-weighted mean of the accepted clients' own ``eval-accuracy``."""
+    def personal(rows: list[dict], causal: bool = False) -> dict:
+        """Mean and example-weighted mean of the accepted clients' own ``eval-accuracy``; for a
+        causal LM, the perplexity of the example-weighted mean of their own ``eval-loss``."""
+        key = "eval-loss" if causal else "eval-accuracy"
         pers = [(a, n) for r in rows if r.get("accepted")
-                and (a := number(r.get("metrics", {}).get("eval-accuracy"))) is not None
+                and (a := number(r.get("metrics", {}).get(key))) is not None
                 and (n := number(r["metrics"].get("eval-examples", 1))) is not None
                 and 0 < n <= max(1, r.get("examples") or 0)]  # at most the client's own size
         if not pers:
             return {}
         weighted = sum(a * n for a, n in pers) / sum(n for _, n in pers)
+        if causal:
+            import math
+
+            ppl = math.exp(min(weighted, 700.0))
+            return {"personal_loss_weighted": weighted, "personal_perplexity_weighted": ppl,
+                    "perplexity": ppl}
         return {"personal_accuracy_mean": sum(a for a, _ in pers) / len(pers),
                 "personal_accuracy_weighted": weighted, "accuracy": weighted}
 
     def round_metrics(self, strategy: Strategy, rnd: int, rounds: int, rows: list[dict]) -> dict:
         """What the round reports: every ``eval.every`` rounds (and the last) for a global model."""
         if not strategy.has_global_model:
-            return self.personal(rows)
+            return self.personal(rows, rundata.is_causal(self.spec))
         every = self.spec.eval.every
         if (every and rnd % every == 0) or rnd == rounds:
             return self.global_model(strategy, rnd)

@@ -77,7 +77,7 @@ def load_run(run_dir: str | Path) -> RunSeries:
     s = RunSeries(run_dir.name, label)
     eps: list[float] = []
     clients: set[str] = set()
-    s.personal = any("personal_accuracy_weighted" in r for r in rows)
+    s.personal = any("personal_accuracy_weighted" in r or "personal_perplexity_weighted" in r for r in rows)
     s.metric = metric_of(rows)
     if s.personal:
         s.strategy += " †"
