@@ -100,7 +100,10 @@ def resume_state(cfg: RunConfig) -> str:
         return "fresh"
     old = load_config(saved).to_dict()
     new = cfg.to_dict()
-    differ = sorted(_diff(old, new) - {"rounds", "run_dir"})
+    # rounds may grow; the run folder and a data root the run pinned itself (sim.prepare_run_dir) are not
+    # the user's choices
+    ignore = {"rounds", "run_dir"} | ({"data.root"} if not cfg.data.root else set())
+    differ = sorted(_diff(old, new) - ignore)
     if differ:
         raise ValueError(f"--resume: {run_dir} was run with another config ({', '.join(differ)} differ); "
                          "remove that folder, or compare without --resume")

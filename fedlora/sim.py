@@ -50,7 +50,9 @@ def prepare_run_dir(cfg, resume: bool = False) -> Path:
         shutil.rmtree(cfg.resolved_run_dir() / "checkpoints", ignore_errors=True)
         (cfg.resolved_run_dir() / "generations.jsonl").unlink(missing_ok=True)  # appended per round
     (cfg.resolved_run_dir() / "summary.json").unlink(missing_ok=True)  # the run writes its own
-    if cfg.data.name != "synthetic" and not cfg.data.root:
+    from fedlora.data import KNOWN_DATASETS
+
+    if cfg.data.name in KNOWN_DATASETS and not cfg.data.root:
         # the apps run from Flower's copy of the project (FLWR_HOME/apps/...): pin the data root
         # found from here, so the server and the simulated clients read the same files
         from fedlora.data import resolve_data_root
