@@ -365,3 +365,34 @@ def test_a_centralized_baseline_of_a_natural_partition_is_one_pooled_client(tmp_
     _, runs = plan(None, ["fedavg", "fedex"], sets, centralized=True)
     assert [(n, c.clients.num, c.data.partition) for n, c in runs] == [
         ("fedavg", 3, "natural"), ("fedex", 3, "natural"), ("centralized", 1, "iid")]
+
+
+@pytest.mark.gpu
+def test_bf16_training_on_cuda_lowers_the_loss(tmp_path, llama_dir):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from fedlora.train import OptimConfig, train_local
+
+    tok = lm_helpers.tokenizer(tmp_path / "t")
+    model = causal_lm.load_model(llama_dir)
+    inject_lora(model, LoRAConfig(targets=["q_proj", "v_proj"], rank=8, scale=1.0, seed=0))
+    ds = lm_data.tokenize(lm_helpers.rows(64), "prompt-completion", tok, 32)
+    before = evaluate(model, lm_data.make_loader(ds, 16, False), device="cuda").loss
+    train_local(model, lm_data.make_loader(ds, 16, True), steps=30, optim=OptimConfig(lr=1e-2), device="cuda")
+    assert evaluate(model, lm_data.make_loader(ds, 16, False), device="cuda").loss < before
+
+
+@pytest.mark.gpu
+def test_eight_virtual_clients_share_one_gpu_and_one_frozen_base(tmp_path, llama_dir, data_file):
+    """Eight clients on one CUDA device in one process: one base model serves them all (the process's
+    model cache), every update is accepted, and the loss falls."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from fedlora.loopback import run_loopback
+
+    cfg = _cfg(llama_dir, data_file, tmp_path / "run", "clients.num=8", 'clients.device="cuda"',
+               "clients.ranks=[2,4,8,16]")
+    run_loopback(cfg)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(len(r["clients"]) == 8 and all(c["accepted"] for c in r["clients"]) for r in rows)
+    assert rows[1]["train_loss"] < rows[0]["train_loss"]
