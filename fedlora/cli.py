@@ -78,6 +78,7 @@ def simulate(
         cfg = resolve(config, strategy, rounds, set_ or [], resume)
         if engine not in ("flower", "inprocess"):
             raise ValueError(f"--engine must be 'flower' or 'inprocess', got {engine!r}")
+        gpus = cfg.gpu_fraction() if engine == "flower" else 0.0
     except ValueError as e:
         console.print(f"[red]config error:[/red] {e}")
         raise typer.Exit(2) from e
@@ -98,7 +99,7 @@ def simulate(
                 result["rc"] = 0
             else:
                 r = sim.run_flower({"config-path": str(cfg_path), "resume": resume is not None},
-                                   cfg.clients.num, cfg.clients.num_cpus, cfg.clients.num_gpus,
+                                   cfg.clients.num, cfg.clients.num_cpus, gpus,
                                    log_dir=run_dir / "logs", timeout=timeout)
                 result["rc"], result["run"] = r.returncode, r
         except BaseException as e:  # noqa: BLE001 - reported below

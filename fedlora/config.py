@@ -122,7 +122,10 @@ class ClientsSection(Section):
     min_replies: int = 0  # a round ends once this many sampled clients replied (0: all, or the timeout)
     device: str = "cpu"  # auto | cpu | cuda[:N] (a node's own `device` node config wins)
     num_cpus: int = 1  # Ray resources per virtual client (whole CPUs only)
-    num_gpus: float = 0.0
+    num_gpus: float = 0.0  # Ray's GPU fraction per virtual client (0: none, or from gpu_memory_gb)
+    # GiB of GPU memory one client needs: its GPU fraction becomes this / the device's memory, so Ray
+    # runs only as many clients per GPU at once as fit (0: not used)
+    gpu_memory_gb: float = 0.0
     poll_interval: float = 0.2  # seconds between the server's reply polls (Flower's default: 3)
 
 
@@ -254,6 +257,22 @@ class RunConfig(Section):
 
     def to_toml(self) -> str:
         return tomli_w.dumps(self.to_dict())
+
+    def gpu_fraction(self) -> float:
+        """Ray's GPU share per virtual client: ``clients.num_gpus``, or ``clients.gpu_memory_gb`` over
+        the memory of CUDA device 0 (at most 1), so that concurrency follows from what a client needs
+        and more clients than fit never share a GPU at once. An error when the memory is asked for and
+        there is no CUDA device."""
+        c = self.clients
+        if not c.gpu_memory_gb:
+            return c.num_gpus
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"clients.gpu_memory_gb = {c.gpu_memory_gb}: no CUDA device here; set it to 0 "
+                             "for CPU clients")
+        total = torch.cuda.get_device_properties(0).total_memory / 2**30
+        return min(1.0, c.gpu_memory_gb / total)
 
     def client_spec(self) -> ClientSpec:
         return ClientSpec(seed=self.seed, rounds=self.rounds, strategy=self.strategy.name,
@@ -473,6 +492,9 @@ def validate(cfg: RunConfig, config_path: str | Path | None = None, check_data: 
            f"must be 'auto', 'cpu' or 'cuda[:N]', got {c.device!r}")
     _check(c.num_cpus >= 1, "clients.num_cpus", f"must be a whole number >= 1, got {c.num_cpus}")
     _check(c.num_gpus >= 0, "clients.num_gpus", f"must be >= 0, got {c.num_gpus}")
+    _check(c.gpu_memory_gb >= 0, "clients.gpu_memory_gb", f"must be >= 0, got {c.gpu_memory_gb}")
+    _check(not (c.gpu_memory_gb and c.num_gpus), "clients.gpu_memory_gb",
+           "give clients.num_gpus (a fraction) or clients.gpu_memory_gb (what a client needs), not both")
     _check(c.poll_interval > 0, "clients.poll_interval", f"must be > 0, got {c.poll_interval}")
     d = cfg.data
     from fedlora import hf_data

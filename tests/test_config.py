@@ -84,3 +84,25 @@ def test_missing_data_or_model_is_a_config_error_before_anything_starts(tmp_path
     assert str(tmp_path / "nowhere" / "sst2") in str(e.value) and "data.root" in str(e.value)
     with pytest.raises(ValueError, match="model.name.*no folder"):
         load_config(None, [f'model.name="hf:{tmp_path / "no-model"}"'])
+
+
+def test_gpu_memory_per_client_sets_rays_gpu_fraction(monkeypatch):
+    """clients.gpu_memory_gb: the GPU share per virtual client is what it needs over the device's memory
+    (at most 1), so Ray runs as many clients per GPU at once as fit; an error without CUDA."""
+    import torch
+
+    cfg = load_config(None, ["clients.gpu_memory_gb=10.0"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"clients.gpu_memory_gb = 10.0: no CUDA device here"):
+        cfg.gpu_fraction()
+
+    class Props:
+        total_memory = 80 * 2**30
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: Props())
+    assert cfg.gpu_fraction() == pytest.approx(0.125)  # eight clients at a time on an 80 GiB GPU
+    assert load_config(None, ["clients.gpu_memory_gb=100.0"]).gpu_fraction() == 1.0
+    assert load_config(None, ["clients.num_gpus=0.5"]).gpu_fraction() == 0.5
+    with pytest.raises(ValueError, match=r"clients.gpu_memory_gb: give clients.num_gpus .* not both"):
+        load_config(None, ["clients.num_gpus=0.5", "clients.gpu_memory_gb=10.0"])
