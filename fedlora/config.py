@@ -587,10 +587,7 @@ def _validate_causal(cfg: RunConfig, check_data: bool) -> None:
     if cfg.model.quantize and check_data:
         from fedlora.causal_lm import quantization_config
 
-        try:
-            quantization_config(cfg.model.quantize)
-        except ValueError as e:
-            raise ValueError(str(e)) from e
+        quantization_config(cfg.model.quantize)  # its errors name model.quantize and the fix
     from fedlora.data import KNOWN_DATASETS
     from fedlora.lm_data import FORMATS
 
@@ -619,8 +616,7 @@ def _validate_causal(cfg: RunConfig, check_data: bool) -> None:
     if d.partition == "natural":
         have = len(lm_data.natural_groups(list(rows[d.partition_by])))
         _check(have == cfg.clients.num, "clients.num",
-               f"data.partition = 'natural' by {d.partition_by!r} gives {have} clients (one per value): set "
-               f"clients.num = {have}")
+               lm_data.natural_mismatch(d.partition_by, have, cfg.clients.num))
 
 
 def privacy_config(cfg: RunConfig):

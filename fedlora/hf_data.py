@@ -265,5 +265,6 @@ def check(d, num_partitions: int, causal: bool = False) -> None:
         train = _split(_key(d), d.train_split)
         have = len(train.unique(d.partition_by))
         if have != num_partitions:
-            raise ValueError(f"data.partition = 'natural' by {d.partition_by!r} gives {have} clients (one "
-                             f"per value), but clients.num = {num_partitions}: set clients.num = {have}")
+            from fedlora.lm_data import natural_mismatch
+
+            raise ValueError(natural_mismatch(d.partition_by, have, num_partitions))

@@ -226,6 +226,12 @@ def split_rows(ds, seed: int):
     return ds.select(np.sort(perm[k:]).tolist()), ds.select(np.sort(perm[:k]).tolist())
 
 
+def natural_mismatch(by: str, have: int, want: int) -> str:
+    """The one message for a natural partition whose number of values is not the run's clients."""
+    return (f"data.partition = 'natural' by {by!r} gives {have} clients (one per value), but clients.num = "
+            f"{want}: set clients.num = {have}")
+
+
 def natural_groups(values: list) -> list[np.ndarray]:
     """Row indices per distinct value, the values in sorted order (client i = the i-th value)."""
     keys = sorted({str(v) for v in values})
@@ -243,9 +249,7 @@ def partition_rows(ds, num_partitions: int, d, seed: int) -> list[np.ndarray]:
     if d.partition == "natural":
         groups = natural_groups(list(ds[d.partition_by]))
         if len(groups) != num_partitions:
-            raise ValueError(f"data.partition = 'natural' by {d.partition_by!r} gives {len(groups)} clients "
-                             f"(one per value), but clients.num = {num_partitions}: set clients.num = "
-                             f"{len(groups)}")
+            raise ValueError(natural_mismatch(d.partition_by, len(groups), num_partitions))
         return groups
     if d.partition == "iid":
         labels = np.zeros(len(ds), dtype=np.int64)

@@ -154,7 +154,8 @@ def test_bad_input_is_named_before_anything_starts(tmp_path, llama_dir, data_fil
                          intermediate_size=32)).save_pretrained(str(tmp_path / "bert"))
     with pytest.raises(ValueError, match=r"is not a causal LM \(config.json architectures \['BertModel'\]"):
         _cfg(tmp_path / "bert", data_file, tmp_path / "r")
-    with pytest.raises(ValueError, match=r"gives 3 clients \(one per value\): set clients.num = 3"):
+    with pytest.raises(ValueError,
+                       match=r"gives 3 clients \(one per value\), but clients.num = 4: set clients.num = 3"):
         _cfg(llama_dir, data_file, tmp_path / "r", 'data.partition="natural"', 'data.partition_by="who"',
              "clients.num=4")
     msg = (r"data.server_examples: the server holds out 12 of the 120 rows; 12 evaluation rows plus "
