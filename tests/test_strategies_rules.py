@@ -171,6 +171,41 @@ def test_fedex_residual_transport_factored_vs_dense():
     torch.testing.assert_close(p.base_deltas[0].layers["w"].D, s.base.cum["w"])
 
 
+@pytest.mark.parametrize("name", ["fedex", "flora"])
+@pytest.mark.parametrize("rank", [2, 4])
+def test_a_new_client_catches_up_factored_when_fewer_numbers(name, rank):
+    """A client at version 0 (W0) gets the missed deltas factored while they are fewer numbers
+    than one dense reset (FedEx: plus its current tail as factors), and its model is then the
+    global one; once dense is cheaper it gets the dense reset."""
+    big = {"w": LayerSpec(64, 48)}
+    s = create_strategy(name, layers=big, r_max=4, scale=1.5, dtype=F64)
+    gen = torch.Generator().manual_seed(1)
+
+    def rnd(n):
+        ups = []
+        for i in range(n):
+            r = (2, 4)[i % 2]
+            p = s.payload(f"c{i}", r, s.version)
+            A = p.factors["w"]["A"] + 0.1 * torch.randn(r, 48, generator=gen, dtype=F64)
+            ups.append(ClientUpdate(f"c{i}", r, 5, s.version,
+                                    {"w": {"A": A, "B": torch.randn(64, r, generator=gen, dtype=F64)}}))
+        s.aggregate(ups)
+
+    rnd(2)
+    rnd(2)
+    p = s.payload("new", rank, 0)
+    assert p.base_deltas and not any(bd.reset for bd in p.base_deltas)
+    assert all(isinstance(d, LowRank) for bd in p.base_deltas for d in bd.layers.values())
+    numbers = sum(d.numel() for bd in p.base_deltas for d in bd.layers.values())
+    assert numbers < 64 * 48
+    base = sum(d.to_dense() for bd in p.base_deltas for d in bd.layers.values())
+    W = base + s.scale * p.factors["w"]["B"] @ p.factors["w"]["A"] if name == "fedex" else base
+    torch.testing.assert_close(W, s.global_delta("w"), rtol=1e-12, atol=1e-12)
+    rnd(12)  # a large stack: the dense reset is now fewer numbers
+    p = s.payload("newer", rank, 0)
+    assert len(p.base_deltas) == 1 and p.base_deltas[0].reset
+
+
 def test_fold_into_bf16_model_keeps_fp32_master():
     s = _strategy("fedex")
     ups, _ = _round(s, [4, 4, 2])

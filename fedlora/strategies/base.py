@@ -103,6 +103,7 @@ class Strategy:
         self.round = 0
         self._head: dict[str, Tensor] | None = None
         self._sent: dict[str, int] = {}  # bytes down per client since the last aggregation
+        self._sum_bufs: dict[int, Tensor] = {}  # the rank groups' sum buffers, reused every round
         self.validator = UpdateValidator(self.name, self.layers, r_max, self.uploads, dtype, weighting,
                                          self.shares_head)
 
@@ -148,7 +149,8 @@ class Strategy:
         given, self._given = self._given, {}
         accepted = self.norm_bound.apply(accepted, given, rejected)
         p = self._weights(accepted) if accepted else []
-        sums = group_sums(accepted, p, self.validator, self.dtype) if accepted and self.sums_uploads else None
+        sums = group_sums(accepted, p, self.validator, self.dtype, self._sum_bufs) \
+            if accepted and self.sums_uploads else None
         kept = {u.client_id for u in accepted}
         bytes_up: dict[str, int] = {}  # what the clients sent (before any cast to the server's dtype)
         for u in updates:

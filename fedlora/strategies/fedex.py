@@ -23,8 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from fedlora.strategies.defences import require_finite
-from fedlora.strategies.deltas import Dense, LowRank, cheapest
+from fedlora.strategies.deltas import Dense, LowRank
 from fedlora.strategies.exactness import Term, from_delta, low_rank
 from fedlora.strategies.fedavg import FedAvg
 from fedlora.strategies.history import BaseHistory
@@ -48,18 +47,23 @@ class FedEx(FedAvg):
             0: (dict(self.A), dict(self.B))}
 
     def _payload(self, client_id: str, rank: int, base_version: int) -> ClientPayload:
-        cur, v = self.version, base_version
-        tails_now = None  # the client's tail at the current version, dense (for a full reset)
-        if rank < self.r_max:
-            tails_now = {n: self.scale * self.B[n][:, rank:] @ self.A[n][rank:] for n in self.layers}
+        cur, v, s = self.version, base_version, self.scale
+
+        def tails_now() -> dict[str, Tensor] | None:  # the client's tail now, dense: a full reset only
+            return {n: s * self.B[n][:, rank:] @ self.A[n][rank:] for n in self.layers} \
+                if rank < self.r_max else None
+
         if v > cur or (0 < v < cur and v not in self.factors_at):
-            deltas = [self._full_reset(tails_now)]  # a base we cannot reconstruct: resync
+            deltas = [self._full_reset(tails_now())]  # a base we cannot reconstruct: resync
         else:
-            extra = None
-            if rank < self.r_max and 0 < v < cur:  # tail(cur, r) − tail(v, r), factored
+            extra = None  # tail(cur, r) − tail(v, r), factored (at version 0 the base is W0: no tail)
+            if rank < self.r_max and v == 0 < cur:
+                extra = BaseDelta(cur, {n: LowRank(s * self.B[n][:, rank:], self.A[n][rank:].clone())
+                                        for n in self.layers})
+            elif rank < self.r_max and 0 < v < cur:
                 A_v, B_v = self.factors_at[v]
                 extra = BaseDelta(cur, {n: LowRank(
-                    torch.cat([self.scale * self.B[n][:, rank:], -self.scale * B_v[n][:, rank:]], 1),
+                    torch.cat([s * self.B[n][:, rank:], -s * B_v[n][:, rank:]], 1),
                     torch.cat([self.A[n][rank:], A_v[n][rank:]], 0)) for n in self.layers})
             deltas = self.base.choose(v, cur, extra, tails_now)
         factors = {n: {"A": self.A[n][:rank].clone(), "B": self.B[n][:, :rank].clone()}
@@ -78,7 +82,7 @@ class FedEx(FedAvg):
         for u, pi in zip(updates, p):
             if u.rank < self.r_max:
                 tail_w[u.rank] = tail_w.get(u.rank, 0.0) + pi
-        transport, products = {}, {}
+        residuals = {}
         s = self.scale
         # U's column scales (the same for every layer): s·p_i per client column, −s for B̄, s·w_r
         # for the rank-r tails; applied once to the concatenation instead of scaling copies
@@ -93,13 +97,11 @@ class FedEx(FedAvg):
             for r in tail_w:
                 Uts.append(B_old[n][:, r:].T)
                 Vs.append(A_old[n][r:])
-            transport[n], products[n] = cheapest(torch.cat(Uts, 0).mul_(col).T, torch.cat(Vs, 0))
-        require_finite(products, "residual", self.dtype)
-        # and what accumulates: the folded base after this round (a sustained attack of large
-        # in-range updates must not walk it to ∞)
-        require_finite({n: self.base.cum[n] + products[n] for n in self.layers}, "folded base", self.dtype)
+            residuals[n] = (torch.cat(Uts, 0).mul_(col).T, torch.cat(Vs, 0))
+        # folded in place (one pass per layer); a round that would overflow the base (a sustained
+        # attack of large in-range updates) raises first and changes nothing
+        self.base.fold(self.version + 1, residuals, "residual")
         self.A, self.B = A_new, B_new
-        self.base.push(self.version + 1, transport, products)
         self.factors_at[self.version + 1] = (dict(self.A), dict(self.B))
         for old in [v for v in self.factors_at if v <= self.version + 1 - self.history]:
             del self.factors_at[old]

@@ -7,9 +7,9 @@ Every round each client starts a fresh adapter at its own rank r_i: ``B = 0``,
     s·B_stack·A_stack = s·Σ p_i B_i A_i      (transported as U = [s·p_1B_1, …], V = [A_1; …])
     base_g ← base_g + s·B_stack·A_stack,       W_g(new) = base_g = Σ p_i W_i   (exact)
 
-Heterogeneous ranks are native. Every client, also one that skipped rounds, folds every stack it
-missed, in order (``base_version``), or one dense full delta when cheaper. Transport is the stack
-(factored) when ``Σr_i (d+k) < d·k``, else dense.
+Heterogeneous ranks are native. Every client, also one that skipped rounds or a new one, folds
+every stack it missed, in order (``base_version``), or one dense full delta when cheaper. Transport
+is the stack (factored) when ``Σr_i (d+k) < d·k``, else dense.
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ import torch
 
 from fedlora.lora import kaiming_a
 from fedlora.strategies.base import Strategy
-from fedlora.strategies.defences import require_finite
-from fedlora.strategies.deltas import Dense, cheapest
+from fedlora.strategies.deltas import Dense
 from fedlora.strategies.exactness import Term, from_delta, low_rank
 from fedlora.strategies.history import BaseHistory
 from fedlora.strategies.registry import register_strategy
@@ -54,20 +53,17 @@ class FLoRA(Strategy):
                              seed=self.round_seed(0), meta={"round": self.round})
 
     def _aggregate(self, updates: list[ClientUpdate], p: list[float], sums: None) -> None:
-        transport, products = {}, {}
         # s·B_stack·A_stack with the weights on B's columns: U = [s·p_1B_1, …], V = [A_1; …]
         col = torch.tensor([self.scale * pi for u, pi in zip(updates, p) for _ in range(u.rank)],
                            dtype=self.dtype).unsqueeze(1)
+        stacks = {}
         for n in self.layers:
             # Uᵀ stacked by rows (each Bᵢᵀ a block of rows) copies 3× faster than U by columns
             U = torch.cat([u.factors[n]["B"].T for u in updates], 0).mul_(col).T
-            V = torch.cat([u.factors[n]["A"] for u in updates], 0)
-            transport[n], products[n] = cheapest(U, V)
-        require_finite(products, "stack product", self.dtype)
-        # and what accumulates: the folded base after this round (a sustained attack of large
-        # in-range updates must not walk it to ∞)
-        require_finite({n: self.base.cum[n] + products[n] for n in self.layers}, "folded base", self.dtype)
-        self.base.push(self.version + 1, transport, products)
+            stacks[n] = (U, torch.cat([u.factors[n]["A"] for u in updates], 0))
+        # folded in place (one pass per layer); a round that would overflow the base (a sustained
+        # attack of large in-range updates) raises first and changes nothing
+        self.base.fold(self.version + 1, stacks, "stack product")
 
     def client_change(self, u: ClientUpdate, layer: str) -> list[Term]:
         return [low_rank(self.scale, u.factors[layer]["B"], u.factors[layer]["A"])]  # fresh adapter

@@ -18,7 +18,8 @@ class GroupSums:
     """``Σ_{i: r_i = r} p_i·X_i`` per rank group ``r`` for every uploaded factor, in one pass.
 
     ``by_key[r][key]`` lists the per-layer sums in layer order (views into ``bufs[r]``, one flat
-    buffer per group); ``weight[r] = Σ_{i: r_i = r} p_i``.
+    buffer per group); ``weight[r] = Σ_{i: r_i = r} p_i``. The buffers are the strategy's, reused
+    by the next round's sums: a rule copies what it keeps (every built-in rule writes new tensors).
     """
 
     weight: dict[int, float]
@@ -27,23 +28,34 @@ class GroupSums:
 
 
 def group_sums(updates: list[ClientUpdate], p: list[float], validator: UpdateValidator,
-               dtype: torch.dtype) -> GroupSums:
+               dtype: torch.dtype, pool: dict[int, Tensor] | None = None) -> GroupSums:
     """Each rank group's weighted sum in one flat buffer (a flat update is one ``add_``, any
-    other one multi-tensor add over its layers)."""
+    other one multi-tensor add over its layers). ``pool``: buffers kept from an earlier round,
+    reused when their size fits (a fresh large buffer costs a page fault per 4 KiB on first touch)."""
+    pool = {} if pool is None else pool
     bufs: dict[int, Tensor] = {}
     views: dict[int, list[Tensor]] = {}
     weight: dict[int, float] = {}
     for u, pi in zip(updates, p):
         r = u.rank
         layout = validator.layout(r)
-        if r not in bufs:
+        first = r not in bufs
+        if first:
             sizes = [math.prod(s) for _, _, s in layout]
-            bufs[r] = torch.zeros(sum(sizes), dtype=dtype)
-            views[r] = [v.view(s) for v, (_, _, s) in zip(torch.split(bufs[r], sizes), layout)]
+            buf = pool.get(r)
+            if buf is None or buf.numel() != sum(sizes) or buf.dtype != dtype:
+                buf = pool[r] = torch.empty(sum(sizes), dtype=dtype)
+            bufs[r] = buf
+            views[r] = [v.view(s) for v, (_, _, s) in zip(torch.split(buf, sizes), layout)]
             weight[r] = 0.0
         if u.flat is not None:
-            bufs[r].add_(u.flat, alpha=pi)
+            if first:  # the group's first member overwrites: no zeroing pass
+                torch.mul(u.flat, pi, out=bufs[r])
+            else:
+                bufs[r].add_(u.flat, alpha=pi)
         else:
+            if first:
+                bufs[r].zero_()
             torch._foreach_add_(views[r], [u.factors[n][k] for n, k, _ in layout], alpha=pi)
         weight[r] += pi
     keys = validator.keys
