@@ -5,9 +5,10 @@ float32, ``check_exactness=False`` (the diagnostic is optional and not part of t
 updates reach ``aggregate`` as the server receives them: encoded to Flower records by the client's
 ``update_to_record`` and decoded by ``flower_io.record_to_update`` (done once, outside the timing).
 The baseline is ``benchmarks/minimal_rules.py``: the rule's arithmetic only, on the same decoded
-updates. Both start from the same state (fedlora's, copied), run interleaved, and the first
-repeat checks that they end in the same global model (``W_g − W0`` of every layer, relative error
-≤ 1e-4 in float32). Prints the medians and their ratio (fedlora / minimal).
+updates. Both start from the same state — fedlora's after one round, so that the timed round is
+a running server's (RoLoRA's is then an A round) — run interleaved, and the first repeat checks
+that they end in the same global model (``W_g − W0`` of every layer, relative error ≤ 1e-4 in
+float32). Prints the medians and their ratio (fedlora / minimal).
 
     python benchmarks/aggregation.py [--clients 8,32,128] [--repeats 5] [--strategies fedavg,...]
 """
@@ -68,6 +69,7 @@ def compare(name: str, layers, r_max: int, k: int, ranks, repeats: int,
             gen: torch.Generator) -> tuple[float, float, float]:
     """(median fedlora s, median minimal s, relative difference of the results)."""
     template = make_strategy(name, layers, r_max, gen)
+    template.aggregate(make_updates(template, k, ranks, gen))  # round 1: the timed one is round 2
     ups = make_updates(template, k, ranks, gen)
     ours, mine, diff = [], [], None
     for _ in range(repeats):

@@ -119,7 +119,9 @@ def minimal_ffa(st, updates, scale, r_max):
     return {"A": st["A"], "B": _completed_mean(st["B"], updates, weights(updates), "B")}
 
 
-minimal_rolora = minimal_ffa  # its first round trains B (the A rounds are the same code on A)
+def minimal_rolora(st, updates, scale, r_max):
+    key = "B" if "B" in updates[0].factors[next(iter(st["A"]))] else "A"  # B and A rounds alternate
+    return {**st, key: _completed_mean(st[key], updates, weights(updates), key)}
 
 
 def minimal_fedsvd(st, updates, scale, r_max):

@@ -23,7 +23,8 @@ to the round's change (the same denominator as FedAvg's)::
 
 (0 when every client's rank covers ΔW's). The server keeps ΔW dense (d·k per layer) and computes
 the SVD once per round: through QR of the stacked factors (O(ρ²(d+k)), ρ = Σ r_i) when
-ρ < min(d, k), else densely. Communication per layer: up and down ``r_i(d+k)``.
+ρ < min(d, k), else densely; ΔW is replaced layer by layer, so a round holds one dense
+layer beyond the state. Communication per layer: up and down ``r_i(d+k)``.
 """
 
 from __future__ import annotations
@@ -65,24 +66,34 @@ class FlexLoRA(Strategy):
         s = self.scale
         col = torch.tensor([s * pi for u, pi in zip(updates, p) for _ in range(u.rank)],
                            dtype=self.dtype).unsqueeze(1)
-        new, svds = {}, {}
+        stacks = {}
         for n in self.layers:
             # U = [s·p_1B_1, …], V = [A_1; …]: ΔW = U·V (Uᵀ by rows: the faster copy, as FLoRA)
             U = torch.cat([u.factors[n]["B"].T for u in updates], 0).mul_(col).T
-            V = torch.cat([u.factors[n]["A"] for u in updates], 0)
-            new[n] = U @ V
-            svds[n] = (U, V)
-        require_finite(new, "averaged update", self.dtype)
+            stacks[n] = (U, torch.cat([u.factors[n]["A"] for u in updates], 0))
+        # first what can fail, from the factors: the SVDs (no d×k on the QR path) and the range of
+        # ΔW (max|U·V| ≤ ‖U‖_F‖V‖_F; the dense products are looked at only near the dtype's limit)
         A_new, B_new, sv = {}, {}, {}
         for n, spec in self.layers.items():
-            P, S, Qh = svd_of_product(*svds[n])
+            P, S, Qh = svd_of_product(*stacks[n])
             m = min(self.r_max, S.numel())
             A, B = self.A0[n].clone(), self._zeros(spec.d_out, self.r_max)
             A[:m] = Qh[:m]
             B[:, :m] = P[:, :m] * (S[:m] / s)
             A_new[n], B_new[n], sv[n] = A, B, S
-        self._old_delta = self.delta
-        self.delta, self.A, self.B, self.sv = new, A_new, B_new, sv
+        limit = torch.finfo(self.dtype).max / 2
+        if not all(float(U.norm()) * float(V.norm()) <= limit for U, V in stacks.values()):
+            require_finite({n: U @ V for n, (U, V) in stacks.items()}, "averaged update", self.dtype)
+        # then ΔW, one layer at a time (the old one is freed as the new one is written: no second
+        # dense copy of the state), with how far it moved for the diagnostic
+        self._moved = {}
+        for n, (U, V) in stacks.items():
+            new = U @ V
+            if self.check_exactness:
+                moved = torch.linalg.vector_norm(new - self.delta[n], dtype=torch.float64)
+                self._moved[n] = float(moved) ** 2
+            self.delta[n] = new
+        self.A, self.B, self.sv = A_new, B_new, sv
         self._ranks = [u.rank for u in updates]
 
     def _aggregation_error(self, clients: list[dict[str, list[Term]]], p: list[float]) -> float:
@@ -90,7 +101,7 @@ class FlexLoRA(Strategy):
         for n in self.layers:
             tail = [float(self.sv[n][r:].double().pow(2).sum()) for r in self._ranks]
             num += math.fsum(pi * t for pi, t in zip(p, tail))
-            den += float((self.delta[n] - self._old_delta[n]).double().pow(2).sum())
+            den += self._moved[n]
         return math.sqrt(num) / math.sqrt(den) if den > 0 else math.sqrt(num)
 
     def client_change(self, u: ClientUpdate, layer: str) -> list[Term]:
@@ -98,7 +109,8 @@ class FlexLoRA(Strategy):
         return [low_rank(self.scale, f["B"], f["A"]), dense(-1.0, self.delta[layer])]
 
     def global_change(self, layer: str) -> list[Term]:
-        return [dense(1.0, self.delta[layer]), dense(-1.0, self._old_delta[layer])]
+        raise NotImplementedError("flexlora measures its aggregation error from ΔW's singular values "
+                                  "(_aggregation_error): the old ΔW is not kept")
 
     def global_delta(self, layer: str) -> Tensor:
         return self.delta[layer].clone()

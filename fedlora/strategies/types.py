@@ -65,9 +65,9 @@ class ClientPayload:
 
 @dataclass
 class ClientUpdate:
-    """A client's upload. ``flat`` (optional): all factors in one 1-D buffer, layers in the
-    strategy's order and keys sorted (``flower_io`` decodes replies so); when it is set the
-    factors are read from it, so a rank group is summed in one ``add_``."""
+    """A client's upload. ``flat`` (optional, set by ``flower_io``'s decoder only): all factors in
+    one 1-D buffer, of which the ``factors`` are consecutive views in their order; when that order
+    is the strategy's layout (layers in order, keys sorted), a rank group is summed in one ``add_``."""
 
     client_id: str
     rank: int

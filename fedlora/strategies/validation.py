@@ -29,7 +29,7 @@ class UpdateValidator:
         self.name, self.layers, self.r_max, self.dtype = name, layers, r_max, dtype
         self.keys = sorted(uploads)
         self.weighting, self.shares_head = weighting, shares_head
-        self._layouts: dict[int, list[tuple[str, str, tuple[int, int]]]] = {}
+        self._layouts: dict = {}  # per rank: its layout (and with torch.Size shapes, keyed (r, "sized"))
 
     def use_keys(self, keys: Iterable[str]) -> None:
         """Check updates for these factor keys from now on (a rule may alternate them by round)."""
@@ -43,6 +43,11 @@ class UpdateValidator:
             self._layouts[r] = [(n, k, factor_shape(k, s, r)) for n, s in self.layers.items()
                                 for k in self.keys]
         return self._layouts[r]
+
+    def _sized(self, r: int) -> list[tuple[str, str, torch.Size]]:
+        if (r, "sized") not in self._layouts:
+            self._layouts[(r, "sized")] = [(n, k, torch.Size(s)) for n, k, s in self.layout(r)]
+        return self._layouts[(r, "sized")]
 
     def check(self, u: ClientUpdate, version: int, head_ref: dict[str, Tensor] | None
               ) -> tuple[str | None, ClientUpdate | None]:
@@ -80,15 +85,11 @@ class UpdateValidator:
         if flat is not None and not (
                 isinstance(flat, Tensor) and flat.dtype == self.dtype and flat.dim() == 1
                 and flat.numel() == sum(math.prod(s) for _, _, s in layout)
-                and [(n, k) for n, f in u.factors.items() for k in f] == [(n, k) for n, k, _ in layout]
-                and all(tuple(getattr(u.factors[n][k], "shape", ())) == s for n, k, s in layout)):
+                and [(n, k, getattr(t, "shape", None)) for n, f in u.factors.items() for k, t in f.items()]
+                == self._sized(u.rank)):
             flat = None  # not the canonical layout: check factor by factor
-        if flat is not None:
-            views = torch.split(flat, [math.prod(s) for _, _, s in layout])
-            factors: Factors = {n: {} for n in self.layers}
-            for (n, k, s), v in zip(layout, views):
-                factors[n][k] = v.view(s)
-            return None, factors, flat
+        if flat is not None:  # the factors are consecutive views of ``flat`` (how flower_io decodes)
+            return None, u.factors, flat
         factors = {}
         for n, k, shape in layout:
             t = u.factors[n][k]
