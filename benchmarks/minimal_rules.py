@@ -172,15 +172,33 @@ def minimal_hetlora(st, updates, scale, r_max):
 MINIMAL = {name[len("minimal_"):]: f for name, f in globals().items() if name.startswith("minimal_")}
 
 
-def state_of(s) -> dict[str, dict[str, Tensor]]:
-    """A fedlora strategy's global state as the plain tensors the minimal rules take."""
+def state_of(s, clone: bool = True) -> dict[str, dict[str, Tensor]]:
+    """A fedlora strategy's global state as the plain tensors the minimal rules take (copies, or
+    the strategy's own tensors with ``clone=False``)."""
     st = {}
     for key in ("A", "B", "R", "A0", "delta"):
         if isinstance(getattr(s, key, None), dict):
-            st[key] = {n: t.clone() for n, t in getattr(s, key).items()}
+            st[key] = {n: t.clone() if clone else t for n, t in getattr(s, key).items()}
     if hasattr(s, "base"):
-        st["base"] = {n: t.clone() for n, t in s.base.cum.items()}
+        st["base"] = {n: t.clone() if clone else t for n, t in s.base.cum.items()}
     return st
+
+
+def fingerprint(name: str, st: dict, x: Tensor, y: Tensor, scale: float) -> float:
+    """``Σ_l xᵀ·(W_g − W0)_l·y`` (FedSA: ``x[:r]ᵀ·A_l·y``) without forming a dense matrix."""
+    total = 0.0
+    for n in next(iter(st.values())):
+        if name == "fedsa":
+            total += float(x[:st["A"][n].shape[0]] @ st["A"][n] @ y)
+        elif name == "fedsb":
+            total += scale * float((x @ st["B"][n]) @ st["R"][n] @ (st["A"][n] @ y))
+        elif name in ("flora", "flexlora"):
+            total += float(x @ st["base" if name == "flora" else "delta"][n] @ y)
+        else:
+            total += scale * float((x @ st["B"][n]) @ (st["A"][n] @ y))
+            if "base" in st:
+                total += float(x @ st["base"][n] @ y)
+    return total
 
 
 def dense_state(name: str, st: dict, scale: float) -> dict[str, Tensor]:
