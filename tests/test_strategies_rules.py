@@ -409,3 +409,44 @@ def test_fedsb_tails_travel_as_rmax_squared_cores():
     apply_payload(model, later)
     want = layer.base.weight.detach() + s.global_delta("w")
     torch.testing.assert_close(layer.effective_weight(), want, rtol=1e-12, atol=1e-12)
+
+
+class _DenseAllocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts out-of-place ops whose result is a d×k matrix (in-place ones write existing state)."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.count = torch.Size(shape), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if not name.endswith("_") and isinstance(out, torch.Tensor) and out.shape == self.shape \
+                and name not in ("view", "alias", "detach", "t", "transpose", "slice"):
+            self.count += 1
+        return out
+
+
+@pytest.mark.parametrize("name", [n for n in STRATEGIES if n != "fedsb"])  # (fedsb: r×r cores)
+def test_no_dense_matrix_per_client_in_a_round(name):
+    """A round's dense d×k allocations do not grow with the number of clients (aggregation), and
+    a payload that travels factored forms none (catch-up, tails)."""
+    layers = {"w": LayerSpec(96, 80)}
+    counts = {}
+    for k in (2, 6):
+        s = create_strategy(name, layers=layers, r_max=4, scale=1.5, dtype=F64, check_exactness=False)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(2):
+            keys = sorted(s.round_uploads())
+            shape = {"A": lambda r: (r, 80), "B": lambda r: (96, r)}
+            ups = [ClientUpdate(f"c{i}", (2, 4)[i % 2], 5, s.version,
+                                {"w": {key: torch.randn(*shape[key]((2, 4)[i % 2]), generator=gen, dtype=F64)
+                                       for key in keys}}) for i in range(k)]
+            with _DenseAllocations((96, 80)) as mode:
+                s.aggregate(ups)
+            counts[k] = mode.count
+        with _DenseAllocations((96, 80)) as mode:
+            p = s.payload("late", 2, 1)  # missed a round, rank below r_max
+        if not any(isinstance(d, Dense) for bd in p.base_deltas for d in bd.layers.values()):
+            assert mode.count == 0, f"{name}: a factored payload formed {mode.count} dense matrices"
+    assert counts[2] == counts[6], f"{name}: dense allocations per round grow with K: {counts}"

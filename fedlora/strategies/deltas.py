@@ -77,9 +77,8 @@ def from_tensors(t: dict[str, Tensor]) -> Delta:
     raise ValueError(f"a base delta carries D, U+V or M; got keys {sorted(t)}")
 
 
-def cheapest(U: Tensor, V: Tensor) -> tuple[Delta, Tensor]:
-    """``(transport form, dense U@V)``: factors when ``ρ(d+k) < d·k`` numbers, else dense."""
-    D = U @ V
-    if U.shape[1] * (U.shape[0] + V.shape[1]) < D.numel():
-        return LowRank(U.contiguous(), V.contiguous()), D
-    return Dense(D), D
+def cheapest(U: Tensor, V: Tensor) -> Delta:
+    """``U·V`` as factors when ``ρ(d+k) < d·k`` numbers, else dense (formed only then)."""
+    if U.shape[1] * (U.shape[0] + V.shape[1]) < U.shape[0] * V.shape[1]:
+        return LowRank(U.contiguous(), V.contiguous())
+    return Dense(U @ V)

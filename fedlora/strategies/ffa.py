@@ -49,7 +49,7 @@ class FFA(Strategy):
 
     # ---- payloads --------------------------------------------------------------------------------
     def _tail(self, n: str, r: int) -> LowRank | Dense:
-        return cheapest(self.scale * self.B[n][:, r:], self.A[n][r:])[0]
+        return cheapest(self.scale * self.B[n][:, r:], self.A[n][r:])
 
     def _payload(self, client_id: str, rank: int, base_version: int) -> ClientPayload:
         cur = self.version

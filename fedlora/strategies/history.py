@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 
 from fedlora.strategies.defences import NonFiniteAggregate, overflow_reason
-from fedlora.strategies.deltas import Delta, Dense, LowRank, from_tensors
+from fedlora.strategies.deltas import Delta, Dense, cheapest, from_tensors
 from fedlora.strategies.types import BaseDelta, LayerSpec
 
 Tensor = torch.Tensor
@@ -46,11 +46,9 @@ class BaseHistory:
         transport: dict[str, Delta] = {}
         dense: dict[str, Tensor] = {}
         for n, (U, V) in factors.items():
-            if U.shape[1] * (U.shape[0] + V.shape[1]) < U.shape[0] * V.shape[1]:
-                transport[n] = LowRank(U.contiguous(), V.contiguous())
-            else:
-                dense[n] = U @ V
-                transport[n] = Dense(dense[n])
+            transport[n] = cheapest(U, V)
+            if isinstance(transport[n], Dense):
+                dense[n] = transport[n].D
         if not safe:  # look at the real sums (rare: bounds near the dtype's range)
             for n, (U, V) in factors.items():
                 d = dense.get(n)
