@@ -16,24 +16,20 @@ import copy
 import statistics
 
 import torch
-from aggregation import LAYERS, R_MAX, RANKS
-from aggregation import _updates as aggregation_updates
+from aggregation import R_MAX, RANKS, bert_layers, make_strategy, make_updates
 
-from fedlora.flower_io import record_to_update, update_to_record
-from fedlora.strategies import ClientUpdate, create_strategy
+from fedlora.strategies import strategy_class
+from fedlora.strategies.registry import strategy_names
 
-
-def _updates(name: str, k: int, version: int, gen: torch.Generator) -> list[ClientUpdate]:
-    # the aggregation benchmark's updates, as the server receives them (decoded from records)
-    return [record_to_update(update_to_record(u)) for u in aggregation_updates(name, k, version, gen)]
+LAYERS = bert_layers()
 
 
 def measure(name: str, k: int, repeats: int) -> tuple[float, float]:
     gen = torch.Generator().manual_seed(0)
-    start = create_strategy(name, layers=LAYERS, r_max=R_MAX, scale=2.0)
-    if start.init_from:  # once: every repeat starts from the same initialised state
-        start.initialize({n: torch.randn(768, 768, generator=gen) for n in LAYERS})
-    ups = _updates(name, k, start.version, gen)
+    start = make_strategy(name, LAYERS, R_MAX, gen)  # (Fed-SB initialised once)
+    start.check_exactness = True
+    # the aggregation benchmark's updates, as the server receives them (decoded from records)
+    ups = make_updates(start, k, RANKS, gen)
     off, diag = [], []
     for _ in range(repeats):
         for check in (False, True):
@@ -54,7 +50,7 @@ def main() -> None:
           f"{len(LAYERS)} layers 768x768, r_max {R_MAX}, ranks {RANKS}")
     print(f"{'strategy':8} {'K':>4} {'aggregate s':>11} {'diagnostic s':>12} {'ratio':>6}")
     for k in [int(x) for x in args.clients.split(",")]:
-        for name in ("fedavg", "fedex", "flora", "fedsb"):
+        for name in [n for n in strategy_names() if strategy_class(n).has_global_model]:
             agg, diag = measure(name, k, args.repeats)
             print(f"{name:8} {k:>4} {agg:>11.4f} {diag:>12.4f} {diag / agg:>6.2f}", flush=True)
 
