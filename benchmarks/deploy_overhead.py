@@ -8,6 +8,18 @@ three next to its training time in every reply (``overhead-process-s``, ``overhe
 them, per node and round, with the ratio overhead / training (issue 7's target: ≤ 10 %).
 
     python benchmarks/deploy_overhead.py [--steps 6,48] [--nodes 2] [--rounds 2]
+
+``--vs-minimal``: instead, the per-round client overhead of fedlora's ClientApp against Flower's own
+minimal ClientApp (``benchmarks/minimal_flower_app``, the ``flwr new`` PyTorch layout) served by the
+same deployment (the same SuperLink/SuperNode set-up, TLS + node auth), the two runs interleaved
+``--reps`` times. Overhead of one train message = everything the node's ClientApp process spends
+on it but local training: ``process age at the handler + handler time − training time`` (fedlora:
+``overhead-process-s + client-time-s − train-time-s`` from its metrics; the minimal app: the same
+from its ``$FEDLORA_TRACE_DIR`` timestamps), median over the rounds after the first (the first
+also fills fedlora's node cache). ``--config`` picks fedlora's run (``sst2-minilm``: MiniLM on
+SST-2; ``smoke``: the tiny in-code model).
+
+    python benchmarks/deploy_overhead.py --vs-minimal [--config sst2-minilm] [--rounds 3] [--reps 2]
 """
 
 from __future__ import annotations
@@ -26,20 +38,23 @@ from fedlora.deploy import LocalDeployment, NodeSpec
 from fedlora.sim import prepare_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
+MINIMAL = ROOT / "benchmarks" / "minimal_flower_app"
 KEYS = ("overhead-process-s", "overhead-load-s", "overhead-apply-s", "train-time-s")
 
 
-def run(tmp: Path, steps: int, nodes: int, rounds: int) -> list[dict]:
+def run(tmp: Path, steps: int, nodes: int, rounds: int, config: str = "sst2-minilm",
+        tag: str = "") -> list[dict]:
     from fedlora.config import load_config
 
-    cfg = load_config(ROOT / "simulations" / "sst2-minilm.toml", [
+    extra = ["data.limit=1000", "data.server_examples=200"] if config != "smoke" else []
+    cfg = load_config(ROOT / "simulations" / f"{config}.toml", [
         f"rounds={rounds}", f"clients.num={nodes}", f"train.local_steps={steps}",
-        "clients.fraction_train=1.0", "data.limit=1000", "data.server_examples=200",
-        f"run_dir={json.dumps(str(tmp / f'run-{steps}'))}", "clients.poll_interval=0.5"])
+        "clients.fraction_train=1.0", *extra,
+        f"run_dir={json.dumps(str(tmp / f'run-{steps}{tag}'))}", "clients.poll_interval=0.5"])
     path = prepare_run_dir(cfg)
     specs = [NodeSpec({"rank": cfg.rank_for(i), "device": "cpu", "partition-id": i, "num-partitions": nodes,
-                       "cache-dir": str(tmp / f"cache-{steps}" / f"node{i}")}) for i in range(nodes)]
-    dep = LocalDeployment(tmp / f"dep-{steps}", specs, tls=True, node_auth=True)
+                       "cache-dir": str(tmp / f"cache-{steps}{tag}" / f"node{i}")}) for i in range(nodes)]
+    dep = LocalDeployment(tmp / f"dep-{steps}{tag}", specs, tls=True, node_auth=True)
     try:
         dep.start(timeout=120)
         res = dep.run(ROOT, {"config-path": str(path)}, timeout=1800)
@@ -53,8 +68,59 @@ def run(tmp: Path, steps: int, nodes: int, rounds: int) -> list[dict]:
         for c in r["clients"]:
             m = c.get("metrics") or {}
             if all(k in m for k in KEYS):
-                out.append({"round": r["round"], "rank": c["rank"], **{k: float(m[k]) for k in KEYS}})
+                out.append({"round": r["round"], "rank": c["rank"], **{k: float(m[k]) for k in KEYS},
+                            "client-time-s": float(m.get("client-time-s", 0.0))})
     return out
+
+
+def run_minimal(tmp: Path, nodes: int, rounds: int, tag: str) -> list[dict]:
+    """Flower's minimal app on the same deployment; per train message: ``{"round", "overhead"}``."""
+    trace = tmp / f"trace{tag}"
+    trace.mkdir(parents=True)
+    specs = [NodeSpec({"partition-id": i, "num-partitions": nodes}) for i in range(nodes)]
+    dep = LocalDeployment(tmp / f"dep-minimal{tag}", specs, tls=True, node_auth=True,
+                          extra_env={"FEDLORA_TRACE_DIR": str(trace)})
+    try:
+        dep.start(timeout=120)
+        res = dep.run(MINIMAL, {"num-server-rounds": rounds}, timeout=1800)
+        if res.returncode != 0:
+            raise SystemExit(f"flwr run (minimal app) failed:\n{res.output[-3000:]}")
+    finally:
+        dep.stop()
+    events: dict[int, dict] = {}  # pid -> its events (one train message per ClientApp process)
+    for p in trace.glob("trace-*"):
+        for line in p.read_text().splitlines():
+            ev, t, pid, part, value = line.split()
+            events.setdefault(int(pid), {"part": int(part)})[ev] = (float(t), float(value))
+    msgs = sorted((e for e in events.values() if "train-recv" in e and "train-done" in e),
+                  key=lambda e: e["train-recv"][0])
+    out = []
+    for i, e in enumerate(msgs):
+        (t_recv, age), (t_done, train_s) = e["train-recv"], e["train-done"]
+        out.append({"round": i // nodes + 1, "overhead": age + (t_done - t_recv) - train_s})
+    return out
+
+
+def vs_minimal(tmp: Path, config: str, nodes: int, rounds: int, reps: int, steps: int) -> None:
+    ours, theirs = [], []
+    for rep in range(reps):
+        sides = ["fedlora", "minimal"] if rep % 2 == 0 else ["minimal", "fedlora"]
+        for side in sides:
+            if side == "fedlora":
+                rows = run(tmp, steps, nodes, rounds, config, tag=f"-{rep}")
+                ours += [r["overhead-process-s"] + r["client-time-s"] - r["train-time-s"]
+                         for r in rows if r["round"] > 1]
+            else:
+                rows = run_minimal(tmp, nodes, rounds, f"-{rep}")
+                theirs += [r["overhead"] for r in rows if r["round"] > 1]
+    f, m = statistics.median(ours), statistics.median(theirs)
+    print(f"# fedlora deployment overhead vs Flower's minimal ClientApp — {time.strftime('%Y-%m-%d %H:%M')}, "
+          f"{platform.node()}, {platform.machine()}, {os.cpu_count()} CPUs; fedlora: {config} "
+          f"({steps} steps); {nodes} nodes on one machine, TLS + node auth, rounds 2..{rounds} x {reps} reps")
+    print(f"{'per train message, s':<22} {'fedlora':>8} {'minimal':>8} {'ratio':>6}")
+    print(f"{'overhead (median)':<22} {f:>8.2f} {m:>8.2f} {f / m:>6.2f}")
+    print(f"fedlora: {' '.join(f'{x:.2f}' for x in ours)}")
+    print(f"minimal: {' '.join(f'{x:.2f}' for x in theirs)}")
 
 
 def main() -> None:
@@ -62,9 +128,15 @@ def main() -> None:
     ap.add_argument("--steps", default="6,48", help="local steps per round (comma-separated runs)")
     ap.add_argument("--nodes", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--vs-minimal", action="store_true", help="fedlora vs Flower's minimal ClientApp")
+    ap.add_argument("--config", default="sst2-minilm", choices=["sst2-minilm", "smoke"])
+    ap.add_argument("--reps", type=int, default=2)
     a = ap.parse_args()
     logging.disable(logging.INFO)
     tmp = Path(tempfile.mkdtemp(prefix="fedlora-deploy-overhead-"))
+    if a.vs_minimal:
+        vs_minimal(tmp, a.config, a.nodes, max(a.rounds, 2), a.reps, int(a.steps.split(",")[0]))
+        return
     print(f"# fedlora deployment overhead — {time.strftime('%Y-%m-%d')}, {platform.node()}, "
           f"{platform.machine()}, {os.cpu_count()} CPUs; all-MiniLM-L6-v2 on SST-2, {a.nodes} nodes "
           f"on one machine, TLS + node auth, batch 32, max 64 tokens")

@@ -25,6 +25,7 @@ version the client holds, else the client refuses and the server re-syncs it fro
 from __future__ import annotations
 
 import hashlib
+import os
 import resource
 import time
 from dataclasses import dataclass, field
@@ -182,6 +183,16 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
 
 
+def _trace(event: str, context: Context, rnd: int) -> None:
+    """Benchmarks only (``benchmarks/startup.py``): with ``$FEDLORA_TRACE_DIR`` set, append
+    ``event unix-time pid partition round`` to ``$FEDLORA_TRACE_DIR/trace-<pid>``."""
+    d = os.environ.get("FEDLORA_TRACE_DIR")
+    if d:
+        with open(os.path.join(d, f"trace-{os.getpid()}"), "a") as f:
+            f.write(f"{event} {time.time():.6f} {os.getpid()} {context.node_config.get('partition-id', 0)} "
+                    f"{rnd}\n")
+
+
 # ---- handlers -----------------------------------------------------------------------------------
 
 @app.query()
@@ -202,6 +213,7 @@ def train(msg: Message, context: Context) -> Message:
     age = process_age_s()
     t_enter = time.perf_counter()
     spec, rnd, from_version = flower_io.payload_context(msg.content)
+    _trace("train-recv", context, rnd)
     payload = flower_io.record_to_payload(msg.content)
     pid, nparts, rank, device_name = _node(context, spec)
     if int(context.node_config.get("fail-at-round", -1)) == rnd:
@@ -262,6 +274,7 @@ def train(msg: Message, context: Context) -> Message:
     reply = flower_io.update_to_record(update, metrics)
     if pstate is not None:
         reply[flower_io.PRIVACY] = flower_io.privacy_to_record(pstate)
+    _trace("train-done", context, rnd)
     return Message(reply, reply_to=msg)
 
 

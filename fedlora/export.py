@@ -31,6 +31,7 @@ import copy
 import json
 import logging
 import re
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -124,11 +125,10 @@ def _check_head_names(model: nn.Module | None, head: list[str]) -> None:
 # ---- the adapter folder -------------------------------------------------------------------------------
 
 def _is_transformers_model(model: nn.Module | None) -> bool:
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:
-        return False
-    return isinstance(model, PreTrainedModel)
+    # a transformers model exists only once transformers is imported: no import (~3 s) to learn
+    # that an in-code model (``tiny``) is not one
+    tf = sys.modules.get("transformers")
+    return tf is not None and isinstance(model, tf.PreTrainedModel)
 
 
 def _base_path(model_name: str) -> str | None:

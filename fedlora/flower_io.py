@@ -14,9 +14,14 @@ Message layout (a ``RecordDict``):
   ``head::{param}``; ``"fedlora.update.meta"`` ConfigRecord (client id, rank, base version);
   ``"metrics"`` MetricRecord (``num-examples`` plus numbers such as loss and train time).
 
-Bytes are counted from what is actually serialised. ``wire_bytes(message)``: what Flower moves for a
-message — every object of its tree (the message, its records, each array's header and its 5 MiB
-chunks) as Flower deflates it for the push, identical objects once, as Flower sends them once.
+Bytes: ``wire_bytes(message)`` is what Flower moves for a message — every object of its tree (the
+message, its records, each array's header and its 5 MiB chunks) as Flower deflates it for the push,
+identical objects once, as Flower sends them once. It is computed without serialising the message
+a second time: the tensor data (the chunks) is never copied, deflated or hashed — a chunk's size is
+its length plus its object header, identical chunks are found by comparing their bytes (what
+Flower's content-addressed ids amount to); the arrays' and records' headers are sized from their
+metadata, and only the small metadata-only objects (config and metric records, the message's own
+metadata) are deflated. ``tests/test_flower_io.py`` checks it against Flower's own push.
 ``record_bytes``: only the arrays' serialised data (``len(Array.data)``, tensors plus npy headers).
 """
 
@@ -29,7 +34,11 @@ from collections import OrderedDict
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app.message import message as _msg
+from flwr.app.message.array import FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE as _CHUNK
+from flwr.supercore.inflatable.inflatable_object import HEAD_BODY_DIVIDER as _HEAD_BODY_DIVIDER
+from flwr.supercore.inflatable.inflatable_object import HEAD_VALUE_DIVIDER as _HEAD_VALUE_DIVIDER
 
 from fedlora.config import ClientSpec
 from fedlora.strategies import BaseDelta, ClientPayload, ClientUpdate
@@ -96,19 +105,96 @@ def record_bytes(rd: RecordDict) -> int:
     return sum(len(a.data) for rec in rd.array_records.values() for a in rec.values())
 
 
-def wire_bytes(obj) -> int:
+#: an object id (sha256 hex digest) in a deflated object: its length is all the count needs
+_ID_LEN = 64
+
+
+def _deflated_len(kind: str, n_children: int, body_len: int) -> int:
+    """Length of ``add_header_to_object_body``'s output: ``kind|id,id,…|body_len`` + divider + body."""
+    ids = n_children * _ID_LEN + max(n_children - 1, 0)
+    return (len(kind) + 2 * len(_HEAD_VALUE_DIVIDER) + ids + len(str(body_len)) + len(_HEAD_BODY_DIVIDER)
+            + body_len)
+
+
+def _json_refs_len(names) -> int:
+    """Length of ``json.dumps({name: object_id, …})`` (an ArrayRecord's or a RecordDict's body)."""
+    return len(json.dumps(dict.fromkeys(names, "0" * _ID_LEN)))
+
+
+class _WireCount:
+    """One message tree's objects, each identified by its content the way Flower's content ids
+    identify it (an integer per distinct content), each distinct one sized once."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self._ids: dict[tuple, int] = {}
+        self._chunks: dict[tuple, list[tuple[memoryview, int]]] = {}
+
+    def _new(self, key: tuple, size: int) -> int:
+        oid = self._ids.get(key)
+        if oid is None:
+            oid = self._ids[key] = len(self._ids)
+            self.total += size
+        return oid
+
+    def chunk(self, view: memoryview) -> int:
+        n = len(view)
+        bucket = self._chunks.setdefault((n, bytes(view[:32]), bytes(view[-32:])), [])
+        for other, oid in bucket:
+            if other == view:  # byte for byte (the same content has the same sha256 id)
+                return oid
+        oid = len(self._ids)
+        self._ids[("chunk", oid)] = oid
+        self.total += _deflated_len("ArrayChunk", 0, n)
+        bucket.append((view, oid))
+        return oid
+
+    def array(self, a: Array) -> int:
+        data = memoryview(a.data)
+        order = [self.chunk(data[i:i + _CHUNK]) for i in range(0, len(data), _CHUNK)]
+        unique = list(dict.fromkeys(order))
+        body = json.dumps({"dtype": a.dtype, "shape": a.shape, "stype": a.stype,
+                           "arraychunk_ids": [unique.index(c) for c in order]})
+        return self._new(("Array", a.dtype, tuple(a.shape), a.stype, tuple(order)),
+                         _deflated_len("Array", len(unique), len(body.encode())))
+
+    def record(self, rec) -> int:
+        if isinstance(rec, ArrayRecord):
+            refs = tuple((name, self.array(a)) for name, a in rec.items())
+            n_children = len({oid for _, oid in refs})
+            return self._new(("ArrayRecord", refs),
+                             _deflated_len("ArrayRecord", n_children, _json_refs_len(rec.keys())))
+        content = rec.deflate()  # config/metric records: metadata only, no tensor data
+        return self._new((type(rec).__name__, content), len(content))
+
+    def recorddict(self, rd: RecordDict) -> int:
+        refs = tuple((name, self.record(r)) for name, r in rd.items())
+        n_children = len({oid for _, oid in refs})
+        return self._new(("RecordDict", refs),
+                         _deflated_len("RecordDict", n_children, _json_refs_len(rd.keys())))
+
+    def message(self, msg: Message) -> int:
+        children = 0
+        if msg.has_content():
+            self.recorddict(msg.content)
+            children = 1
+        md = _msg.metadata_to_proto(msg.metadata)
+        md.message_id = ""
+        body = _msg.ProtoMessage(metadata=md, content=None,
+                                 error=_msg.error_to_proto(msg.error) if msg.has_error() else None
+                                 ).SerializeToString(deterministic=True)
+        self.total += _deflated_len("Message", children, len(body))
+        return -1
+
+
+def wire_bytes(obj: Message | RecordDict) -> int:
     """Bytes Flower pushes for a Message or RecordDict (see the module docstring)."""
-    seen: set[str] = set()
-    stack, total = [obj], 0
-    while stack:
-        o = stack.pop()
-        oid = o.object_id
-        if oid in seen:
-            continue
-        seen.add(oid)
-        total += len(o.deflate())
-        stack.extend((o.children or {}).values())
-    return total
+    count = _WireCount()
+    if isinstance(obj, Message):
+        count.message(obj)
+    else:
+        count.recorddict(obj)
+    return count.total
 
 
 def _split(key: str, n: int, what: str) -> list[str]:

@@ -274,3 +274,65 @@ def test_wire_bytes_is_what_flower_pushes():
     assert flower_io.wire_bytes(twice_msg) == _flower_push_bytes(twice_msg)
     assert flower_io.record_bytes(twice) > flower_io.record_bytes(once) + 4000
     assert flower_io.wire_bytes(twice) < flower_io.wire_bytes(once) + 1000
+
+
+def _pushed_after_round_trip(msg):
+    """The message as the receiving side holds it (Flower's deflate → inflate), like a pulled reply."""
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+    from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+
+    objs = get_all_nested_objects(msg)
+    contents = {oid: o.deflate() for oid, o in objs.items()}
+    return inflate_object_from_contents(msg.object_id, contents)
+
+
+def test_wire_bytes_equals_flowers_serialised_size_and_never_serialises_tensor_data(monkeypatch):
+    """The count is computed from sizes, not from a second serialisation, so it must be checked
+    against what Flower really serialises: any drift (a header, a dedup rule, a chunk size) fails."""
+    from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+    from flwr.app.message import array as flwr_array
+    from flwr.app.message import arraychunk as flwr_chunk
+
+    from fedlora.loopback import ensure_task_identity
+
+    ensure_task_identity()
+    rng = np.random.default_rng(0)
+    chunk = flwr_array.FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE
+    cases = []
+    # identical chunks inside one array and across arrays of other shapes (a zero array over 3 chunks;
+    # its tail chunks carry no npy header, so they equal the other array's)
+    zeros_a = torch.zeros(chunk // 4 * 3)
+    zeros_b = torch.zeros(chunk // 4 * 2 + 10)
+    cases.append(RecordDict({"z": flower_io.tensors_to_record({"a": zeros_a, "b": zeros_b})}))
+    # many small records of every kind, some identical, some differing only in their names
+    for trial in range(5):
+        rd = RecordDict()
+        for i in range(int(rng.integers(1, 6))):
+            shape = tuple(int(s) for s in rng.integers(1, 9, size=int(rng.integers(1, 3))))
+            ts = {f"t{j}": (torch.zeros(shape) if rng.random() < 0.3 else torch.randn(shape))
+                  for j in range(int(rng.integers(0, 4)))}
+            rd[f"arr{i}"] = flower_io.tensors_to_record(ts)
+            if rng.random() < 0.5:
+                rd[f"copy{i}"] = flower_io.tensors_to_record(ts)
+        rd["cfg"] = ConfigRecord({"s": "é" * trial, "n": trial, "l": [1.5, 2.5], "b": b"\x00" * trial})
+        rd["cfg2"] = ConfigRecord({"s": "é" * trial, "n": trial, "l": [1.5, 2.5], "b": b"\x00" * trial})
+        rd["metrics"] = MetricRecord({"loss": float(trial), "num-examples": 3})
+        cases.append(rd)
+    spec = _spec(run_uid="y" * 50)
+    s = create_strategy("fedex", layers={"a": LayerSpec(64, 48), "b": LayerSpec(48, 64)}, r_max=4, scale=2.0)
+    cases.append(flower_io.payload_to_record(s.payload("client-3", 4, 0), spec, round=2))
+    msgs = [Message(rd, dst_node_id=7, message_type=MessageType.TRAIN, group_id="2") for rd in cases]
+    msgs.append(Message(RecordDict(), dst_node_id=7, message_type=MessageType.QUERY))
+    msgs.append(Message(Error(2, "ValueError: boom"), reply_to=msgs[0]))
+    expected = [_flower_push_bytes(m) for m in msgs]
+    received = [_pushed_after_round_trip(m) for m in msgs[:-1]]  # (an error reply: built here)
+    expected_received = [_flower_push_bytes(m) for m in received]
+
+    # the count never deflates (copies, hashes) an array or a chunk
+    def refuse(self):
+        raise AssertionError(f"wire_bytes serialised a {type(self).__name__}")
+
+    monkeypatch.setattr(flwr_array.Array, "deflate", refuse)
+    monkeypatch.setattr(flwr_chunk.ArrayChunk, "deflate", refuse)
+    assert [flower_io.wire_bytes(m) for m in msgs] == expected
+    assert [flower_io.wire_bytes(m) for m in received] == expected_received == expected[:-1]
