@@ -88,7 +88,9 @@ def test_kill_9_of_fedlora_simulate_leaves_no_process_and_no_later_checkpoint(tm
     try:
         with open(tmp_path / "out.log", "wb") as out:
             p = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT)
-            assert _wait_for(lambda: metrics.is_file() and metrics.read_text().count("\n") >= 1, 300), \
+            ckpts = run_dir / "checkpoints"  # (the metrics line is written just before the checkpoint)
+            assert _wait_for(lambda: metrics.is_file() and metrics.read_text().count("\n") >= 1
+                             and ckpts.is_dir() and any(ckpts.iterdir()), 300), \
                 (tmp_path / "out.log").read_text()[-3000:]
             names = " ".join(c for _, c in marked(token))
             for daemon in ("flower-superlink", "flower-superexec", "flwr-simulation", "raylet"):
