@@ -100,7 +100,8 @@ def simulate(
             else:
                 r = sim.run_flower({"config-path": str(cfg_path), "resume": resume is not None},
                                    cfg.clients.num, cfg.clients.num_cpus, gpus,
-                                   log_dir=run_dir / "logs", timeout=timeout)
+                                   log_dir=run_dir / "logs", timeout=timeout,
+                                   ray_address=cfg.clients.ray_address)
                 result["rc"], result["run"] = r.returncode, r
         except BaseException as e:  # noqa: BLE001 - reported below
             result["rc"], result["error"] = 1, e

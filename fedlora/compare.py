@@ -140,7 +140,7 @@ def run_config(cfg: RunConfig, engine: str = "flower", timeout: float = 24 * 360
         cfg_path = sim.prepare_run_dir(cfg, resume=resume)
         r = sim.run_flower({"config-path": str(cfg_path), "resume": resume}, cfg.clients.num,
                            cfg.clients.num_cpus, cfg.gpu_fraction(), log_dir=run_dir / "logs",
-                           timeout=timeout)
+                           timeout=timeout, ray_address=cfg.clients.ray_address)
         if r.returncode != 0:
             raise RuntimeError(f"{cfg.strategy.name}: flwr run exited with {r.returncode}; logs in "
                                f"{run_dir / 'logs'}\n{r.tail(30)}")

@@ -9,7 +9,8 @@ A run is one TOML file; every section and key is optional (the defaults are the 
     [strategy]  name = "fedex"  weighting = "samples"  r_max = 0  check_exactness = true
                 plugins = []  fedsb_init_examples = 64  hetlora_lambda = 0.01 ...
     [clients]   num = 6  ranks = [2, 4, 8]  fraction_train = 1.0  min_nodes = 0  round_timeout = 600.0
-                min_replies = 0
+                min_replies = 0  ray_address = ""  (engine flower: "" a private Ray per run | "auto" |
+                "host:port" of an existing Ray cluster's head; README "Running on a Ray cluster")
     [data]      name = "synthetic"  examples_per_client = 256  partition = "iid" ...
     [train]     local_steps = 10  batch_size = 32  lr = 0.01  optimizer = "adamw"
     [eval]      every = 1  batch_size = 256
@@ -127,6 +128,13 @@ class ClientsSection(Section):
     # runs only as many clients per GPU at once as fit (0: not used)
     gpu_memory_gb: float = 0.0
     poll_interval: float = 0.2  # seconds between the server's reply polls (Flower's default: 3)
+    # the Ray cluster that runs the virtual clients (`fedlora simulate`, engine flower): "" = a private
+    # Ray instance started and ended by each run; "auto" = the cluster `ray start` started on this
+    # machine; "host:port" = the GCS address of a running head (`ray start --head --port=6379` on it;
+    # every node needs the same Python environment with fedlora installed). Handed to Ray through
+    # RAY_ADDRESS, which Flower's Ray backend's ray.init() reads (Flower 1.42's backend config has no
+    # address field). README "Running on a Ray cluster".
+    ray_address: str = ""
 
 
 class DataSection(Section):
@@ -407,6 +415,17 @@ def _absolute_paths(cfg: RunConfig, base: Path) -> None:
         d.name = resolve(d.name)
 
 
+RAY_HOST_PORT = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?):(\d{1,5})$")
+
+
+def ray_address_ok(address: str) -> bool:
+    """``clients.ray_address``: '', 'auto' or 'host:port' (port 1-65535; host a name, IPv4 or [IPv6])."""
+    if address in ("", "auto"):
+        return True
+    m = RAY_HOST_PORT.match(address)
+    return bool(m) and 1 <= int(m.group(1)) <= 65535
+
+
 def _check(cond: bool, key: str, msg: str) -> None:
     if not cond:
         raise ValueError(f"{key}: {msg}")
@@ -496,6 +515,12 @@ def validate(cfg: RunConfig, config_path: str | Path | None = None, check_data: 
     _check(not (c.gpu_memory_gb and c.num_gpus), "clients.gpu_memory_gb",
            "give clients.num_gpus (a fraction) or clients.gpu_memory_gb (what a client needs), not both")
     _check(c.poll_interval > 0, "clients.poll_interval", f"must be > 0, got {c.poll_interval}")
+    _check(ray_address_ok(c.ray_address), "clients.ray_address",
+           "must be '' (each run starts its own Ray), 'auto' (the cluster `ray start --head` started on "
+           "this machine) or 'host:port' of a running Ray head's GCS (the address `ray start --head "
+           f"--port=6379` prints, e.g. '10.0.0.5:6379'), got {c.ray_address!r}"
+           + ("; Ray Client addresses (ray://) are not supported: give the head's GCS host:port and run "
+              "fedlora on a machine of the cluster" if "://" in c.ray_address else ""))
     d = cfg.data
     from fedlora import hf_data
     from fedlora.data import METHODS as PARTITIONS

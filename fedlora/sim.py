@@ -13,6 +13,15 @@ Telemetry, update checks and runtime dependency installation are off
 (``FLWR_TELEMETRY_ENABLED=0``, ``FLWR_DISABLE_UPDATE_CHECK=1``,
 ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1``).
 
+Ray: Flower's Ray backend calls ``ray.init()`` without an address (Flower 1.42's backend config —
+``--federation-config`` / ``SimulationConfig`` — carries only client resources and ``init_args``
+``num_cpus``/``num_gpus``/``logging_level``/``log_to_driver``), so Ray takes its cluster from the
+``RAY_ADDRESS`` environment variable, which the SuperLink passes down to the simulation process.
+``ray_address`` (``clients.ray_address``) sets it: ``""`` → ``RAY_ADDRESS=local`` (a private Ray
+instance for this run, ended with it: a cluster someone started with ``ray start`` on this machine
+is never joined by accident), ``"auto"`` or ``"host:port"`` → that existing cluster: the virtual
+clients run as actors there, and the run ends only its own driver (the cluster stays up).
+
 The in-process grid (no Ray, no daemons) is ``fedlora.loopback``.
 """
 
@@ -125,8 +134,9 @@ def error_cause(log: str) -> str | None:
 
 def run_flower(run_config: dict, num_supernodes: int, num_cpus: int = 1, num_gpus: float = 0.0,
                app_dir: str | os.PathLike = ROOT, log_dir: str | os.PathLike | None = None,
-               timeout: float = 3600, on_start=None) -> FlowerRun:
-    """Run the fedlora apps on Flower's simulation engine (see the module docstring)."""
+               timeout: float = 3600, on_start=None, ray_address: str = "") -> FlowerRun:
+    """Run the fedlora apps on Flower's simulation engine (see the module docstring);
+    ``ray_address``: ``clients.ray_address`` ('' = a private Ray instance)."""
     from fedlora.deploy import ManagedProcess, free_port, wait_for_port
 
     port, control = free_port(), free_port()
@@ -136,7 +146,7 @@ def run_flower(run_config: dict, num_supernodes: int, num_cpus: int = 1, num_gpu
     home.mkdir(parents=True, exist_ok=True)
     logs = Path(log_dir or home / "logs").absolute()
     logs.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **FLWR_ENV, "FLWR_HOME": str(home)}
+    env = {**os.environ, **FLWR_ENV, "FLWR_HOME": str(home), "RAY_ADDRESS": ray_address or "local"}
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
