@@ -127,7 +127,8 @@ class ClientsSection(Section):
     # GiB of GPU memory one client needs: its GPU fraction becomes this / the device's memory, so Ray
     # runs only as many clients per GPU at once as fit (0: not used)
     gpu_memory_gb: float = 0.0
-    poll_interval: float = 0.2  # seconds between the server's reply polls (Flower's default: 3)
+    # the longest wait between the server's polls for replies (from 10 ms, doubling; Flower's: 3 s)
+    poll_interval: float = 0.2
     # the Ray cluster that runs the virtual clients (`fedlora simulate`, engine flower): "" = a private
     # Ray instance started and ended by each run; "auto" = the cluster `ray start` started on this
     # machine; "host:port" = the GCS address of a running head (`ray start --head --port=6379` on it;

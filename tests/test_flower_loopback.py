@@ -248,6 +248,40 @@ def test_polling_grid_ends_a_train_exchange_at_min_replies():
     assert len(PollingGrid(g, 0.001).send_and_receive(msgs(MessageType.TRAIN), timeout=5)) == 3
 
 
+def test_polling_grid_polls_soon_then_backs_off(monkeypatch):
+    """10 ms after sending and after each reply, doubling up to clients.poll_interval between."""
+    from flwr.app import Message, MessageType, RecordDict
+
+    import server.app as server_app
+    from fedlora.loopback import ensure_task_identity
+
+    ensure_task_identity()
+    waits = []
+    monkeypatch.setattr(server_app.time, "sleep", waits.append)
+
+    class LateGrid:  # the first reply after 6 empty polls, the second right after it
+        def __init__(self):
+            self.polls, self.pending = 0, []
+
+        def push_messages(self, msgs):
+            self.pending = [(f"m{i}", m) for i, m in enumerate(msgs)]
+            return [mid for mid, _ in self.pending]
+
+        def pull_messages(self, ids):
+            self.polls += 1
+            if self.polls < 7 or not self.pending:
+                return []
+            mid, m = self.pending.pop(0)
+            reply = Message(RecordDict(), reply_to=m)
+            reply.metadata.__dict__["_reply_to_message_id"] = mid
+            return [reply]
+
+    msgs = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.TRAIN) for n in (1, 2)]
+    got = server_app.PollingGrid(LateGrid(), 0.2).send_and_receive(msgs, timeout=None)
+    assert len(got) == 2
+    assert waits == pytest.approx([0.01, 0.02, 0.04, 0.08, 0.16, 0.2, 0.01])
+
+
 def test_resume_skips_damaged_checkpoints_or_refuses(tmp_path, caplog):
     cfg = _cfg(tmp_path, "fedex", rounds=3, extra=["train.local_steps=2"])
     run_loopback(cfg)
