@@ -468,7 +468,8 @@ def _column(ds: Any, name: str):
     return ds.with_format("arrow")[name].combine_chunks()
 
 
-def _labels_of(ds: Any, label_col: str = "label") -> np.ndarray:
+def labels_of(ds: Any, label_col: str = "label") -> np.ndarray:
+    """The label column of a ``datasets.Dataset``, or ``.labels`` of a tensor data set."""
     if hasattr(ds, "column_names"):  # datasets.Dataset
         return _column(ds, label_col).to_numpy()
     if hasattr(ds, "labels"):
@@ -477,7 +478,8 @@ def _labels_of(ds: Any, label_col: str = "label") -> np.ndarray:
                     "dataset with .labels and .subset")
 
 
-def _select(ds: Any, idx: np.ndarray) -> Any:
+def select_rows(ds: Any, idx: np.ndarray) -> Any:
+    """Rows ``idx`` of either kind of data set (a partition from ``partition_indices``)."""
     if hasattr(ds, "column_names"):
         return ds.select(idx.tolist())
     return ds.subset(torch.as_tensor(idx, dtype=torch.long))
@@ -575,9 +577,9 @@ def partition(dataset: Any, num_partitions: int, method: str = "iid", alpha: flo
     Works on a ``datasets.Dataset`` (labels from ``label_col``) and on a dataset with ``.labels``
     and ``.subset(idx)`` (``TensorDictDataset`` of the synthetic task, ``TokenizedDataset``).
     """
-    idx = partition_indices(_labels_of(dataset, label_col), num_partitions, method, alpha,
+    idx = partition_indices(labels_of(dataset, label_col), num_partitions, method, alpha,
                             shards_per_partition, seed, min_partition_size)
-    return [_select(dataset, i) for i in idx]
+    return [select_rows(dataset, i) for i in idx]
 
 
 def train_val_split(dataset: Any, val_fraction: float = 0.1, seed: int = 0) -> tuple[Any, Any]:
@@ -591,7 +593,7 @@ def train_val_split(dataset: Any, val_fraction: float = 0.1, seed: int = 0) -> t
         n_val = max(n_val, 1)
     n_val = min(n_val, max(n - 1, 0))
     perm = np.random.default_rng(seed).permutation(n)
-    return _select(dataset, np.sort(perm[n_val:])), _select(dataset, np.sort(perm[:n_val]))
+    return select_rows(dataset, np.sort(perm[n_val:])), select_rows(dataset, np.sort(perm[:n_val]))
 
 
 

@@ -225,7 +225,7 @@ def _partitions(spec_key: str, num_partitions: int) -> tuple[np.ndarray, ...]:
     spec = _DataSeed.model_validate_json(spec_key)
     d = spec.data
     pool = _partition_pool(spec_key, num_partitions)
-    return tuple(fdata.partition_indices(fdata._labels_of(pool), num_partitions, d.partition, alpha=d.alpha,
+    return tuple(fdata.partition_indices(fdata.labels_of(pool), num_partitions, d.partition, alpha=d.alpha,
                                          shards_per_partition=d.shards_per_partition, seed=spec.seed))
 
 
@@ -269,7 +269,7 @@ def _build_client_data(spec: ClientSpec, partition_id: int, num_partitions: int)
         else:
             key = spec.key("data", "seed")
             rows = _partitions(key, num_partitions)[partition_id]
-            part = fdata._select(_partition_pool(key, num_partitions), rows)
+            part = fdata.select_rows(_partition_pool(key, num_partitions), rows)
         train, val = fdata.train_val_split(part, d.val_fraction, seed=seed + partition_id)
         if d.val_fraction == 0:
             val = None

@@ -29,13 +29,14 @@ class UpdateValidator:
         self.name, self.layers, self.r_max, self.dtype = name, layers, r_max, dtype
         self.keys = sorted(uploads)
         self.weighting, self.shares_head = weighting, shares_head
-        self._layouts: dict = {}  # per rank: its layout (and with torch.Size shapes, keyed (r, "sized"))
+        self._layouts: dict[int, list[tuple[str, str, tuple[int, int]]]] = {}
+        self._sized: dict[int, list[tuple[str, str, torch.Size]]] = {}  # the same, shapes as torch.Size
 
     def use_keys(self, keys: Iterable[str]) -> None:
         """Check updates for these factor keys from now on (a rule may alternate them by round)."""
         keys = sorted(keys)
         if keys != self.keys:
-            self.keys, self._layouts = keys, {}
+            self.keys, self._layouts, self._sized = keys, {}, {}
 
     def layout(self, r: int) -> list[tuple[str, str, tuple[int, int]]]:
         """``(layer, key, shape)`` of a rank-r update in the flat order: layers in order, keys sorted."""
@@ -44,10 +45,11 @@ class UpdateValidator:
                                 for k in self.keys]
         return self._layouts[r]
 
-    def _sized(self, r: int) -> list[tuple[str, str, torch.Size]]:
-        if (r, "sized") not in self._layouts:
-            self._layouts[(r, "sized")] = [(n, k, torch.Size(s)) for n, k, s in self.layout(r)]
-        return self._layouts[(r, "sized")]
+    def sized_layout(self, r: int) -> list[tuple[str, str, torch.Size]]:
+        """``layout(r)`` with ``torch.Size`` shapes (compared with a decoded update's in one go)."""
+        if r not in self._sized:
+            self._sized[r] = [(n, k, torch.Size(s)) for n, k, s in self.layout(r)]
+        return self._sized[r]
 
     def check(self, u: ClientUpdate, version: int, head_ref: dict[str, Tensor] | None
               ) -> tuple[str | None, ClientUpdate | None]:
@@ -86,7 +88,7 @@ class UpdateValidator:
                 isinstance(flat, Tensor) and flat.dtype == self.dtype and flat.dim() == 1
                 and flat.numel() == sum(math.prod(s) for _, _, s in layout)
                 and [(n, k, getattr(t, "shape", None)) for n, f in u.factors.items() for k, t in f.items()]
-                == self._sized(u.rank)):
+                == self.sized_layout(u.rank)):
             flat = None  # not the canonical layout: check factor by factor
         if flat is not None:  # the factors are consecutive views of ``flat`` (how flower_io decodes)
             return None, u.factors, flat
