@@ -227,3 +227,27 @@ def test_a_folded_base_that_would_overflow_rejects_the_round_and_changes_nothing
     assert rep.accepted == [] and all("folded base" in r for r in rep.rejected.values()), rep.rejected
     after = state_tensors(s)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("name", ["fedex", "flora"])
+def test_a_base_near_the_dtype_range_still_folds_exactly_when_it_fits(name):
+    """Near the range the factor bound cannot rule overflow out: the real sums are formed and
+    checked, and a round whose sums fit is folded as usual (the same new base)."""
+    s = _strategy(name)
+    st = s.base.state()
+    big = 0.6 * torch.finfo(torch.float32).max  # one entry: the bound alone exceeds max / 2
+
+    def spike(t):
+        t = torch.zeros_like(t)
+        t[0, 0] = big
+        return t
+
+    s.base.load({**st, "cum": {n: spike(t) for n, t in st["cum"].items()}})
+    before = {n: t.clone() for n, t in s.base.cum.items()}
+    rep = s.aggregate(_round(s, [2, 4], [5, 5]))
+    assert len(rep.accepted) == 2, rep.rejected
+    for n, d in s.base.deltas[s.version].items():
+        delta = d.to_dense()
+        assert delta.abs().max() > 0
+        torch.testing.assert_close(s.base.cum[n], before[n] + delta)  # the other entries: exactly delta
+        assert torch.isfinite(s.base.cum[n]).all()

@@ -49,20 +49,23 @@ class BaseHistory:
             transport[n] = cheapest(U, V)
             if isinstance(transport[n], Dense):
                 dense[n] = transport[n].D
-        if not safe:  # look at the real sums (rare: bounds near the dtype's range)
+        if not safe:  # form and look at the real sums (rare: bounds near the dtype's range)
+            staged = {}
             for n, (U, V) in factors.items():
-                d = dense.get(n)
-                d = U @ V if d is None else d
-                new = self.cum[n] + d
+                new = self.cum[n] + (dense[n] if n in dense else U @ V)
                 if not (bool(torch.isfinite(new.sum())) or bool(torch.isfinite(new).all())):
                     raise NonFiniteAggregate(overflow_reason(
                         f"folded base of layer {n!r} (with this round's {what})", self.dtype))
-        for n, (U, V) in factors.items():
-            if n in dense:
-                self.cum[n].add_(dense[n])
-            else:
-                self.cum[n].addmm_(U, V)
-            self.bound[n] = float(self.cum[n].abs().amax()) if not safe else self.bound[n] + grow[n]
+                staged[n] = new
+            self.cum.update(staged)
+            self.bound.update({n: float(t.abs().amax()) for n, t in staged.items()})
+        else:  # in place, one pass per layer
+            for n, (U, V) in factors.items():
+                if n in dense:
+                    self.cum[n].add_(dense[n])
+                else:
+                    self.cum[n].addmm_(U, V)
+                self.bound[n] += grow[n]
         self.deltas[version] = transport
         for old in [v for v in self.deltas if v <= version - self.window]:
             del self.deltas[old]
