@@ -35,6 +35,7 @@ import torch.nn as nn
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedlora import __version__ as FEDLORA_VERSION
 from fedlora import flower_io, rundata
 from fedlora.client import RankSelfPruning, apply_payload, head_state, make_update
 from fedlora.config import ClientSpec
@@ -197,15 +198,16 @@ def _trace(event: str, context: Context, rnd: int) -> None:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Capabilities: rank, device, partition, num_examples (the server asks once per node)."""
+    """Capabilities: rank, device, partition, num_examples and this node's fedlora version (the
+    server asks once per node)."""
     spec, _, _ = flower_io.payload_context(msg.content)
     pid, nparts, rank, device = _node(context, spec)
     train, _ = rundata.client_data(spec, pid, nparts)
     caps = MetricRecord({"rank": rank, "partition-id": pid, "num-partitions": nparts,
                          "num-examples": len(train),
                          "cuda": int(resolve_device(device).type == "cuda")})
-    return Message(RecordDict({"caps": caps, "caps.config": ConfigRecord({"device": device})}),
-                   reply_to=msg)
+    return Message(RecordDict({"caps": caps, "caps.config": ConfigRecord(
+        {"device": device, "fedlora-version": FEDLORA_VERSION})}), reply_to=msg)
 
 
 @app.train()

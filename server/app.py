@@ -11,16 +11,16 @@ One run:
 1. Build the model once (adapted layer shapes → ``LayerSpec``s; it is also the server-side
    evaluation model) and the fedlora strategy; Fed-SB: init gradients on a server-held split.
 2. Every round (``FedLoraStrategy``, a ``flwr.serverapp.strategy.Strategy`` run by its own
-   ``start`` loop): ``configure_train`` waits for the nodes (Flower's ``sample_nodes``), asks
-   nodes it has not seen for their capabilities (one QUERY message each: rank, partition, device,
-   num_examples), samples ``fraction_train`` of them and sends **each node its own Message** (its
-   rank's payload). ``aggregate_train`` decodes the replies, logs errors/missing replies and goes
-   on with the rest, hands the ``ClientUpdate``s to the fedlora strategy, evaluates the global
-   model on the server's held-out split (every ``eval.every`` rounds; FedSA: the clients'
-   personalised accuracies from their train replies, mean and weighted mean), writes one line to
-   ``metrics.jsonl`` (and to TensorBoard / MLflow when ``[tracking]`` says so) and a checkpoint.
-   There is no evaluate exchange (``configure_evaluate``
-   sends nothing): one message per client per round.
+   ``start`` loop): ``configure_train`` waits for the nodes (Flower's ``sample_nodes``), asks nodes
+   it has not seen for their capabilities (one QUERY message each: rank, partition, device,
+   num_examples, fedlora version — a node of another version is refused), samples
+   ``fraction_train`` of them and sends **each node its own Message** (its rank's payload).
+   ``aggregate_train`` decodes the replies, logs errors/missing replies and goes on with the rest,
+   hands the ``ClientUpdate``s to the fedlora strategy, evaluates the global model on the server's
+   held-out split (every ``eval.every`` rounds; FedSA: the clients' personalised accuracies from
+   their train replies, mean and weighted mean), writes one line to ``metrics.jsonl`` (and to
+   TensorBoard / MLflow when ``[tracking]`` says so) and a checkpoint. There is no evaluate
+   exchange (``configure_evaluate`` sends nothing): one message per client per round.
 3. At the end: ``global_delta.safetensors`` (``{layer: W_g - W0}``), ``summary.json`` and the
    PEFT adapter export (``adapter/``).
 
@@ -45,6 +45,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
+from fedlora import __version__ as FEDLORA_VERSION
 from fedlora import flower_io, rundata
 from fedlora.checkpoint import (
     checkpoint_path,
@@ -236,7 +237,12 @@ class FedLoraStrategy(Strategy):
                 if n < 1 or pid < 0 or not 1 <= rank <= self.fl.r_max:
                     raise ValueError(f"capabilities out of range: partition-id {pid}, rank {rank} "
                                      f"(r_max {self.fl.r_max}), num-examples {n}")
-                device = str(m.content.config_records["caps.config"]["device"])
+                node_caps = m.content.config_records["caps.config"]
+                device = str(node_caps["device"])
+                version = str(node_caps.get("fedlora-version", "unknown (before 0.1.0)"))
+                if version != FEDLORA_VERSION:  # the node runs its installed fedlora, not the FAB's
+                    raise ValueError(f"the node runs fedlora {version}, this server {FEDLORA_VERSION}: "
+                                     f"install fedlora {FEDLORA_VERSION} on the node")
             except Exception as e:  # noqa: BLE001 - a node is untrusted too
                 self.ledger.fail("query", f"bad capabilities: {type(e).__name__}: {e}", nid)
                 continue

@@ -363,3 +363,44 @@ def test_node_killed_and_resynced(tmp_path):
         for k, t in tensors.items():
             torch.testing.assert_close(t, want.layers[k].to_dense().float(), rtol=1e-5, atol=1e-6,
                                        msg=f"node{i} {k}")
+
+
+def test_the_fab_carries_the_apps_and_nodes_import_their_installed_fedlora(tmp_path):
+    """What `flwr run` ships to a node: the apps and run configs, not the library, tests or docs.
+    A ClientApp process puts the installed FAB first on sys.path; fedlora must then still come from
+    the node's installation, whose package data (the Shakespeare texts: .txt, which a FAB cannot
+    carry) is there."""
+    import zipfile
+    from io import BytesIO
+
+    from flwr.cli.build import build_fab_from_disk
+    from flwr.cli.install import install_from_fab
+
+    root = Path(__file__).resolve().parents[1]
+    clone = tmp_path / "clone"  # only tracked files, as a user's checkout (no runs/, no caches)
+    files = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True, check=True)
+    if files.returncode != 0 or not files.stdout:
+        pytest.skip("not a git checkout")
+    for rel in files.stdout.splitlines():
+        (clone / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / rel, clone / rel)
+    fab = build_fab_from_disk(clone)
+    names = {n for n in zipfile.ZipFile(BytesIO(fab)).namelist() if not n.startswith(".info/")}
+    assert {"clients/app.py", "server/app.py", "pyproject.toml", "simulations/smoke.toml"} <= names
+    assert not [n for n in names if n.split("/")[0] in ("fedlora", "tests", "benchmarks", "docs")]
+
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home")}
+    probe = textwrap.dedent(f"""
+        import sys
+        from flwr.cli.install import install_from_fab
+        app_dir = install_from_fab({fab!r}, skip_prompt=True)
+        sys.path.insert(0, str(app_dir))  # what Flower's load_app does in a ClientApp process
+        import clients.app, fedlora.shakespeare
+        assert clients.app.__file__.startswith(str(app_dir)), clients.app.__file__
+        assert not fedlora.__file__.startswith(str(app_dir)), fedlora.__file__
+        assert fedlora.shakespeare.PLAYS_DIR.is_dir(), fedlora.shakespeare.PLAYS_DIR
+        print("ok")
+    """)
+    del install_from_fab
+    res = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
