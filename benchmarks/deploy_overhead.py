@@ -70,25 +70,34 @@ def sampled(dep: LocalDeployment, out: Path | None):
             spies.append(subprocess.Popen(
                 [spy, "record", "-p", str(node.pid), "--subprocesses", "--idle", "-r", "100",
                  "-f", "raw", "-o", str(out / f"node{i}.raw")],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                stdout=subprocess.DEVNULL, stderr=open(out / f"node{i}.py-spy.log", "wb")))  # noqa: SIM115
         time.sleep(1.0)  # py-spy attached before the run starts
     try:
         yield
     finally:
         for sp in spies:
             sp.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
-        for sp in spies:
-            sp.wait(timeout=60)
+        for i, sp in enumerate(spies):
+            try:
+                sp.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                sp.kill()
+            sp.stderr.close()
+            if not (out / f"node{i}.raw").is_file():
+                raise SystemExit(f"py-spy wrote no profile (ptrace not allowed?): "
+                                 f"{(out / f'node{i}.py-spy.log').read_text(errors='replace')[-1000:]}")
 
 
 # Phases of Flower 1.42's run_clientapp, matched on the main thread's frames ("func (file:line)"):
-# (phase, function, a part of its file name); the first phase with a matching frame wins. Inside
-# the handler (ClientApp.__call__): training, imports, the rest.
+# (phase, function, a part of its file name); the first phase with a matching frame wins. Samples
+# without a run_clientapp frame are the process's start (Python, flwr-clientapp's own imports).
+# Inside the handler (ClientApp.__call__): training, imports, the rest.
 PHASES = [("pull message", "pull_task_input", ""), ("install FAB", "install_from_fab", ""),
           ("push reply", "push_message", ""), ("exit", "flwr_exit", ""), ("exit", "on_exit", ""),
-          ("load app (imports)", "_find_and_load", ""), ("load app (rest)", "run_clientapp", "")]
+          ("load app (imports)", "_find_and_load", ""), ("load app (rest)", "", "")]
 IN_HANDLER = [("handler: training", "train_local", "fedlora/train.py"),
               ("handler: training", "train", "minimal_app/task.py"),
+              ("handler: training", "train_hf", "minimal_app/task.py"),
               ("handler: imports", "_find_and_load", ""), ("handler: rest", "", "")]
 TRAIN_HANDLERS = ("clients/app.py:", "minimal_app/client_app.py:")
 
@@ -122,16 +131,18 @@ def phase_profile(out: Path) -> dict[str, list[float]]:
             if pid not in per_proc:
                 per_proc[pid] = defaultdict(float)
                 order[raw.stem].append(pid)
-            rules = IN_HANDLER if _has(body, "ClientApp.__call__", "") else PHASES
-            phase = next((name for name, func, file in rules if not func or _has(body, func, file)),
-                         "imports before run")
+            if not _has(body, "run_clientapp", ""):
+                phase = "start (before run_clientapp)"
+            else:
+                rules = IN_HANDLER if _has(body, "ClientApp.__call__", "") else PHASES
+                phase = next(name for name, func, file in rules if not func or _has(body, func, file))
             per_proc[pid][phase] += n / 100
             if _has(body, "train", TRAIN_HANDLERS[0]) or _has(body, "train", TRAIN_HANDLERS[1]):
                 is_train.add(pid)
-    names = ["imports before run", *dict.fromkeys(name for name, _, _ in PHASES + IN_HANDLER)]
+    names = ["start (before run_clientapp)", *dict.fromkeys(name for name, _, _ in PHASES + IN_HANDLER)]
     phases: dict[str, list[float]] = defaultdict(list)
     for pids in order.values():
-        for pid in [p for p in sorted(pids) if p in is_train][1:]:
+        for pid in [p for p in sorted(pids) if p in is_train][1:]:  # pids grow: process start order
                 for name in names:
                     phases[name].append(per_proc[pid].get(name, 0.0))
                 phases["total sampled"].append(sum(per_proc[pid].values()))
@@ -249,11 +260,11 @@ def vs_minimal(tmp: Path, config: str, nodes: int, rounds: int, reps: int, steps
         print(f"# where a train message's ClientApp process spends its wall time, s (py-spy, median over "
               f"{len(prof['fedlora']['total sampled'])} / {len(prof['minimal']['total sampled'])} processes; "
               f"flame files under {tmp}/profile-*)")
-        print(f"{'phase':<22} {'fedlora':>8} {'minimal':>8} {'diff':>6}")
+        print(f"{'phase':<28} {'fedlora':>8} {'minimal':>8} {'diff':>6}")
         for name in prof["fedlora"]:
             a, b = (statistics.median(prof[side][name]) if prof[side][name] else 0.0
                     for side in ("fedlora", "minimal"))
-            print(f"{name:<22} {a:>8.2f} {b:>8.2f} {a - b:>+6.2f}")
+            print(f"{name:<28} {a:>8.2f} {b:>8.2f} {a - b:>+6.2f}")
 
 
 def main() -> None:

@@ -35,13 +35,13 @@ import torch.nn as nn
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedlora import __version__ as FEDLORA_VERSION
 from fedlora import flower_io, rundata
 from fedlora.client import RankSelfPruning, apply_payload, head_state, make_update
 from fedlora.config import ClientSpec
 from fedlora.lora import adapter_state, lora_layers
 from fedlora.node_cache import NodeCache, base_deltas, process_age_s
 from fedlora.train import OptimConfig, evaluate, release_memory, resolve_device, train_local
+from fedlora.version import library_version
 
 app = ClientApp()
 
@@ -198,8 +198,8 @@ def _trace(event: str, context: Context, rnd: int) -> None:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Capabilities: rank, device, partition, num_examples and this node's fedlora version (the
-    server asks once per node)."""
+    """Capabilities: rank, device, partition, num_examples and this node's fedlora release and code
+    fingerprint (the server asks once per node)."""
     spec, _, _ = flower_io.payload_context(msg.content)
     pid, nparts, rank, device = _node(context, spec)
     train, _ = rundata.client_data(spec, pid, nparts)
@@ -207,7 +207,7 @@ def query(msg: Message, context: Context) -> Message:
                          "num-examples": len(train),
                          "cuda": int(resolve_device(device).type == "cuda")})
     return Message(RecordDict({"caps": caps, "caps.config": ConfigRecord(
-        {"device": device, "fedlora-version": FEDLORA_VERSION})}), reply_to=msg)
+        {"device": device, "fedlora-version": library_version()})}), reply_to=msg)
 
 
 @app.train()

@@ -45,7 +45,6 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from fedlora import __version__ as FEDLORA_VERSION
 from fedlora import flower_io, rundata
 from fedlora.checkpoint import (
     checkpoint_path,
@@ -67,6 +66,7 @@ from fedlora.runlog import RunLog, summarize, write_summary
 from fedlora.strategies import LayerSpec, NormBound, create_strategy
 from fedlora.tracking import Trackers
 from fedlora.train import accumulate_weight_gradients
+from fedlora.version import library_version
 
 log = logging.getLogger("fedlora.server")
 app = ServerApp()
@@ -228,7 +228,11 @@ class FedLoraStrategy(Strategy):
         for m in replies:
             nid = m.metadata.src_node_id
             if m.has_error():
-                self.ledger.fail("query", m.error.reason, nid)
+                reason = m.error.reason
+                if "attempting to load `ClientApp`" in reason:  # Flower's words for an import failure
+                    reason += (f" (is fedlora installed on the node, the server's version "
+                               f"{library_version()}? Flower ships only the apps)")
+                self.ledger.fail("query", reason, nid)
                 continue
             try:
                 caps = m.content.metric_records["caps"]
@@ -239,10 +243,10 @@ class FedLoraStrategy(Strategy):
                                      f"(r_max {self.fl.r_max}), num-examples {n}")
                 node_caps = m.content.config_records["caps.config"]
                 device = str(node_caps["device"])
-                version = str(node_caps.get("fedlora-version", "unknown (before 0.1.0)"))
-                if version != FEDLORA_VERSION:  # the node runs its installed fedlora, not the FAB's
-                    raise ValueError(f"the node runs fedlora {version}, this server {FEDLORA_VERSION}: "
-                                     f"install fedlora {FEDLORA_VERSION} on the node")
+                version, ours = str(node_caps.get("fedlora-version", "unknown")), library_version()
+                if version != ours:  # the node runs its installed fedlora, not one shipped with the apps
+                    raise ValueError(f"the node runs fedlora {version}, this server {ours} (release + "
+                                     "code fingerprint): install the server's fedlora on the node")
             except Exception as e:  # noqa: BLE001 - a node is untrusted too
                 self.ledger.fail("query", f"bad capabilities: {type(e).__name__}: {e}", nid)
                 continue

@@ -366,7 +366,7 @@ def test_node_killed_and_resynced(tmp_path):
 
 
 def test_the_fab_carries_the_apps_and_nodes_import_their_installed_fedlora(tmp_path):
-    """What `flwr run` ships to a node: the apps and run configs, not the library, tests or docs.
+    """What `flwr run` ships to a node: the two apps, not the library, configs, tests or docs.
     A ClientApp process puts the installed FAB first on sys.path; fedlora must then still come from
     the node's installation, whose package data (the Shakespeare texts: .txt, which a FAB cannot
     carry) is there."""
@@ -377,8 +377,8 @@ def test_the_fab_carries_the_apps_and_nodes_import_their_installed_fedlora(tmp_p
 
     fab = build_fab_from_disk(Path(__file__).resolve().parents[1])
     names = {n for n in zipfile.ZipFile(BytesIO(fab)).namelist() if not n.startswith(".info/")}
-    assert {"clients/app.py", "server/app.py", "pyproject.toml", "simulations/smoke.toml"} <= names
-    assert not [n for n in names if n.split("/")[0] in ("fedlora", "tests", "benchmarks", "docs")]
+    assert {"clients/app.py", "server/app.py", "pyproject.toml"} <= names
+    assert {n.split("/")[0] for n in names} == {"clients", "server", "pyproject.toml"}
 
     env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home")}
     probe = textwrap.dedent(f"""
@@ -392,5 +392,22 @@ def test_the_fab_carries_the_apps_and_nodes_import_their_installed_fedlora(tmp_p
         assert fedlora.shakespeare.PLAYS_DIR.is_dir(), fedlora.shakespeare.PLAYS_DIR
         print("ok")
     """)
-    res = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+    # cwd outside the checkout: `python -c` puts the working directory first on sys.path
+    res = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
+
+def test_the_library_version_names_the_code_not_only_the_release(tmp_path):
+    """The string a node reports at its capability query: equal for the same code wherever it is
+    installed, different when any module differs (the release number alone would not be)."""
+    import fedlora
+    from fedlora.version import PACKAGE, code_fingerprint, library_version
+
+    copy = tmp_path / "fedlora"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__", "assets"))
+    assert code_fingerprint(copy) == code_fingerprint() and len(code_fingerprint()) == 12
+    assert library_version() == f"{fedlora.__version__}+{code_fingerprint()}"
+    edited = copy / "strategies" / "fedavg.py"
+    edited.write_text(edited.read_text() + "\n# one more line\n")
+    assert code_fingerprint(copy) != code_fingerprint()

@@ -106,26 +106,30 @@ def test_a_failing_client_does_not_stop_the_round(tmp_path):
 
 
 def test_a_node_with_another_fedlora_version_is_refused(tmp_path):
-    """A node imports its own installed fedlora (the FAB carries only the apps): one whose version
-    differs from the server's is refused at its capability query, named, and never trains; the
-    round goes on with the others."""
+    """A node imports its own installed fedlora (the FAB carries only the apps): one whose release
+    or code differs from the server's is refused at its capability query, both named, and never
+    trains; the round goes on with the others."""
     from flwr.app import MessageType
 
+    import fedlora
     from fedlora.loopback import load_apps
+    from fedlora.version import library_version
 
     client_app, server_app = load_apps()
 
     def with_an_old_node(msg, context):
         reply = client_app(msg, context)
         if context.node_config["partition-id"] == 1 and msg.metadata.message_type == MessageType.QUERY:
-            reply.content.config_records["caps.config"]["fedlora-version"] = "0.0.1"
+            reply.content.config_records["caps.config"]["fedlora-version"] = "0.1.0+000000000000"
         return reply
 
     cfg = _cfg(tmp_path, "fedex")
     run_loopback(cfg, apps=(with_an_old_node, server_app))
     rows = _rows(tmp_path / "fedex")
     errors = [f["error"] for r in rows for f in r["failures"]]
-    assert errors and all("fedlora 0.0.1" in e and "install fedlora" in e for e in errors)
+    ours = library_version()
+    assert ours.startswith(fedlora.__version__ + "+")
+    assert errors and all(f"fedlora 0.1.0+000000000000, this server {ours}" in e for e in errors)
     for r in rows:
         assert sorted(c["id"] for c in r["clients"]) == ["client-0", "client-2", "client-3"]
         assert all(c["accepted"] for c in r["clients"]) and r["aggregation_error"] < 1e-4
