@@ -68,23 +68,26 @@ class ClientState:
 _MODELS: dict[str, ModelEntry] = {}
 
 
-def _model_key(spec: ClientSpec) -> str:
+def _model_key(spec: ClientSpec, dtype: torch.dtype = torch.float32) -> str:
     name = spec.model.name.replace("hf:", "hf-").replace("/", "_")
     digest = hashlib.sha256(spec.key("model", "data").encode()).hexdigest()[:10]
-    return f"{name}-seed{spec.seed}-{digest}"
+    return f"{name}-seed{spec.seed}-{digest}" + ("" if dtype == torch.float32 else f"-{str(dtype)[6:]}")
 
 
-def get_model_entry(spec: ClientSpec, cache_dir: str | None = None) -> tuple[ModelEntry, float]:
-    """The process's cached model for this spec (built or loaded once); ``(entry, load seconds)``."""
-    key = spec.key("model", "lora", "seed", "adapter", "scale", "data") + f"|{cache_dir}"
+def get_model_entry(spec: ClientSpec, cache_dir: str | None = None,
+                    device: str = "cpu") -> tuple[ModelEntry, float]:
+    """The process's cached model for this spec (built or loaded once, its frozen base in
+    ``rundata.base_dtype`` for ``device``); ``(entry, load seconds)``."""
+    dtype = rundata.base_dtype(spec, device)
+    key = spec.key("model", "lora", "seed", "adapter", "scale", "data") + f"|{cache_dir}|{dtype}"
     if key in _MODELS:
         return _MODELS[key], 0.0
     t0 = time.perf_counter()
-    mkey = _model_key(spec)
+    mkey = _model_key(spec, dtype)
     if cache_dir:
-        base = NodeCache(cache_dir).load_model(mkey, lambda: rundata.build_base(spec))
+        base = NodeCache(cache_dir).load_model(mkey, lambda: rundata.build_base(spec, dtype=dtype))
     else:
-        base = rundata.build_base(spec)
+        base = rundata.build_base(spec, dtype=dtype)
     _, head_names = rundata.inject(spec, base, max(1, spec.r_max))
     entry = ModelEntry(base, head_names, head_state(base, head_names), mkey)
     _MODELS.clear()  # one model per process: a new run spec replaces the old one
@@ -223,7 +226,7 @@ def train(msg: Message, context: Context) -> Message:
     if payload.rank > rank:  # (below it: a rule that prunes ranks sends less than the node has)
         raise ValueError(f"payload is for rank {payload.rank} but this node has rank {rank}")
     device = resolve_device(device_name)
-    entry, load_s = get_model_entry(spec, context.node_config.get("cache-dir"))
+    entry, load_s = get_model_entry(spec, context.node_config.get("cache-dir"), str(device))
     t_apply = time.perf_counter()
     st = load_state(context, entry)
     held = st.version if st else 0

@@ -97,7 +97,8 @@ def load_model(path: Path, num_layers: int | None = None, dtype: torch.dtype = t
     ``num_layers`` keeps the first layers only (tests, quick runs); ``dropout`` overrides the
     checkpoint's; ``gradient_checkpointing`` trades compute for activation memory;
     ``quantize`` (``"4bit"``/``"8bit"``, CUDA and bitsandbytes only) loads the frozen base
-    quantized (QLoRA).
+    quantized (QLoRA); ``dtype`` is the precision of the (other) frozen weights — bfloat16 halves a
+    base's memory, and LoRA adapters on it still train in float32 (``fedlora.lora.LoRALinear``).
     """
     from fedlora.hf_models import _DROPOUT_ATTRS, _quiet_transformers, _transformers
 
@@ -119,12 +120,10 @@ def load_model(path: Path, num_layers: int | None = None, dtype: torch.dtype = t
             if isinstance(getattr(config, attr, None), float | int):
                 setattr(config, attr, float(dropout))
     config.use_cache = False  # training never needs a KV cache (generation turns it on)
-    kw: dict = {"config": config, "local_files_only": True}
-    if quantize:
+    kw: dict = {"config": config, "local_files_only": True, "dtype": dtype}
+    if quantize:  # the quantized projections' compute dtype is bf16; the rest of the model is dtype
         kw["quantization_config"] = quantization_config(quantize)
         kw["device_map"] = {"": torch.cuda.current_device()}
-    else:
-        kw["dtype"] = dtype
     with _quiet_transformers():
         model = transformers.AutoModelForCausalLM.from_pretrained(str(path), **kw)
     if gradient_checkpointing:

@@ -79,6 +79,9 @@ class ModelSection(Section):
     kwargs: dict[str, Any] = Field(default_factory=dict)  # extra get_model keyword arguments
     quantize: str = ""  # causal-lm on CUDA: "4bit" | "8bit" frozen base (bitsandbytes, QLoRA)
     gradient_checkpointing: bool = False  # causal-lm: recompute activations (less memory)
+    # causal-lm frozen base on a client: auto (bfloat16 on a CUDA client, float32 elsewhere) |
+    # float32 | bfloat16; adapters and folded deltas stay float32, the server stays float32
+    dtype: str = "auto"
 
 
 class LoRASection(Section):
@@ -456,6 +459,11 @@ def validate(cfg: RunConfig, config_path: str | Path | None = None, check_data: 
            f"must be '', '4bit' or '8bit', got {cfg.model.quantize!r}")
     _check(not cfg.model.quantize or task == "causal-lm", "model.quantize",
            "a quantized base is for model.task = 'causal-lm'")
+    _check(cfg.model.dtype in ("auto", "float32", "bfloat16"), "model.dtype",
+           f"must be 'auto', 'float32' or 'bfloat16', got {cfg.model.dtype!r}")
+    _check(cfg.model.dtype in ("auto", "float32") or task == "causal-lm", "model.dtype",
+           f"a {cfg.model.dtype} frozen base is for model.task = 'causal-lm' (a classifier's head trains "
+           "in float32): leave model.dtype = 'auto'")
     if check_data and m == "minilm":
         import importlib.util
 

@@ -14,6 +14,8 @@
   ``D`` is kept separately in float32 (or float64 if the base is float64), and the forward pass
   uses a cached ``W0 + D`` cast to the base dtype. So folding into a bf16 base loses nothing,
   ``W0`` can be shared read-only between clients, and resetting to ``W0`` is exact.
+- ``A``, ``B``, ``R`` are in the same master precision (float32 on a bf16 or quantized base, as
+  PEFT keeps them): what a client trains and sends does not depend on its base's dtype.
 - ``merge_()`` moves ``s·B·A`` into ``D`` (the adapter then no longer contributes) and
   ``unmerge_()`` takes it back out; both in the precision of ``D``.
 - A quantized base (bitsandbytes ``Linear4bit`` / ``Linear8bitLt``, QLoRA) is called as it is and
@@ -108,8 +110,9 @@ class LoRALinear(nn.Module):
         return self.lora_a.out_features
 
     def _factory(self) -> dict:
+        # adapters train in master precision: float32 on a bf16 (or quantized) base, as PEFT does
         w = self.base.weight
-        return {"device": w.device, "dtype": w.dtype if w.is_floating_point() else torch.float32}
+        return {"device": w.device, "dtype": _master_dtype(w.dtype)}
 
     # ---- adapter lifecycle --------------------------------------------------------------------
     def reset_(self, rank: int, seed: int | None = None) -> None:
@@ -234,10 +237,13 @@ class LoRALinear(nn.Module):
             y = F.linear(x, self._weight(), self.base.bias)
         if self.merged:
             return y
+        ad = self.lora_a.weight.dtype
+        if x.dtype != ad and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(ad)  # a bf16 base outside autocast: the adapter computes in its own precision
         h = self.lora_a(self.dropout(x))
         if self.lora_r is not None:
             h = self.lora_r(h)
-        return y + self.scale * self.lora_b(h)
+        return y + (self.scale * self.lora_b(h)).to(y.dtype)
 
     # ---- base delta ---------------------------------------------------------------------------
     def _as_dense(self, delta: Delta) -> Tensor:

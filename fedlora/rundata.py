@@ -24,6 +24,7 @@ from collections import OrderedDict
 from functools import lru_cache
 
 import numpy as np
+import torch
 import torch.nn as nn
 from pydantic import BaseModel
 from torch.utils.data import DataLoader, Dataset
@@ -54,16 +55,31 @@ def num_classes(spec: ClientSpec) -> int:
     return len(_real_train_pool(spec.key("data", "seed")).features["label"].names)
 
 
-def build_base(spec: ClientSpec, full_precision: bool = False) -> nn.Module:
+def base_dtype(spec: ClientSpec, device: str = "cpu", full_precision: bool = False) -> torch.dtype:
+    """The frozen base's dtype on a client: ``model.dtype`` (``"auto"``: bfloat16 for a causal LM
+    on a CUDA device that supports it, float32 otherwise); float32 where ``full_precision``."""
+    want = spec.model.dtype
+    if full_precision or not is_causal(spec) or want == "float32":
+        return torch.float32
+    if want == "bfloat16":
+        return torch.bfloat16
+    cuda = torch.device(device).type == "cuda" and torch.cuda.is_available()
+    return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def build_base(spec: ClientSpec, full_precision: bool = False,
+               dtype: torch.dtype = torch.float32) -> nn.Module:
     """The pretrained model (no adapters), seeded by the run seed. ``full_precision``: never the
-    quantized base of ``model.quantize`` (the server evaluates and exports at full precision)."""
+    quantized base of ``model.quantize`` (the server evaluates and exports at full precision);
+    ``dtype`` (a causal LM's frozen base, ``base_dtype``): what the non-quantized weights are in."""
     m = spec.model
     if is_causal(spec):
         from fedlora import causal_lm
         from fedlora.hf_models import model_path
 
         return causal_lm.load_model(model_path(m.name), gradient_checkpointing=m.gradient_checkpointing,
-                                    quantize="" if full_precision else m.quantize, **m.kwargs)
+                                    quantize="" if full_precision else m.quantize,
+                                    dtype=torch.float32 if full_precision else dtype, **m.kwargs)
     return get_model(m.name, seed=spec.seed, num_classes=num_classes(spec), **m.kwargs)
 
 

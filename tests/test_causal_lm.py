@@ -335,6 +335,77 @@ def test_a_causal_lm_run_on_flowers_engine_from_relative_paths(tmp_path, llama_d
     assert "final perplexity" in res.stdout
 
 
+def test_a_bf16_base_keeps_float32_adapters_and_deltas_and_computes_the_direct_formula():
+    """model.dtype = "bfloat16": W0 stays bf16 and is never written; A, B and D are float32; outside
+    autocast the layer computes bf16(W0 + D)·x + s·B·A·x with the adapter in float32."""
+    from fedlora.lora import LoRALinear
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.nn.Linear(24, 16, bias=True).to(torch.bfloat16)
+    w0 = base.weight.detach().clone()
+    lin = LoRALinear(base, rank=4, scale=0.5, seed=1)
+    assert lin.lora_a.weight.dtype == lin.lora_b.weight.dtype == torch.float32
+    B = torch.randn(16, 4, generator=g) * 0.1
+    lin.set_factors_(B=B)
+    d = torch.randn(16, 24, generator=g) * 0.01
+    lin.fold_into_base_(d)
+    assert lin.base_delta.dtype == torch.float32 and torch.equal(lin.base.weight, w0)
+    x = torch.randn(3, 5, 24, generator=g).to(torch.bfloat16)
+    y = lin(x)
+    assert y.dtype == torch.bfloat16
+    A = lin.lora_a.weight.detach()
+    frozen = torch.nn.functional.linear(x, (w0.float() + d).to(torch.bfloat16), base.bias)
+    want = frozen.float() + (0.5 * x.float() @ A.t() @ B.t()).to(torch.bfloat16).float()
+    torch.testing.assert_close(y.float(), want, rtol=0, atol=1e-2)
+    y.float().pow(2).sum().backward()
+    assert lin.lora_b.weight.grad.dtype == torch.float32 and lin.lora_b.weight.grad.abs().sum() > 0
+    assert lin.base.weight.grad is None
+    torch.testing.assert_close(lin.effective_weight(), w0.float() + d + 0.5 * B @ A, rtol=0, atol=0)
+
+
+def test_model_dtype_picks_the_client_base_precision_and_the_server_stays_float32(tmp_path, llama_dir,
+                                                                                data_file):
+    from fedlora import rundata
+
+    spec = _cfg(llama_dir, data_file, tmp_path / "r").client_spec()
+    assert spec.model.dtype == "auto" and rundata.base_dtype(spec, "cpu") == torch.float32
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        assert rundata.base_dtype(spec, "cuda") == torch.bfloat16
+    else:  # no CUDA: auto stays float32 whatever the device name
+        assert rundata.base_dtype(spec, "cuda") == torch.float32
+    bf = _cfg(llama_dir, data_file, tmp_path / "r", 'model.dtype="bfloat16"').client_spec()
+    assert rundata.base_dtype(bf, "cpu") == torch.bfloat16
+    assert rundata.base_dtype(bf, "cpu", full_precision=True) == torch.float32
+    model = rundata.build_base(bf, dtype=rundata.base_dtype(bf, "cpu"))
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    rundata.inject(bf, model, 4)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    with pytest.raises(ValueError, match=r"model.dtype: must be 'auto', 'float32' or 'bfloat16', got 'fp8'"):
+        _cfg(llama_dir, data_file, tmp_path / "r", 'model.dtype="fp8"')
+    with pytest.raises(ValueError, match=r"model.dtype: a bfloat16 frozen base is for model.task = 'causal"):
+        load_config(None, ['model.dtype="bfloat16"'])
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedex", "flora"])
+def test_clients_on_a_bf16_base_train_and_send_float32_updates(tmp_path, llama_dir, data_file, strategy):
+    """A run whose clients hold a bf16 base (here on CPU): every update is accepted (float32 factors,
+    the wire's checks), the loss falls, and the server's float32 model evaluates it."""
+    from fedlora.loopback import run_loopback
+
+    cfg = _cfg(llama_dir, data_file, tmp_path / strategy, 'model.dtype="bfloat16"',
+               f'strategy.name="{strategy}"')
+    run_loopback(cfg)
+    rows = [json.loads(x) for x in (tmp_path / strategy / "metrics.jsonl").read_text().splitlines()]
+    assert all(c["accepted"] for r in rows for c in r["clients"]) and len(rows[0]["clients"]) == 3
+    assert rows[1]["train_loss"] < rows[0]["train_loss"]
+    assert math.isfinite(rows[-1]["perplexity"])
+    from clients.app import _MODELS  # the loopback's ClientApp ran in this process
+
+    (entry,) = _MODELS.values()
+    frozen = {p.dtype for p in entry.model.parameters() if not p.requires_grad}
+    assert frozen == {torch.bfloat16} and entry.model_key.endswith("-bfloat16")
+
+
 @pytest.mark.gpu
 def test_a_4bit_base_keeps_deltas_beside_the_quantized_weights(llama_dir):
     """QLoRA: LoRALinear over bitsandbytes' Linear4bit computes Q(W0)x + Dx + s·B·A x; folding a delta
@@ -369,13 +440,15 @@ def test_a_centralized_baseline_of_a_natural_partition_is_one_pooled_client(tmp_
 
 
 @pytest.mark.gpu
-def test_bf16_training_on_cuda_lowers_the_loss(tmp_path, llama_dir):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bf16_training_on_cuda_lowers_the_loss(tmp_path, llama_dir, dtype):
+    """bf16 autocast over a float32 base, and a bf16 base (model.dtype = "auto" on CUDA)."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     from fedlora.train import OptimConfig, train_local
 
     tok = lm_helpers.tokenizer(tmp_path / "t")
-    model = causal_lm.load_model(llama_dir)
+    model = causal_lm.load_model(llama_dir, dtype=dtype)
     inject_lora(model, LoRAConfig(targets=["q_proj", "v_proj"], rank=8, scale=1.0, seed=0))
     ds = lm_data.tokenize(lm_helpers.rows(64), "prompt-completion", tok, 32)
     before = evaluate(model, lm_data.make_loader(ds, 16, False), device="cuda").loss
