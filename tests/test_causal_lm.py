@@ -261,10 +261,12 @@ def test_eval_reports_token_level_perplexity(tmp_path, llama_dir):
     assert ev.perplexity == pytest.approx(math.exp(nll / n), rel=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dp_on_a_causal_lm_clips_per_sample_adapter_gradients_and_accounts_like_opacus(
-        tmp_path, llama_dir, monkeypatch):
-    """Opacus on a Llama with LoRA: the per-sample gradients are those of the adapters alone (their
-    mean is the ordinary batch gradient), each is clipped to C, and ε is a fresh accountant's."""
+        tmp_path, llama_dir, monkeypatch, dtype):
+    """Opacus on a Llama with LoRA (float32 or bf16 base): the per-sample gradients are those of the
+    adapters alone (their mean is the ordinary batch gradient), each is clipped to C, and ε is a
+    fresh accountant's."""
     from opacus.accountants import RDPAccountant
     from opacus.optimizers import DPOptimizer
 
@@ -282,10 +284,11 @@ def test_dp_on_a_causal_lm_clips_per_sample_adapter_gradients_and_accounts_like_
 
     monkeypatch.setattr(DPOptimizer, "clip_and_accumulate", clip)
     tok = lm_helpers.tokenizer(tmp_path / "t")
-    model = causal_lm.load_model(llama_dir)
+    model = causal_lm.load_model(llama_dir, dtype=dtype)
     inject_lora(model, LoRAConfig(targets=["q_proj", "v_proj"], rank=4, scale=1.0, seed=0))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(".lora_" in n for n in trainable)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
     ds = lm_data.tokenize(lm_helpers.rows(100), "prompt-completion", tok, 32)
     C = 0.01
     cfg = PrivacyConfig.from_dict({"enabled": True, "noise_multiplier": 1.0, "max_grad_norm": C})
