@@ -85,11 +85,13 @@ def _logits(out) -> torch.Tensor:
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token NLL of a causal LM (B×(T-1)) and the mask of scored tokens: position ``t``'s
     logits predict token ``t+1``; labels of ``-100`` are not scored."""
-    target = labels[:, 1:]
-    mask = target != -100
-    logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32, fp64 kept
-    nll = F.cross_entropy(logits.transpose(1, 2), target.clamp_min(0), reduction="none")
-    return nll * mask, mask
+    # shift the labels, not the logits (as transformers does): the logits stay one contiguous
+    # (B·T)×V block, 4-5x faster than cross-entropy over a strided B×V×(T-1) view on CPU
+    target = F.pad(labels[:, 1:], (0, 1), value=-100)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32, fp64 kept
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none",
+                          ignore_index=-100).view(target.shape)[:, :-1]
+    return nll, labels[:, 1:] != -100
 
 
 def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
