@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from fedlora.lora import LoRALinear, lora_layers
+from fedlora.lora import LoRALinear, kaiming_a, lora_layers
 from fedlora.strategies import ClientPayload, ClientUpdate, Dense, LowRank, SBCore, Strategy
 
 _FACTOR_MODULES = {"A": "lora_a", "B": "lora_b", "R": "lora_r"}
@@ -59,7 +59,13 @@ def apply_payload(model: nn.Module, payload: ClientPayload) -> None:
             if "R" in f and layer.mode != "sb":
                 raise ValueError(f"payload for {name!r} carries R but the layer is in lora mode: "
                                  "inject with the strategy's adapter kind (LoRAConfig(mode='sb'))")
-            layer.set_factors_(f.get("A"), f.get("B"), f.get("R"))
+            A = f.get("A")
+            if name in payload.a_seeds:  # the server sent A's seed, not A
+                if A is not None:
+                    raise ValueError(f"payload for {name!r} carries both A and A's seed")
+                A = kaiming_a(payload.rank, layer.in_features, payload.a_seeds[name],
+                              layer.lora_a.weight.dtype)
+            layer.set_factors_(A, f.get("B"), f.get("R"))
             if name in tails:  # (after set_factors_: a new rank resets the layer)
                 layer.sb_tail = (tails[name]["B_tail"], tails[name]["A_tail"])
             for key, attr in _FACTOR_MODULES.items():

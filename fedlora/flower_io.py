@@ -5,7 +5,8 @@ Message layout (a ``RecordDict``):
 - payload (server → client, TRAIN): ``"fedlora.factors"`` ArrayRecord ``{layer}::{A|B|R}``;
   ``"fedlora.deltas"`` ArrayRecord ``{i}::{layer}::{D|U|V|M}`` (``i`` = position in
   ``base_deltas``; ``D`` dense, ``U``/``V`` factored ``U @ V``, ``M`` a Fed-SB tail core);
-  ``"fedlora.frozen"`` ArrayRecord (Fed-SB's tail factors, once); ``"fedlora.head"`` ArrayRecord
+  ``"fedlora.frozen"`` ArrayRecord (Fed-SB's tail factors, once); ``"fedlora.a_seeds"``
+  ConfigRecord ``{layer: seed}`` (A factors the client draws itself); ``"fedlora.head"`` ArrayRecord
   (when the payload carries a head); ``"fedlora.payload"`` ConfigRecord (client id, rank, versions,
   reset flags, seed, meta as JSON, ``from_version``: the base version the deltas start from, what
   to train and upload, the rank self-pruning fields ``prune_to`` and ``tail_penalty``);
@@ -48,6 +49,8 @@ SEP = "::"
 FACTORS, DELTAS, HEAD, PAYLOAD, RUN = ("fedlora.factors", "fedlora.deltas", "fedlora.head",
                                        "fedlora.payload", "fedlora.run")
 UPDATE, UPDATE_META, METRICS = "fedlora.update", "fedlora.update.meta", "metrics"
+#: ``{layer: seed}`` of the A factors the client draws itself (``ClientPayload.a_seeds``)
+A_SEEDS = "fedlora.a_seeds"
 #: a DP client's accountant history (``PrivacyState.to_dict()``): in its reply, and the server's copy
 #: of it in the next payload (a client resumed without its own state starts from that, never from 0)
 PRIVACY = "fedlora.privacy"
@@ -221,6 +224,8 @@ def payload_to_record(p: ClientPayload, spec: ClientSpec | None = None, round: i
     if p.frozen:
         rd["fedlora.frozen"] = _record({f"{layer}{SEP}{k}": t for layer, f in p.frozen.items()
                                         for k, t in f.items()})
+    if p.a_seeds:
+        rd[A_SEEDS] = ConfigRecord({layer: int(seed) for layer, seed in p.a_seeds.items()})
     rd[PAYLOAD] = ConfigRecord({
         "client_id": p.client_id, "rank": int(p.rank), "base_version": int(p.base_version),
         "reset": bool(p.reset), "seed": -1 if p.seed is None else int(p.seed),
@@ -263,12 +268,16 @@ def record_to_payload(rd: RecordDict) -> ClientPayload:
         head = {k: _tensor(a) for k, a in rd.array_records[HEAD].items()}
     frozen = _nested(rd.array_records["fedlora.frozen"]) if "fedlora.frozen" in rd.array_records else None
     seed = int(c["seed"])
-    return ClientPayload(str(c["client_id"]), int(c["rank"]), _nested(rd.array_records[FACTORS]), deltas,
+    factors = _nested(rd.array_records[FACTORS])
+    a_seeds = {str(k): int(v) for k, v in (rd.config_records.get(A_SEEDS) or {}).items()}
+    for layer in a_seeds:  # a layer whose only factor is its seeded A travels as no array at all
+        factors.setdefault(layer, {})
+    return ClientPayload(str(c["client_id"]), int(c["rank"]), factors, deltas,
                          int(c["base_version"]), bool(c["reset"]), None if seed < 0 else seed, head,
                          frozen, json.loads(str(c["meta"])), int(c["bytes_down"]),
                          tuple(str(k) for k in c["trains"]), tuple(str(k) for k in c["uploads"]),
                          bool(c["upload_head"]), bool(c["personal_eval"]),
-                         int(c.get("prune_to", 0)), float(c.get("tail_penalty", 0.0)))
+                         int(c.get("prune_to", 0)), float(c.get("tail_penalty", 0.0)), a_seeds)
 
 
 def run_record(spec: ClientSpec | None, round: int = 0) -> ConfigRecord:

@@ -80,7 +80,10 @@ def test_ffa_a_is_the_seeded_draw_frozen_and_only_b_travels_up():
         for m in clients.values():
             for n, layer in lora_layers(m).items():
                 assert not layer.lora_a.weight.requires_grad and layer.lora_b.weight.requires_grad
-                torch.testing.assert_close(layer.lora_a.weight, A0[n][:layer.rank])
+                assert torch.equal(layer.lora_a.weight, A0[n][:layer.rank])  # drawn from its seed
+    p = s.payload("c0", 2, s.version)  # A travels as its seed, never as numbers
+    assert all(set(f) == {"B"} for f in p.factors.values())
+    assert p.a_seeds == {n: 2 * 100_003 + i for i, n in enumerate(SHAPES)}
 
 
 def test_ffa_average_is_the_completed_b_mean_and_tails_travel_only_when_they_moved():
@@ -103,10 +106,11 @@ def test_ffa_average_is_the_completed_b_mean_and_tails_travel_only_when_they_mov
         t = bd.layers[n]
         assert isinstance(t, LowRank)
         torch.testing.assert_close(t.U @ t.V, S * s.B[n][:, 3:] @ s.A[n][3:])
-    # bytes down: the slices r(d+k), plus the tail (r_max − r)(d+k) when it moved
-    assert stale.bytes_down == sum((3 + 1) * (d + k) * 8 for d, k in SHAPES.values())
+    # bytes down: B's slice d·r and A's seed (8 bytes), plus the tail (r_max − r)(d+k) when it moved
+    seeds = 8 * len(SHAPES)
+    assert stale.bytes_down == sum((3 * d + 1 * (d + k)) * 8 for d, k in SHAPES.values()) + seeds
     fresh = s.payload("c1", 3, s.version)
-    assert fresh.base_deltas == [] and fresh.bytes_down == sum(3 * (d + k) * 8 for d, k in SHAPES.values())
+    assert fresh.base_deltas == [] and fresh.bytes_down == sum(3 * d * 8 for d, _ in SHAPES.values()) + seeds
     assert s.payload("c3", 4, 1).base_deltas == []  # r_max: no tail at any version
 
 
@@ -426,6 +430,52 @@ def test_pruning_fields_survive_the_wire():
     assert (back.rank, back.prune_to, back.tail_penalty) == (4, 2, 0.25)
     plain = record_to_payload(payload_to_record(_strategy("fedavg").payload("c0", 4, 0)))
     assert (plain.prune_to, plain.tail_penalty) == (0, 0.0)
+
+
+@pytest.mark.parametrize("name", ["ffa", "flora", "rolora", "fedsvd"])
+def test_a_seeded_a_travels_as_its_seed_and_the_client_draws_the_servers_a(name):
+    """FFA-LoRA's frozen A, FLoRA's fresh A (and RoLoRA's / FedSVD's until A moves) go out as seeds:
+    through Flower's records a float32 client holds exactly the float64 server's A, cast."""
+    from fedlora.flower_io import payload_to_record, record_to_payload
+    from fedlora.loopback import ensure_task_identity
+
+    ensure_task_identity()
+    s = _strategy(name)
+    for rank in (1, 3, 4):
+        p = s.payload(f"c{rank}", rank, 0)
+        rd = payload_to_record(p)
+        assert not any(k.endswith("::A") for k in rd.array_records["fedlora.factors"])
+        back = record_to_payload(rd)
+        assert back.a_seeds == p.a_seeds and len(p.a_seeds) == len(SHAPES)
+        m = Multi(0, rank, S, "lora", dtype=torch.float32)
+        apply_payload(m, back)
+        for n, layer in lora_layers(m).items():
+            if name == "flora":
+                want = kaiming_a(s.r_max, SHAPES[n][1], s.round_seed(list(SHAPES).index(n)), F64)
+            else:
+                want = s.A[n]
+            assert torch.equal(layer.lora_a.weight, want[:rank].float())
+
+
+@pytest.mark.parametrize("name", ["rolora", "fedsvd"])
+def test_once_a_moves_it_travels_as_numbers_also_after_a_resume(name):
+    s = _strategy(name)
+    gen = torch.Generator().manual_seed(3)
+    ranks, n_ex, clients = [2, 4], [3, 5], {}
+    while s.payload("c0", 2, 0).a_seeds:  # RoLoRA: after its first A round; FedSVD: after round 1
+        s.aggregate(_round(s, ranks, n_ex, gen, clients)[0])
+    assert s.round == (2 if name == "rolora" else 1)
+    p = s.payload("c0", 2, 0)
+    assert all(torch.equal(f["A"], s.A[n][:2]) for n, f in p.factors.items())
+    resumed = _strategy(name)
+    resumed.load_state_dict(copy.deepcopy(s.state_dict()))
+    q = resumed.payload("c0", 2, 0)
+    assert q.a_seeds == {} and q.bytes_down == p.bytes_down
+    fresh = _strategy("ffa")
+    fresh.aggregate(_round(fresh, ranks, n_ex, gen, {})[0])
+    again = _strategy("ffa")
+    again.load_state_dict(copy.deepcopy(fresh.state_dict()))  # FFA's A never moves: still seeds
+    assert again.payload("c0", 2, 0).a_seeds == fresh.payload("c0", 2, 0).a_seeds != {}
 
 
 # ---- all five: validation, checkpoints, DP ------------------------------------------------------

@@ -18,7 +18,7 @@ from strategy_helpers import (
 )
 
 from fedlora.client import head_state
-from fedlora.lora import LoRALinear, lora_layers
+from fedlora.lora import LoRALinear, kaiming_a, lora_layers
 from fedlora.strategies import (
     STRATEGIES,
     BaseDelta,
@@ -110,20 +110,21 @@ def test_fedsa_b_never_leaves_the_client_and_survives_rounds():
 
 def test_flora_fresh_adapters_each_round():
     s = _strategy("flora")
-    first = s.payload("c0", 2, 0).factors
+    first = s.payload("c0", 2, 0).a_seeds
     ups, clients = _round(s, [2, 3])
     s.aggregate(ups)
     p, wide = s.payload("c0", 2, s.version), s.payload("c1", 4, s.version)
-    assert p.reset
+    assert p.reset and all(f == {} for f in p.factors.values())  # A travels as its seed
     apply_payload(clients[0], p)
-    for n, m in lora_layers(clients[0]).items():
+    for i, (n, m) in enumerate(lora_layers(clients[0]).items()):
         assert torch.count_nonzero(m.lora_b.weight) == 0  # B = 0: the fresh adapter adds nothing
         A = m.lora_a.weight
-        torch.testing.assert_close(A, p.factors[n]["A"])
+        assert p.a_seeds[n] == s.round_seed(i)
+        assert torch.equal(A, kaiming_a(2, SHAPES[n][1], p.a_seeds[n], A.dtype))
         assert float(A.detach().abs().max()) <= 1 / SHAPES[n][1] ** 0.5  # Kaiming-uniform(a=√5) bound
         # every client of the round draws the same A (leading slice), a new round a new one
-        torch.testing.assert_close(wide.factors[n]["A"][:2], A)
-        assert not torch.allclose(first[n]["A"], A)
+        assert wide.a_seeds[n] == p.a_seeds[n] != first[n]
+        assert not torch.allclose(kaiming_a(2, SHAPES[n][1], first[n], A.dtype), A)
 
 
 def test_flora_and_fedex_agree_after_one_full_round():
@@ -186,7 +187,8 @@ def test_a_new_client_catches_up_factored_when_fewer_numbers(name, rank):
         for i in range(n):
             r = (2, 4)[i % 2]
             p = s.payload(f"c{i}", r, s.version)
-            A = p.factors["w"]["A"] + 0.1 * torch.randn(r, 48, generator=gen, dtype=F64)
+            sent = p.factors["w"]["A"] if name == "fedex" else kaiming_a(r, 48, p.a_seeds["w"], F64)
+            A = sent + 0.1 * torch.randn(r, 48, generator=gen, dtype=F64)
             ups.append(ClientUpdate(f"c{i}", r, 5, s.version,
                                     {"w": {"A": A, "B": torch.randn(64, r, generator=gen, dtype=F64)}}))
         s.aggregate(ups)

@@ -31,7 +31,7 @@ def nested_bytes(obj) -> int:
 
 def payload_bytes(p: ClientPayload) -> int:
     return nested_bytes(p.factors) + nested_bytes(p.base_deltas) + nested_bytes(p.head) \
-        + nested_bytes(p.frozen)
+        + nested_bytes(p.frozen) + 8 * len(p.a_seeds)  # a seed: one int64
 
 
 def update_bytes(u: ClientUpdate) -> int:

@@ -132,8 +132,11 @@ class Strategy:
         p.bytes_down = payload_bytes(p)
         self._ranks_sent[p.client_id] = p.rank  # (a rule may send less than asked: HetLoRA's pruning)
         if self.norm_bound.mode != "off":
-            self._given[p.client_id] = {n: {k: f[k] for k in uploads if k in f}
-                                        for n, f in p.factors.items()}
+            given = {n: {k: f[k] for k in uploads if k in f} for n, f in p.factors.items()}
+            if "A" in uploads:  # a seeded A was given too: the client's change is measured from it
+                for n, seed in p.a_seeds.items():
+                    given[n]["A"] = kaiming_a(p.rank, self.layers[n].d_in, seed, self.dtype)
+            self._given[p.client_id] = given
         self._sent[p.client_id] = self._sent.get(p.client_id, 0) + p.bytes_down
         return p
 
@@ -237,8 +240,12 @@ class Strategy:
     def _zeros(self, *shape: int) -> Tensor:
         return torch.zeros(*shape, dtype=self.dtype)
 
+    def _a_seed(self, idx: int) -> int:
+        """Seed of layer ``idx``'s initial A (``_init_a``; a client draws the same leading rows)."""
+        return self.seed * 100_003 + idx
+
     def _init_a(self, idx: int, spec: LayerSpec) -> Tensor:
-        return kaiming_a(self.r_max, spec.d_in, self.seed * 100_003 + idx, self.dtype)
+        return kaiming_a(self.r_max, spec.d_in, self._a_seed(idx), self.dtype)
 
     def _component_means(self, old: dict[str, Tensor], key: str, axis: int,
                          sums: GroupSums) -> dict[str, Tensor]:

@@ -14,8 +14,9 @@ since the version it holds). Each client's upload is completed by the global tai
     W_g(new) = W0 + s·B̄·A = Σ p_i (W0 + tail_{r_i} + s·B_i·A[:r_i]) = Σ p_i W_i      (exact)
 
 Exact because ΔW is linear in B with A shared. Communication per layer and round: up ``d·r``
-(half of LoRA's ``r(d+k)``); down ``r(d+k)`` (the slices) plus, below r_max, the tail
-``(r_max−r)(d+k)`` (or dense ``d·k`` when fewer numbers) when it changed.
+(half of LoRA's ``r(d+k)``); down ``d·r`` (B's slice; A travels as its seed, which the client
+draws from: ``ClientPayload.a_seeds``) plus, below r_max, the tail ``(r_max−r)(d+k)`` (or dense
+``d·k`` when fewer numbers) when it changed.
 
 Subclasses reuse the machinery for another trained factor (RoLoRA alternates B and A) or a
 re-factorisation after the average (FedSVD).
@@ -46,6 +47,14 @@ class FFA(Strategy):
         super().__init__(*args, **kw)
         self.A = {n: self._init_a(i, s) for i, (n, s) in enumerate(self.layers.items())}
         self.B = {n: self._zeros(s.d_out, self.r_max) for n, s in self.layers.items()}
+        self._drawn_A = self.A  # while self.A is still this draw, clients get its seeds, not A
+
+    def _a_seeds(self) -> dict[str, int] | None:
+        """``{layer: seed}`` of A while it is still the initial draw (a rule that moves A — RoLoRA's
+        A rounds, FedSVD's re-factorisation — replaces ``self.A``, and A travels from then on)."""
+        if self.A is not self._drawn_A:
+            return None
+        return {n: self._a_seed(i) for i, n in enumerate(self.layers)}
 
     # ---- payloads --------------------------------------------------------------------------------
     def _tail(self, n: str, r: int) -> LowRank | Dense:
@@ -53,13 +62,15 @@ class FFA(Strategy):
 
     def _payload(self, client_id: str, rank: int, base_version: int) -> ClientPayload:
         cur = self.version
-        factors = {n: {"A": self.A[n][:rank].clone(), "B": self.B[n][:, :rank].clone()} for n in self.layers}
+        seeds = self._a_seeds()
+        factors = {n: {"B": self.B[n][:, :rank].clone()} | ({} if seeds else {"A": self.A[n][:rank].clone()})
+                   for n in self.layers}
         deltas: list[BaseDelta] = []
         # a client's base is identified by (version, rank) and holds tail_rank(version): at the
         # current version it holds the current tail, at r_max an empty one (W0) at any version
         if base_version != cur and rank < self.r_max:
             deltas = [BaseDelta(cur, {n: self._tail(n, rank) for n in self.layers}, reset=True)]
-        return ClientPayload(client_id, rank, factors, deltas, cur)
+        return ClientPayload(client_id, rank, factors, deltas, cur, a_seeds=seeds or {})
 
     # ---- aggregation -----------------------------------------------------------------------------
     def _trained_key(self) -> str:
@@ -115,3 +126,7 @@ class FFA(Strategy):
     def _load_state(self, st: dict) -> None:
         self.A = {n: t.to(self.dtype).clone() for n, t in st["A"].items()}
         self.B = {n: t.to(self.dtype).clone() for n, t in st["B"].items()}
+        # a resumed run sends what the uninterrupted one would: seeds while A is still the draw
+        drawn = all(torch.equal(self.A[n], self._init_a(i, spec))
+                    for i, (n, spec) in enumerate(self.layers.items()))
+        self._drawn_A = self.A if drawn else None

@@ -1,7 +1,8 @@
 """FLoRA: stack the clients' factors, merge the stack into the frozen base, re-initialise.
 
 Every round each client starts a fresh adapter at its own rank r_i: ``B = 0``,
-``A = kaiming(r_max, k; seed_t,layer)[:r_i]`` (sent explicitly). The server stacks::
+``A = kaiming(r_max, k; seed_t,layer)[:r_i]`` (sent as the seed, ``ClientPayload.a_seeds``: the
+client draws it). The server stacks::
 
     A_stack = [p_1 A_1; …; p_K A_K]   (Σr_i × k)      B_stack = [B_1, …, B_K]   (d × Σr_i)
     s·B_stack·A_stack = s·Σ p_i B_i A_i      (transported as U = [s·p_1B_1, …], V = [A_1; …])
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import torch
 
-from fedlora.lora import kaiming_a
 from fedlora.strategies.base import Strategy
 from fedlora.strategies.deltas import Dense
 from fedlora.strategies.exactness import Term, from_delta, low_rank
@@ -47,10 +47,10 @@ class FLoRA(Strategy):
             deltas = [BaseDelta(cur, {n: Dense(self.base.cum[n].clone()) for n in self.layers}, reset=True)]
         else:
             deltas = self.base.choose(v, cur, None, None)
-        factors = {n: {"A": kaiming_a(rank, s.d_in, self.round_seed(i), self.dtype)}
-                   for i, (n, s) in enumerate(self.layers.items())}
-        return ClientPayload(client_id, rank, factors, deltas, cur, reset=True,
-                             seed=self.round_seed(0), meta={"round": self.round})
+        # the fresh A travels as its seed: the client draws kaiming_a(rank, d_in, seed) itself
+        seeds = {n: self.round_seed(i) for i, n in enumerate(self.layers)}
+        return ClientPayload(client_id, rank, {n: {} for n in self.layers}, deltas, cur, reset=True,
+                             seed=self.round_seed(0), meta={"round": self.round}, a_seeds=seeds)
 
     def _aggregate(self, updates: list[ClientUpdate], p: list[float], sums: None) -> None:
         # s·B_stack·A_stack with the weights on B's columns: U = [s·p_1B_1, …], V = [A_1; …]
