@@ -70,7 +70,7 @@ def make_ca(days: int = 365, name: str = "fedlora local CA"):
     """A self-signed CA: ``(private key, certificate)``."""
     key = ec.generate_private_key(ec.SECP384R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = _dt.datetime.now(_dt.timezone.utc)
+    now = _dt.datetime.now(_dt.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(subject).issuer_name(subject)
@@ -95,7 +95,7 @@ def make_server_cert(ca_key, ca_cert, hosts=DEFAULT_HOSTS, days: int = 365):
     if not hosts:
         raise ValueError("make_server_cert: give at least one host (IP or DNS name) for the SAN")
     key = ec.generate_private_key(ec.SECP384R1())
-    now = _dt.datetime.now(_dt.timezone.utc)
+    now = _dt.datetime.now(_dt.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))

@@ -41,11 +41,11 @@ from __future__ import annotations
 import copy
 import math
 import re
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import tomli_w
-import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fedlora.lora import lora_scale

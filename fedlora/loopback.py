@@ -16,11 +16,11 @@ from __future__ import annotations
 import importlib
 import itertools
 import json
+import tomllib
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-import tomllib
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
