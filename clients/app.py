@@ -41,7 +41,7 @@ from fedlora.config import ClientSpec
 from fedlora.lora import adapter_state, lora_layers
 from fedlora.node_cache import NodeCache, base_deltas, process_age_s
 from fedlora.train import OptimConfig, evaluate, release_memory, resolve_device, train_local
-from fedlora.version import library_version
+from fedlora.version import library_version, rng_fingerprint
 
 app = ClientApp()
 
@@ -201,8 +201,8 @@ def _trace(event: str, context: Context, rnd: int) -> None:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Capabilities: rank, device, partition, num_examples and this node's fedlora release and code
-    fingerprint (the server asks once per node)."""
+    """Capabilities: rank, device, partition, num_examples, this node's fedlora release and code
+    fingerprint, and its torch's random-number fingerprint (the server asks once per node)."""
     spec, _, _ = flower_io.payload_context(msg.content)
     pid, nparts, rank, device = _node(context, spec)
     train, _ = rundata.client_data(spec, pid, nparts)
@@ -210,7 +210,8 @@ def query(msg: Message, context: Context) -> Message:
                          "num-examples": len(train),
                          "cuda": int(resolve_device(device).type == "cuda")})
     return Message(RecordDict({"caps": caps, "caps.config": ConfigRecord(
-        {"device": device, "fedlora-version": library_version()})}), reply_to=msg)
+        {"device": device, "fedlora-version": library_version(), "rng": rng_fingerprint(),
+         "torch-version": torch.__version__})}), reply_to=msg)
 
 
 @app.train()
@@ -263,14 +264,14 @@ def train(msg: Message, context: Context) -> Message:
                           grad_accum=tr.grad_accum, before_step=before_step)
     if pruning is not None:
         metrics["upload-rank"] = pruning.finish()
-    model.to("cpu")
     metrics |= {"loss": res.loss, "train-time-s": res.seconds, "steps": res.steps,
                 "peak-memory-bytes": peak_memory_bytes(device), "rank": rank, "partition-id": pid,
                 "overhead-process-s": age, "overhead-load-s": load_s, "overhead-apply-s": apply_s,
                 "base-version": payload.base_version}
-    if payload.personal_eval and val_ds is not None and len(val_ds):
-        ev = evaluate(model, rundata.loader(spec, val_ds, spec.eval.batch_size, False, 0), device="cpu")
+    if payload.personal_eval and val_ds is not None and len(val_ds):  # on the training device
+        ev = evaluate(model, rundata.loader(spec, val_ds, spec.eval.batch_size, False, 0), device=device)
         metrics |= {"eval-accuracy": ev.accuracy, "eval-loss": ev.loss, "eval-examples": ev.num_examples}
+    model.to("cpu")
     update = make_update(model, payload, len(train_ds), head_names=entry.head_names)
     save_state(context, entry, ClientState(payload.base_version, rank, base_deltas(model),
                                            adapter_state(model), head_state(model, entry.head_names)))

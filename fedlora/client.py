@@ -19,6 +19,8 @@ from fedlora.lora import LoRALinear, kaiming_a, lora_layers
 from fedlora.strategies import ClientPayload, ClientUpdate, Dense, LowRank, SBCore, Strategy
 
 _FACTOR_MODULES = {"A": "lora_a", "B": "lora_b", "R": "lora_r"}
+#: the precisions a server draws a seeded A in (``ClientPayload.a_seed_dtype``)
+SEED_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def _fold_form(layer: LoRALinear, delta, payload: ClientPayload, name: str):
@@ -64,7 +66,7 @@ def apply_payload(model: nn.Module, payload: ClientPayload) -> None:
                 if A is not None:
                     raise ValueError(f"payload for {name!r} carries both A and A's seed")
                 A = kaiming_a(payload.rank, layer.in_features, payload.a_seeds[name],
-                              layer.lora_a.weight.dtype)
+                              SEED_DTYPES[payload.a_seed_dtype])  # as the server drew it; cast below
             layer.set_factors_(A, f.get("B"), f.get("R"))
             if name in tails:  # (after set_factors_: a new rank resets the layer)
                 layer.sb_tail = (tails[name]["B_tail"], tails[name]["A_tail"])

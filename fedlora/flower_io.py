@@ -235,7 +235,7 @@ def payload_to_record(p: ClientPayload, spec: ClientSpec | None = None, round: i
         "bytes_down": int(p.bytes_down), "from_version": int(from_version),
         "trains": list(p.trains), "uploads": list(p.uploads), "upload_head": bool(p.upload_head),
         "personal_eval": bool(p.personal_eval), "prune_to": int(p.prune_to),
-        "tail_penalty": float(p.tail_penalty)})
+        "tail_penalty": float(p.tail_penalty), "a_seed_dtype": p.a_seed_dtype})
     rd[RUN] = run_record(spec, round)
     return rd
 
@@ -269,15 +269,30 @@ def record_to_payload(rd: RecordDict) -> ClientPayload:
     frozen = _nested(rd.array_records["fedlora.frozen"]) if "fedlora.frozen" in rd.array_records else None
     seed = int(c["seed"])
     factors = _nested(rd.array_records[FACTORS])
-    a_seeds = {str(k): int(v) for k, v in (rd.config_records.get(A_SEEDS) or {}).items()}
+    a_seeds = _seeds(rd.config_records.get(A_SEEDS) or {})
     for layer in a_seeds:  # a layer whose only factor is its seeded A travels as no array at all
         factors.setdefault(layer, {})
+    a_seed_dtype = str(c.get("a_seed_dtype", "float32"))
+    if a_seed_dtype not in ("float32", "float64"):
+        raise ValueError(f"payload field 'a_seed_dtype' must be 'float32' or 'float64', got {a_seed_dtype!r}")
     return ClientPayload(str(c["client_id"]), int(c["rank"]), factors, deltas,
                          int(c["base_version"]), bool(c["reset"]), None if seed < 0 else seed, head,
                          frozen, json.loads(str(c["meta"])), int(c["bytes_down"]),
                          tuple(str(k) for k in c["trains"]), tuple(str(k) for k in c["uploads"]),
                          bool(c["upload_head"]), bool(c["personal_eval"]),
-                         int(c.get("prune_to", 0)), float(c.get("tail_penalty", 0.0)), a_seeds)
+                         int(c.get("prune_to", 0)), float(c.get("tail_penalty", 0.0)), a_seeds,
+                         a_seed_dtype)
+
+
+def _seeds(rec) -> dict[str, int]:
+    """``fedlora.a_seeds``: each value an integer seed in [0, 2⁶³)."""
+    out = {}
+    for layer, v in rec.items():
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 2**63:
+            raise ValueError(f"record {A_SEEDS!r}: the seed of layer {layer!r} must be an integer in "
+                             f"[0, 2**63), got {v!r}")
+        out[str(layer)] = v
+    return out
 
 
 def run_record(spec: ClientSpec | None, round: int = 0) -> ConfigRecord:

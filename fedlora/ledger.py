@@ -20,7 +20,7 @@ class Pending:
     rank: int
     version: int  # the base version the payload brings the client to
     bytes_down: int  # the whole message as Flower pushes it (flower_io.wire_bytes)
-    tensor_bytes_down: int  # the payload's tensors alone
+    tensor_bytes_down: int  # the payload's tensors (and 8 bytes per factor sent as its seed)
 
 
 def number(v) -> float | None:

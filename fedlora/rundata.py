@@ -57,14 +57,17 @@ def num_classes(spec: ClientSpec) -> int:
 
 def base_dtype(spec: ClientSpec, device: str = "cpu", full_precision: bool = False) -> torch.dtype:
     """The frozen base's dtype on a client: ``model.dtype`` (``"auto"``: bfloat16 for a causal LM
-    on a CUDA device that supports it, float32 otherwise); float32 where ``full_precision``."""
+    on a CUDA device with native bf16, float32 otherwise); float32 where ``full_precision``."""
     want = spec.model.dtype
     if full_precision or not is_causal(spec) or want == "float32":
         return torch.float32
     if want == "bfloat16":
         return torch.bfloat16
-    cuda = torch.device(device).type == "cuda" and torch.cuda.is_available()
-    return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    dev = torch.device(device)
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return torch.float32
+    # native bf16 (Ampere, compute capability 8.0, or newer): older GPUs only emulate it, slowly
+    return torch.bfloat16 if torch.cuda.get_device_capability(dev) >= (8, 0) else torch.float32
 
 
 def build_base(spec: ClientSpec, full_precision: bool = False,

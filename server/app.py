@@ -66,7 +66,7 @@ from fedlora.runlog import RunLog, summarize, write_summary
 from fedlora.strategies import LayerSpec, NormBound, create_strategy
 from fedlora.tracking import Trackers
 from fedlora.train import accumulate_weight_gradients
-from fedlora.version import library_version
+from fedlora.version import library_version, rng_fingerprint
 
 log = logging.getLogger("fedlora.server")
 app = ServerApp()
@@ -247,6 +247,11 @@ class FedLoraStrategy(Strategy):
                 if version != ours:  # the node runs its installed fedlora, not one shipped with the apps
                     raise ValueError(f"the node runs fedlora {version}, this server {ours} (release + "
                                      "code fingerprint): install the server's fedlora on the node")
+                if str(node_caps.get("rng", "unknown")) != rng_fingerprint():  # seeded factors (a_seeds)
+                    theirs = node_caps.get("torch-version", "unknown")
+                    raise ValueError(f"the node's torch ({theirs}) draws other random numbers for a seed "
+                                     f"than this server's ({torch.__version__}): a factor sent as its seed "
+                                     "would differ; install the server's torch on the node")
             except Exception as e:  # noqa: BLE001 - a node is untrusted too
                 self.ledger.fail("query", f"bad capabilities: {type(e).__name__}: {e}", nid)
                 continue

@@ -57,6 +57,33 @@ def test_the_masked_loss_is_the_mean_over_sequences_of_their_response_tokens_nll
     assert _loss(logits, labels).item() == pytest.approx((sum(per_seq) / 3).item(), rel=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_token_nll_is_the_direct_per_token_formula_also_for_bf16_and_an_unscored_row(dtype):
+    """Position t's logits score token t+1; -100 is not scored (a row of only -100 scores nothing);
+    bf16 logits are scored in float32; the gradient is the direct formula's."""
+    from fedlora.train import token_nll
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 7, 13, generator=g, dtype=torch.float64).to(dtype).requires_grad_(True)
+    labels = torch.tensor([[-100, 2, 5, -100, 7, 1, 0], [-100] * 7, [4, 4, -100, -100, 12, 3, 9]])
+    nll, mask = token_nll(logits, labels)
+    ref = logits.detach().double().requires_grad_(True)
+    want = torch.zeros(3, 6, dtype=torch.float64)
+    for b in range(3):
+        for t in range(6):
+            if labels[b, t + 1] != -100:
+                want[b, t] = -torch.log_softmax(ref[b, t], -1)[labels[b, t + 1]]
+    assert torch.equal(mask, labels[:, 1:] != -100) and nll.shape == (3, 6)
+    assert nll.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(nll.double(), want.detach(), rtol=tol, atol=tol)
+    assert torch.all(nll[1] == 0)
+    nll.sum().backward()
+    want.sum().backward()
+    torch.testing.assert_close(logits.grad.double(), ref.grad, rtol=tol, atol=1e-2 if dtype == torch.bfloat16
+                               else tol)
+
+
 def test_gpt2_conv1d_adapters_and_folds_equal_the_direct_formula(tmp_path):
     """fedlora's GPT-2 (Conv1D as nn.Linear) computes the checkpoint's function; with an adapter
     (s·B·A, out×in) and a folded base delta D it equals the original Conv1D model whose weight
@@ -387,6 +414,17 @@ def test_model_dtype_picks_the_client_base_precision_and_the_server_stays_float3
         _cfg(llama_dir, data_file, tmp_path / "r", 'model.dtype="fp8"')
     with pytest.raises(ValueError, match=r"model.dtype: a bfloat16 frozen base is for model.task = 'causal"):
         load_config(None, ['model.dtype="bfloat16"'])
+
+
+def test_auto_picks_bf16_only_on_a_gpu_with_native_bf16(tmp_path, llama_dir, data_file, monkeypatch):
+    from fedlora import rundata
+
+    spec = _cfg(llama_dir, data_file, tmp_path / "r").client_spec()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for capability, want in (((7, 0), torch.float32), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev=None, c=capability: c)
+        assert rundata.base_dtype(spec, "cuda:0") == want  # a V100 emulates bf16: float32 there
+    assert rundata.base_dtype(spec, "cpu") == torch.float32
 
 
 @pytest.mark.parametrize("strategy", ["fedavg", "fedex", "flora"])

@@ -135,6 +135,33 @@ def test_a_node_with_another_fedlora_version_is_refused(tmp_path):
         assert all(c["accepted"] for c in r["clients"]) and r["aggregation_error"] < 1e-4
 
 
+def test_a_node_whose_torch_draws_other_random_numbers_is_refused(tmp_path):
+    """Factors sent as seeds (FFA-LoRA's A) are exact only if the node's torch draws the server's
+    numbers: a node with another random-number fingerprint is refused, both torch versions named."""
+    from flwr.app import MessageType
+
+    from fedlora.loopback import load_apps
+
+    client_app, server_app = load_apps()
+
+    def with_another_torch(msg, context):
+        reply = client_app(msg, context)
+        if context.node_config["partition-id"] == 2 and msg.metadata.message_type == MessageType.QUERY:
+            caps = reply.content.config_records["caps.config"]
+            caps["rng"], caps["torch-version"] = "0123456789ab", "9.9.9"
+        return reply
+
+    cfg = _cfg(tmp_path, "ffa")
+    run_loopback(cfg, apps=(with_another_torch, server_app))
+    rows = _rows(tmp_path / "ffa")
+    errors = [f["error"] for r in rows for f in r["failures"]]
+    assert errors and all(f"the node's torch (9.9.9) draws other random numbers for a seed than this "
+                          f"server's ({torch.__version__})" in e for e in errors)
+    for r in rows:
+        assert sorted(c["id"] for c in r["clients"]) == ["client-0", "client-1", "client-3"]
+        assert all(c["accepted"] for c in r["clients"]) and r["aggregation_error"] < 1e-4
+
+
 def test_resume_equals_uninterrupted(tmp_path):
     full = _cfg(tmp_path, "fedex", rounds=3)
     run_loopback(full)

@@ -457,6 +457,35 @@ def test_a_seeded_a_travels_as_its_seed_and_the_client_draws_the_servers_a(name)
             assert torch.equal(layer.lora_a.weight, want[:rank].float())
 
 
+def test_an_a_written_in_place_travels_as_numbers_and_a_float32_server_draw_reaches_a_float64_client():
+    s = create_strategy("ffa", layers=layer_specs(), r_max=4, scale=S, dtype=torch.float32, seed=2)
+    p = s.payload("c0", 3, 0)
+    assert p.a_seeds and p.a_seed_dtype == "float32"
+    m = Multi(0, 3, S, "lora", dtype=F64)  # a float64 client gets the float32 draw, cast: as if sent
+    apply_payload(m, p)
+    for n, layer in lora_layers(m).items():
+        assert torch.equal(layer.lora_a.weight, s.A[n][:3].double())
+    with torch.no_grad():  # a rule (or plugin) that moves A in place
+        s.A["enc.v"].mul_(2.0)
+    q = s.payload("c0", 3, 0)
+    assert q.a_seeds == {} and all(torch.equal(f["A"], s.A[n][:3]) for n, f in q.factors.items())
+
+
+def test_malformed_seeds_are_named():
+    from flwr.app import ConfigRecord
+
+    from fedlora.flower_io import payload_to_record, record_to_payload
+    from fedlora.loopback import ensure_task_identity
+
+    ensure_task_identity()
+    rd = payload_to_record(_strategy("ffa").payload("c0", 2, 0))
+    for bad in (-1, 2**63, 1.5):
+        rd["fedlora.a_seeds"] = ConfigRecord({"enc.q": bad})
+        msg = r"record 'fedlora.a_seeds': the seed of layer 'enc.q' must be an integer in \[0, 2\*\*63\)"
+        with pytest.raises(ValueError, match=msg):
+            record_to_payload(rd)
+
+
 @pytest.mark.parametrize("name", ["rolora", "fedsvd"])
 def test_once_a_moves_it_travels_as_numbers_also_after_a_resume(name):
     s = _strategy(name)

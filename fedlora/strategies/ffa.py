@@ -47,12 +47,19 @@ class FFA(Strategy):
         super().__init__(*args, **kw)
         self.A = {n: self._init_a(i, s) for i, (n, s) in enumerate(self.layers.items())}
         self.B = {n: self._zeros(s.d_out, self.r_max) for n, s in self.layers.items()}
-        self._drawn_A = self.A  # while self.A is still this draw, clients get its seeds, not A
+        self._mark_drawn()
+
+    def _mark_drawn(self) -> None:
+        """Remember A as drawn: each layer's tensor and its in-place version counter."""
+        self._drawn_A = {n: (t, t._version) for n, t in self.A.items()}
 
     def _a_seeds(self) -> dict[str, int] | None:
-        """``{layer: seed}`` of A while it is still the initial draw (a rule that moves A — RoLoRA's
-        A rounds, FedSVD's re-factorisation — replaces ``self.A``, and A travels from then on)."""
-        if self.A is not self._drawn_A:
+        """``{layer: seed}`` of A while every layer's A is still the initial draw: the same tensor,
+        never written in place. Once a rule moves A (RoLoRA's A rounds, FedSVD's re-factorisation,
+        or a plugin's in-place update) A travels as numbers from then on."""
+        drawn = self._drawn_A
+        if drawn is None or any(self.A.get(n) is not t or t._version != v for n, (t, v) in drawn.items()):
+            self._drawn_A = None
             return None
         return {n: self._a_seed(i) for i, n in enumerate(self.layers)}
 
@@ -70,7 +77,8 @@ class FFA(Strategy):
         # current version it holds the current tail, at r_max an empty one (W0) at any version
         if base_version != cur and rank < self.r_max:
             deltas = [BaseDelta(cur, {n: self._tail(n, rank) for n in self.layers}, reset=True)]
-        return ClientPayload(client_id, rank, factors, deltas, cur, a_seeds=seeds or {})
+        return ClientPayload(client_id, rank, factors, deltas, cur, a_seeds=seeds or {},
+                             a_seed_dtype=str(self.dtype).removeprefix("torch."))
 
     # ---- aggregation -----------------------------------------------------------------------------
     def _trained_key(self) -> str:
@@ -127,6 +135,8 @@ class FFA(Strategy):
         self.A = {n: t.to(self.dtype).clone() for n, t in st["A"].items()}
         self.B = {n: t.to(self.dtype).clone() for n, t in st["B"].items()}
         # a resumed run sends what the uninterrupted one would: seeds while A is still the draw
-        drawn = all(torch.equal(self.A[n], self._init_a(i, spec))
-                    for i, (n, spec) in enumerate(self.layers.items()))
-        self._drawn_A = self.A if drawn else None
+        layers = enumerate(self.layers.items())
+        if all(torch.equal(self.A[n], self._init_a(i, spec)) for i, (n, spec) in layers):
+            self._mark_drawn()
+        else:
+            self._drawn_A = None

@@ -61,11 +61,12 @@ class ClientPayload:
     personal_eval: bool = False
     prune_to: int = 0
     tail_penalty: float = 0.0
-    #: layers whose ``A`` the client draws itself, ``fedlora.lora.kaiming_a(rank, d_in, seed)`` (the
-    #: leading rows of the server's ``r_max`` draw): a seeded A (FFA-LoRA's frozen one, FLoRA's fresh
-    #: one) costs one integer on the wire instead of ``r·k`` numbers. Such a layer's ``factors`` hold
-    #: no ``"A"``.
+    #: layers whose ``A`` the client draws itself, ``fedlora.lora.kaiming_a(rank, d_in, seed,
+    #: a_seed_dtype)`` (the leading rows of the server's ``r_max`` draw, in the server's precision,
+    #: then cast like a sent factor): a seeded A (FFA-LoRA's frozen one, FLoRA's fresh one) costs
+    #: one integer on the wire instead of ``r·k`` numbers. Such a layer's ``factors`` hold no ``"A"``.
     a_seeds: dict[str, int] = field(default_factory=dict)
+    a_seed_dtype: str = "float32"
 
 
 @dataclass
