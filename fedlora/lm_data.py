@@ -135,14 +135,22 @@ def tokenize(rows: list[dict], fmt: str, tokenizer: Any, max_length: int, packin
         raise ValueError(f"{where}: the tokenizer has no EOS token; a causal-LM response must end with one")
     ids, labels = [], []
     skipped = {"empty_response": 0, "no_response_token_after_truncation": 0}
-    for row in rows:
-        prompt, response, templated = render(row, fmt, tokenizer)
-        if not response.strip():
-            skipped["empty_response"] += 1
-            continue
-        # a templated prompt carries its own BOS; a plain one (even "") gets the tokenizer's
-        p = tokenizer(prompt, add_special_tokens=not templated)["input_ids"]
-        r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    rendered = [render(row, fmt, tokenizer) for row in rows]
+    kept = [x for x in rendered if x[1].strip()]
+    skipped["empty_response"] = len(rendered) - len(kept)
+    # one batched call per kind of text (a fast tokenizer encodes a batch in parallel, 4-5x faster
+    # than row by row); verbose=False: sequences longer than model_max_length are cut below, by us
+    prompt_ids: list[list[int]] = [[] for _ in kept]
+    for templated in (False, True):  # a templated prompt carries its own BOS; a plain one (even "") gets it
+        at = [i for i, x in enumerate(kept) if x[2] == templated]
+        if at:
+            enc = tokenizer([kept[i][0] for i in at], add_special_tokens=not templated, verbose=False)
+            for i, p in zip(at, enc["input_ids"]):
+                prompt_ids[i] = p
+    responses = tokenizer([x[1] for x in kept], add_special_tokens=False, verbose=False)["input_ids"] \
+        if kept else []
+    for p, r in zip(prompt_ids, responses):
+        r = r + [tokenizer.eos_token_id]
         seq, lab = p + r, [-100] * len(p) + r
         if not packing:  # packed rows are cut as one stream below, not one by one
             seq, lab = seq[:max_length], lab[:max_length]
