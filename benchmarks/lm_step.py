@@ -172,6 +172,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="", help="hf:<folder> of a causal LM (default: a random --arch)")
     ap.add_argument("--arch", default="llama", choices=["llama", "gpt2"])
+    ap.add_argument("--keep", default="", help="folder for the random model: built once, reused")
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=8000)
@@ -190,8 +191,9 @@ def main() -> None:
     a = ap.parse_args()
     dev = resolve_device(a.device)
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(a.model.removeprefix("hf:")) if a.model else build_random(
-            Path(tmp) / a.arch, a.arch, a.hidden, a.layers, a.vocab)
+        path = Path(a.model.removeprefix("hf:")) if a.model else Path(a.keep or Path(tmp) / a.arch)
+        if not a.model and not (path / "config.json").exists():
+            build_random(path, a.arch, a.hidden, a.layers, a.vocab)
         if not a.vocab_used:
             from transformers import AutoConfig
 
