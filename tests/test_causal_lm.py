@@ -339,7 +339,6 @@ def test_dp_on_a_causal_lm_clips_per_sample_adapter_gradients_and_accounts_like_
     assert res.epsilon == pytest.approx(acc.get_epsilon(delta=res.delta), rel=1e-12)
 
 
-@pytest.mark.slow
 def test_a_causal_lm_run_on_flowers_engine_from_relative_paths(tmp_path, llama_dir, data_file):
     """`fedlora simulate` (Flower's engine, Ray) with the model folder and the data file given
     relative to the working directory, as a user would: the apps run elsewhere and still find them."""
