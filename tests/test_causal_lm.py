@@ -496,17 +496,32 @@ def test_bf16_training_on_cuda_lowers_the_loss(tmp_path, llama_dir, dtype):
     assert evaluate(model, lm_data.make_loader(ds, 16, False), device="cuda").loss < before
 
 
-@pytest.mark.gpu
-def test_eight_virtual_clients_share_one_gpu_and_one_frozen_base(tmp_path, llama_dir, data_file):
-    """Eight clients on one CUDA device in one process: one base model serves them all (the process's
-    model cache), every update is accepted, and the loss falls."""
-    if not torch.cuda.is_available():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_eight_virtual_clients_share_one_frozen_base(tmp_path, llama_dir, data_file, device, monkeypatch):
+    """Eight clients in one process (on one CUDA device, or the CPU): every train message of both
+    rounds runs on the same model object (the process's model cache, never a copy per client; on the
+    CPU the same frozen-weight storage too), every update is accepted, and the loss falls."""
+    if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs CUDA")
+    import clients.app as capp
     from fedlora.loopback import run_loopback
 
-    cfg = _cfg(llama_dir, data_file, tmp_path / "run", "clients.num=8", 'clients.device="cuda"',
+    seen = []
+    get = capp.get_model_entry
+
+    def spy(*a, **kw):
+        entry, load_s = get(*a, **kw)
+        w = next(p for p in entry.model.parameters() if not p.requires_grad)
+        seen.append((id(entry.model), w.data_ptr()))
+        return entry, load_s
+
+    monkeypatch.setattr(capp, "get_model_entry", spy)
+    cfg = _cfg(llama_dir, data_file, tmp_path / "run", "clients.num=8", f'clients.device="{device}"',
                "clients.ranks=[2,4,8,16]")
     run_loopback(cfg)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(len(r["clients"]) == 8 and all(c["accepted"] for c in r["clients"]) for r in rows)
+    assert len(seen) == 16 and len({model for model, _ in seen}) == 1
+    if device == "cpu":  # (on CUDA the client moves the model back to the CPU after each message)
+        assert len({ptr for _, ptr in seen}) == 1
     assert rows[1]["train_loss"] < rows[0]["train_loss"]
