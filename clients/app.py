@@ -84,7 +84,7 @@ def get_model_entry(spec: ClientSpec, cache_dir: str | None = None,
         return _MODELS[key], 0.0
     t0 = time.perf_counter()
     mkey = _model_key(spec, dtype)
-    if cache_dir:
+    if cache_dir and not spec.model.quantize:  # (bitsandbytes' packed weights: loaded as they are)
         base = NodeCache(cache_dir).load_model(mkey, lambda: rundata.build_base(spec, dtype=dtype))
     else:
         base = rundata.build_base(spec, dtype=dtype)
@@ -271,7 +271,8 @@ def train(msg: Message, context: Context) -> Message:
     if payload.personal_eval and val_ds is not None and len(val_ds):  # on the training device
         ev = evaluate(model, rundata.loader(spec, val_ds, spec.eval.batch_size, False, 0), device=device)
         metrics |= {"eval-accuracy": ev.accuracy, "eval-loss": ev.loss, "eval-examples": ev.num_examples}
-    model.to("cpu")
+    if not any(layer.quantized for layer in lora_layers(model).values()):
+        model.to("cpu")  # free the GPU between messages; a quantized base stays where bitsandbytes put it
     update = make_update(model, payload, len(train_ds), head_names=entry.head_names)
     save_state(context, entry, ClientState(payload.base_version, rank, base_deltas(model),
                                            adapter_state(model), head_state(model, entry.head_names)))

@@ -468,6 +468,24 @@ def test_a_4bit_base_keeps_deltas_beside_the_quantized_weights(llama_dir):
     torch.testing.assert_close(lin(x).float(), want, rtol=0.05, atol=0.05)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("strategy", ["fedex", "ffa"])
+def test_a_4bit_client_run_through_the_apps(tmp_path, llama_dir, data_file, strategy):
+    """QLoRA end to end: clients on CUDA with a 4-bit base train two rounds through the real apps,
+    every update is accepted, the loss falls, and the server (full precision) evaluates it."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    pytest.importorskip("bitsandbytes")
+    from fedlora.loopback import run_loopback
+
+    cfg = _cfg(llama_dir, data_file, tmp_path / strategy, 'model.quantize="4bit"', 'clients.device="cuda"',
+               f'strategy.name="{strategy}"')
+    run_loopback(cfg)
+    rows = [json.loads(x) for x in (tmp_path / strategy / "metrics.jsonl").read_text().splitlines()]
+    assert all(c["accepted"] for r in rows for c in r["clients"]) and len(rows[0]["clients"]) == 3
+    assert rows[1]["train_loss"] < rows[0]["train_loss"] and math.isfinite(rows[-1]["perplexity"])
+
+
 def test_a_centralized_baseline_of_a_natural_partition_is_one_pooled_client(tmp_path, llama_dir, data_file):
     from fedlora.compare import plan
 
