@@ -87,7 +87,7 @@ def get_model_entry(spec: ClientSpec, cache_dir: str | None = None,
     if cache_dir and not spec.model.quantize:  # (bitsandbytes' packed weights: loaded as they are)
         base = NodeCache(cache_dir).load_model(mkey, lambda: rundata.build_base(spec, dtype=dtype))
     else:
-        base = rundata.build_base(spec, dtype=dtype)
+        base = rundata.build_base(spec, dtype=dtype, device=device)
     _, head_names = rundata.inject(spec, base, max(1, spec.r_max))
     entry = ModelEntry(base, head_names, head_state(base, head_names), mkey)
     _MODELS.clear()  # one model per process: a new run spec replaces the old one

@@ -91,14 +91,15 @@ def restore_conv1d(model: nn.Module, names: list[str]) -> None:
 
 def load_model(path: Path, num_layers: int | None = None, dtype: torch.dtype = torch.float32,
                dropout: float | None = None, gradient_checkpointing: bool = False,
-               quantize: str = "") -> nn.Module:
+               quantize: str = "", device: str | torch.device | None = None) -> nn.Module:
     """``AutoModelForCausalLM`` from a local folder, GPT-2's ``Conv1D`` as ``nn.Linear``.
 
     ``num_layers`` keeps the first layers only (tests, quick runs); ``dropout`` overrides the
     checkpoint's; ``gradient_checkpointing`` trades compute for activation memory;
     ``quantize`` (``"4bit"``/``"8bit"``, CUDA and bitsandbytes only) loads the frozen base
-    quantized (QLoRA); ``dtype`` is the precision of the (other) frozen weights — bfloat16 halves a
-    base's memory, and LoRA adapters on it still train in float32 (``fedlora.lora.LoRALinear``).
+    quantized (QLoRA) onto the CUDA ``device``; ``dtype`` is the precision of the (other) frozen
+    weights — bfloat16 halves a base's memory, and LoRA adapters on it still train in float32
+    (``fedlora.lora.LoRALinear``).
     """
     from fedlora.hf_models import _DROPOUT_ATTRS, _quiet_transformers, _transformers
 
@@ -123,7 +124,9 @@ def load_model(path: Path, num_layers: int | None = None, dtype: torch.dtype = t
     kw: dict = {"config": config, "local_files_only": True, "dtype": dtype}
     if quantize:  # the quantized projections' compute dtype is bf16; the rest of the model is dtype
         kw["quantization_config"] = quantization_config(quantize)
-        kw["device_map"] = {"": torch.cuda.current_device()}
+        dev = torch.device(device) if device is not None else torch.device("cuda")
+        kw["device_map"] = {"": dev.index if dev.type == "cuda" and dev.index is not None
+                            else torch.cuda.current_device()}  # the client's GPU
     with _quiet_transformers():
         model = transformers.AutoModelForCausalLM.from_pretrained(str(path), **kw)
     if gradient_checkpointing:
@@ -145,8 +148,10 @@ def quantization_config(quantize: str):
     if not torch.cuda.is_available():
         raise ValueError(f"model.quantize = {quantize!r} needs a CUDA GPU (none here): set "
                          "model.quantize = ''")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ValueError(f"model.quantize = {quantize!r} needs bitsandbytes: pip install bitsandbytes")
+    missing = [m for m in ("bitsandbytes", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ValueError(f"model.quantize = {quantize!r} needs {' and '.join(missing)}: "
+                         'pip install -e ".[quantize]"')
     from transformers import BitsAndBytesConfig
 
     if quantize == "4bit":

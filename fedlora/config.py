@@ -587,6 +587,11 @@ def validate(cfg: RunConfig, config_path: str | Path | None = None, check_data: 
     _check(t.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {t.grad_accum}")
     _check(t.grad_accum == 1 or not cfg.privacy.get("enabled"), "train.grad_accum",
            "must be 1 with privacy.enabled (a DP step is one Poisson batch): raise train.batch_size instead")
+    _check(not (cfg.model.gradient_checkpointing and cfg.privacy.get("enabled")),
+           "model.gradient_checkpointing",
+           "cannot be combined with privacy.enabled (Opacus takes per-sample gradients from the "
+           "activations of one forward pass; checkpointing's recomputed pass breaks them): set "
+           "model.gradient_checkpointing = false, or lower train.batch_size to save memory")
     _check(cfg.eval.generate >= 0 and cfg.eval.max_new_tokens >= 1, "eval.generate",
            "eval.generate must be >= 0 and eval.max_new_tokens >= 1")
     _check(not cfg.eval.generate or task == "causal-lm", "eval.generate", "generation is for causal-lm runs")

@@ -310,7 +310,11 @@ def dequantized_weight(layer: nn.Linear) -> Tensor:
     w = layer.weight
     if type(layer).__name__ == "Linear4bit":
         return bnbf.dequantize_4bit(w.data, w.quant_state)
-    return w.CB.float() * w.SCB.float()[:, None] / 127.0
+    # the int8 weight and its row scales: on the parameter until the first forward pass, then in
+    # the layer's state (bitsandbytes moves them there)
+    cb = w.CB if getattr(w, "CB", None) is not None else layer.state.CB
+    scb = w.SCB if getattr(w, "SCB", None) is not None else layer.state.SCB
+    return cb.float() * scb.float()[:, None] / 127.0
 
 
 # ---- injection ----------------------------------------------------------------------------------

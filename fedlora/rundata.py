@@ -71,10 +71,11 @@ def base_dtype(spec: ClientSpec, device: str = "cpu", full_precision: bool = Fal
 
 
 def build_base(spec: ClientSpec, full_precision: bool = False,
-               dtype: torch.dtype = torch.float32) -> nn.Module:
+               dtype: torch.dtype = torch.float32, device: str = "cuda") -> nn.Module:
     """The pretrained model (no adapters), seeded by the run seed. ``full_precision``: never the
     quantized base of ``model.quantize`` (the server evaluates and exports at full precision);
-    ``dtype`` (a causal LM's frozen base, ``base_dtype``): what the non-quantized weights are in."""
+    ``dtype`` (a causal LM's frozen base, ``base_dtype``): what the non-quantized weights are in;
+    ``device``: the GPU a quantized base is loaded onto."""
     m = spec.model
     if is_causal(spec):
         from fedlora import causal_lm
@@ -82,7 +83,8 @@ def build_base(spec: ClientSpec, full_precision: bool = False,
 
         return causal_lm.load_model(model_path(m.name), gradient_checkpointing=m.gradient_checkpointing,
                                     quantize="" if full_precision else m.quantize,
-                                    dtype=torch.float32 if full_precision else dtype, **m.kwargs)
+                                    dtype=torch.float32 if full_precision else dtype,
+                                    device=device if m.quantize and not full_precision else None, **m.kwargs)
     return get_model(m.name, seed=spec.seed, num_classes=num_classes(spec), **m.kwargs)
 
 

@@ -260,7 +260,8 @@ def release_memory() -> None:
 
     A training step's activations are freed after it but glibc keeps the pages, so a long-lived
     process (a Ray actor serving many virtual clients, the server evaluating every round) would
-    hold its peak forever: ~0.4 GB per MiniLM process. Called after local training and evaluation.
+    hold its peak forever: ~0.4 GB per MiniLM process. Likewise torch's cached CUDA blocks (Ray
+    actors sharing one GPU). Called after local training and evaluation.
     """
     import ctypes
     import ctypes.util
@@ -274,6 +275,8 @@ def release_memory() -> None:
             _LIBC = False
     if _LIBC and hasattr(_LIBC, "malloc_trim"):
         _LIBC.malloc_trim(0)
+    if torch.cuda.is_available():  # and the GPU's cached blocks, for other processes on the same GPU
+        torch.cuda.empty_cache()
 
 
 _LIBC = None

@@ -192,6 +192,9 @@ def test_bad_input_is_named_before_anything_starts(tmp_path, llama_dir, data_fil
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match=r"model.quantize = '4bit' needs a CUDA GPU"):
             _cfg(llama_dir, data_file, tmp_path / "r", 'model.quantize="4bit"')
+    with pytest.raises(ValueError, match=r"model.gradient_checkpointing: cannot be combined with privacy"):
+        _cfg(llama_dir, data_file, tmp_path / "r", "model.gradient_checkpointing=true",
+             "privacy.enabled=true", "privacy.noise_multiplier=1.0")
 
 
 # ---- runs ----------------------------------------------------------------------------------------------
