@@ -101,8 +101,9 @@ def round_table(rows: list[dict], title: str = "fedlora"):
 
     t = Table(title=title)
     lm = any(r.get("perplexity") is not None for r in rows)
-    for col in ("round", "train loss", "eval loss", "perplexity" if lm else "accuracy", "MB up", "MB down",
-                "clients", "time s"):
+    # two-line headers: the table fits 80 columns (a log file, a narrow terminal) with no word cut
+    for col in ("round", "train\nloss", "eval\nloss", "perplexity" if lm else "accuracy", "MB\nup",
+                "MB\ndown", "clients", "time\ns"):
         t.add_column(col, justify="right")
 
     def f(v, fmt):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from fedlora.report import load_run, write_report
 
 
@@ -46,3 +48,20 @@ def test_personalised_accuracy_is_marked(tmp_path):
     text = write_report([g, d], tmp_path / "out").read_text()
     assert "| fedsa † | 0.8000 |" in text and "† personalised" in text
     assert "| fedavg | 0.5000 |" in text
+
+
+@pytest.mark.parametrize("lm", [False, True])
+def test_the_live_round_table_fits_80_columns_without_cutting_a_word(lm):
+    from rich.console import Console
+
+    from fedlora.runlog import round_table
+
+    metric = {"perplexity": 100.465} if lm else {"accuracy": 0.914}
+    rows = [{"round": i, "train_loss": 4.5, "loss": 4.6, **metric, "bytes_up": 12_040_000,
+             "bytes_down": 114_723_000, "clients": [{"accepted": True}] * 12, "round_seconds": 152.39}
+            for i in (1, 10)]
+    console = Console(width=80, record=True)
+    console.print(round_table(rows, "run"))
+    text = console.export_text()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
+    assert ("perplexity" if lm else "accuracy") in text and "114.723" in text and "12/12" in text
