@@ -69,16 +69,12 @@ def make_batches(n: int, batch: int, seq: int, vocab: int) -> list[dict[str, tor
     return out
 
 
-def dtype_for(device: torch.device, quantize: str) -> torch.dtype:
-    return torch.bfloat16 if device.type == "cuda" and (quantize or torch.cuda.is_bf16_supported()) \
-        else torch.float32
-
 
 class Fedlora:
     name = "fedlora"
 
     def __init__(self, path: Path, a: argparse.Namespace, dev: torch.device) -> None:
-        self.model = causal_lm.load_model(path, dtype=dtype_for(dev, a.quantize), quantize=a.quantize,
+        self.model = causal_lm.load_model(path, dtype=causal_lm.auto_dtype(dev), quantize=a.quantize,
                                           gradient_checkpointing=a.gradient_checkpointing)
         targets, _ = causal_lm.default_targets(self.model)
         inject_lora(self.model, LoRAConfig(targets=targets, rank=a.rank, scale=a.alpha / a.rank, seed=0))
@@ -97,7 +93,7 @@ class Peft:
         import peft
         from transformers import AutoModelForCausalLM
 
-        kw: dict = {"dtype": dtype_for(dev, a.quantize), "local_files_only": True}
+        kw: dict = {"dtype": causal_lm.auto_dtype(dev), "local_files_only": True}
         if a.quantize:
             kw |= {"quantization_config": causal_lm.quantization_config(a.quantize),
                    "device_map": {"": torch.cuda.current_device()}}

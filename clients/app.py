@@ -271,7 +271,7 @@ def train(msg: Message, context: Context) -> Message:
     if payload.personal_eval and val_ds is not None and len(val_ds):  # on the training device
         ev = evaluate(model, rundata.loader(spec, val_ds, spec.eval.batch_size, False, 0), device=device)
         metrics |= {"eval-accuracy": ev.accuracy, "eval-loss": ev.loss, "eval-examples": ev.num_examples}
-    if not any(layer.quantized for layer in lora_layers(model).values()):
+    if not spec.model.quantize:
         model.to("cpu")  # free the GPU between messages; a quantized base stays where bitsandbytes put it
     update = make_update(model, payload, len(train_ds), head_names=entry.head_names)
     save_state(context, entry, ClientState(payload.base_version, rank, base_deltas(model),

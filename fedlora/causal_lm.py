@@ -97,9 +97,9 @@ def load_model(path: Path, num_layers: int | None = None, dtype: torch.dtype = t
     ``num_layers`` keeps the first layers only (tests, quick runs); ``dropout`` overrides the
     checkpoint's; ``gradient_checkpointing`` trades compute for activation memory;
     ``quantize`` (``"4bit"``/``"8bit"``, CUDA and bitsandbytes only) loads the frozen base
-    quantized (QLoRA) onto the CUDA ``device``; ``dtype`` is the precision of the (other) frozen
-    weights — bfloat16 halves a base's memory, and LoRA adapters on it still train in float32
-    (``fedlora.lora.LoRALinear``).
+    quantized (QLoRA) onto the CUDA ``device`` (ignored without ``quantize``); ``dtype`` is the
+    precision of the (other) frozen weights — bfloat16 halves a base's memory, and LoRA adapters on
+    it still train in float32 (``fedlora.lora.LoRALinear``).
     """
     from fedlora.hf_models import _DROPOUT_ATTRS, _quiet_transformers, _transformers
 
@@ -136,6 +136,16 @@ def load_model(path: Path, num_layers: int | None = None, dtype: torch.dtype = t
     model.fedlora_name = f"hf:{path}"
     model.fedlora_task = "causal-lm"
     return model
+
+
+def auto_dtype(device: str | torch.device) -> torch.dtype:
+    """A frozen base's dtype on ``device`` for ``model.dtype = "auto"``: bfloat16 on a CUDA GPU with
+    native bf16 (compute capability 8.0, Ampere, or newer; older ones only emulate it, slowly),
+    float32 elsewhere."""
+    dev = torch.device(device)
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.get_device_capability(dev) >= (8, 0) else torch.float32
 
 
 def quantization_config(quantize: str):

@@ -17,10 +17,9 @@ import torch.nn as nn
 
 from fedlora.lora import LoRALinear, kaiming_a, lora_layers
 from fedlora.strategies import ClientPayload, ClientUpdate, Dense, LowRank, SBCore, Strategy
+from fedlora.strategies.types import SEED_DTYPES
 
 _FACTOR_MODULES = {"A": "lora_a", "B": "lora_b", "R": "lora_r"}
-#: the precisions a server draws a seeded A in (``ClientPayload.a_seed_dtype``)
-SEED_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def _fold_form(layer: LoRALinear, delta, payload: ClientPayload, name: str):

@@ -44,6 +44,7 @@ from flwr.supercore.inflatable.inflatable_object import HEAD_VALUE_DIVIDER as _H
 from fedlora.config import ClientSpec
 from fedlora.strategies import BaseDelta, ClientPayload, ClientUpdate
 from fedlora.strategies.deltas import from_tensors
+from fedlora.strategies.types import SEED_DTYPES
 
 SEP = "::"
 FACTORS, DELTAS, HEAD, PAYLOAD, RUN = ("fedlora.factors", "fedlora.deltas", "fedlora.head",
@@ -273,8 +274,9 @@ def record_to_payload(rd: RecordDict) -> ClientPayload:
     for layer in a_seeds:  # a layer whose only factor is its seeded A travels as no array at all
         factors.setdefault(layer, {})
     a_seed_dtype = str(c.get("a_seed_dtype", "float32"))
-    if a_seed_dtype not in ("float32", "float64"):
-        raise ValueError(f"payload field 'a_seed_dtype' must be 'float32' or 'float64', got {a_seed_dtype!r}")
+    if a_seed_dtype not in SEED_DTYPES:
+        raise ValueError(f"payload field 'a_seed_dtype' must be one of {sorted(SEED_DTYPES)}, "
+                         f"got {a_seed_dtype!r}")
     return ClientPayload(str(c["client_id"]), int(c["rank"]), factors, deltas,
                          int(c["base_version"]), bool(c["reset"]), None if seed < 0 else seed, head,
                          frozen, json.loads(str(c["meta"])), int(c["bytes_down"]),

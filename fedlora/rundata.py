@@ -63,15 +63,13 @@ def base_dtype(spec: ClientSpec, device: str = "cpu", full_precision: bool = Fal
         return torch.float32
     if want == "bfloat16":
         return torch.bfloat16
-    dev = torch.device(device)
-    if dev.type != "cuda" or not torch.cuda.is_available():
-        return torch.float32
-    # native bf16 (Ampere, compute capability 8.0, or newer): older GPUs only emulate it, slowly
-    return torch.bfloat16 if torch.cuda.get_device_capability(dev) >= (8, 0) else torch.float32
+    from fedlora.causal_lm import auto_dtype
+
+    return auto_dtype(device)
 
 
 def build_base(spec: ClientSpec, full_precision: bool = False,
-               dtype: torch.dtype = torch.float32, device: str = "cuda") -> nn.Module:
+               dtype: torch.dtype = torch.float32, device: str | None = None) -> nn.Module:
     """The pretrained model (no adapters), seeded by the run seed. ``full_precision``: never the
     quantized base of ``model.quantize`` (the server evaluates and exports at full precision);
     ``dtype`` (a causal LM's frozen base, ``base_dtype``): what the non-quantized weights are in;
@@ -84,7 +82,7 @@ def build_base(spec: ClientSpec, full_precision: bool = False,
         return causal_lm.load_model(model_path(m.name), gradient_checkpointing=m.gradient_checkpointing,
                                     quantize="" if full_precision else m.quantize,
                                     dtype=torch.float32 if full_precision else dtype,
-                                    device=device if m.quantize and not full_precision else None, **m.kwargs)
+                                    device=device, **m.kwargs)
     return get_model(m.name, seed=spec.seed, num_classes=num_classes(spec), **m.kwargs)
 
 

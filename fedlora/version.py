@@ -16,8 +16,6 @@ import hashlib
 from functools import cache
 from pathlib import Path
 
-import torch
-
 from fedlora import __version__
 
 PACKAGE = Path(__file__).resolve().parent
@@ -35,6 +33,8 @@ def code_fingerprint(package: Path = PACKAGE) -> str:
 def rng_fingerprint() -> str:
     """12 hex digits of the SHA-256 of a seeded ``kaiming_a`` draw (float64): equal wherever torch
     draws the same numbers for a seed."""
+    import torch
+
     from fedlora.lora import kaiming_a
 
     draw = kaiming_a(4, 16, seed=20261206, dtype=torch.float64)

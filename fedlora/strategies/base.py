@@ -124,6 +124,8 @@ class Strategy:
         if not isinstance(base_version, int) or base_version < 0:
             raise ValueError(f"base_version must be an integer >= 0, got {base_version!r}")
         p = self._payload(str(client_id), rank, base_version)
+        if p.a_seeds:  # the client draws a seeded A in the precision this rule drew it in
+            p.a_seed_dtype = str(self.dtype).removeprefix("torch.")
         if self.shares_head and self._head is not None:
             p.head = {k: v.clone() for k, v in self._head.items()}
         uploads = self.round_uploads()

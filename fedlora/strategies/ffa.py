@@ -77,8 +77,7 @@ class FFA(Strategy):
         # current version it holds the current tail, at r_max an empty one (W0) at any version
         if base_version != cur and rank < self.r_max:
             deltas = [BaseDelta(cur, {n: self._tail(n, rank) for n in self.layers}, reset=True)]
-        return ClientPayload(client_id, rank, factors, deltas, cur, a_seeds=seeds or {},
-                             a_seed_dtype=str(self.dtype).removeprefix("torch."))
+        return ClientPayload(client_id, rank, factors, deltas, cur, a_seeds=seeds or {})
 
     # ---- aggregation -----------------------------------------------------------------------------
     def _trained_key(self) -> str:

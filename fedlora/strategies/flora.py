@@ -50,8 +50,7 @@ class FLoRA(Strategy):
         # the fresh A travels as its seed: the client draws kaiming_a(rank, d_in, seed) itself
         seeds = {n: self.round_seed(i) for i, n in enumerate(self.layers)}
         return ClientPayload(client_id, rank, {n: {} for n in self.layers}, deltas, cur, reset=True,
-                             seed=self.round_seed(0), meta={"round": self.round}, a_seeds=seeds,
-                             a_seed_dtype=str(self.dtype).removeprefix("torch."))
+                             seed=self.round_seed(0), meta={"round": self.round}, a_seeds=seeds)
 
     def _aggregate(self, updates: list[ClientUpdate], p: list[float], sums: None) -> None:
         # s·B_stack·A_stack with the weights on B's columns: U = [s·p_1B_1, …], V = [A_1; …]

@@ -31,6 +31,10 @@ class BaseDelta:
     reset: bool = False
 
 
+#: the precisions a server draws a seeded A in (``ClientPayload.a_seed_dtype``)
+SEED_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
 @dataclass
 class ClientPayload:
     """What one client loads before a round.
@@ -66,7 +70,7 @@ class ClientPayload:
     #: then cast like a sent factor): a seeded A (FFA-LoRA's frozen one, FLoRA's fresh one) costs
     #: one integer on the wire instead of ``r·k`` numbers. Such a layer's ``factors`` hold no ``"A"``.
     a_seeds: dict[str, int] = field(default_factory=dict)
-    a_seed_dtype: str = "float32"
+    a_seed_dtype: str = "float32"  # one of SEED_DTYPES; Strategy.payload sets the rule's own
 
 
 @dataclass
