@@ -157,7 +157,7 @@ class DataSection(Section):
     shards_per_partition: int = 2
     # causal-lm rows: auto | chat | alpaca | prompt-completion | text (fedlora.lm_data)
     format: str = "auto"
-    packing: bool = False  # causal-lm: concatenate rows into max_length blocks
+    packing: bool = False  # causal-lm: rows share max_length blocks, attention kept within each row
     val_fraction: float = 0.2  # each client's own validation shard (personalised evaluation)
     server_examples: int = 512  # server's held-out split (synthetic size; real data: test-split cap)
     limit: int = 0  # real data: use at most this many training rows (0: all)
@@ -592,6 +592,11 @@ def validate(cfg: RunConfig, config_path: str | Path | None = None, check_data: 
            "cannot be combined with privacy.enabled (Opacus takes per-sample gradients from the "
            "activations of one forward pass; checkpointing's recomputed pass breaks them): set "
            "model.gradient_checkpointing = false, or lower train.batch_size to save memory")
+    _check(not (cfg.data.packing and cfg.privacy.get("enabled")), "data.packing",
+           "cannot be combined with privacy.enabled (DP clips one sample's gradient, and a packed row can "
+           "span two blocks, so its influence would not be bounded): set data.packing = false")
+    _check(not cfg.data.packing or task == "causal-lm", "data.packing",
+           "packing is for model.task = 'causal-lm'")
     _check(cfg.eval.generate >= 0 and cfg.eval.max_new_tokens >= 1, "eval.generate",
            "eval.generate must be >= 0 and eval.max_new_tokens >= 1")
     _check(not cfg.eval.generate or task == "causal-lm", "eval.generate", "generation is for causal-lm runs")

@@ -22,8 +22,12 @@ labels ``-100`` on the prompt (and on padding), the token ids on the response. A
 response is empty, or that keeps no response token after the cut, is skipped and counted
 (``LMDataset.skipped``); more than half of a split skipped is an error naming
 ``data.max_length``. ``data.packing = true`` concatenates the rows (uncut) and cuts the stream into
-``max_length`` blocks (fewer pad tokens; a block may hold the end of one row and the start of the
-next, attention is not reset between them; a block's first token is never a target).
+``max_length`` blocks (fewer pad tokens). Each row in a block keeps its own position ids (0, 1, ...)
+and its first token is not a target, as in an unpacked row; a packed batch carries ``position_ids``
+and no ``attention_mask``, from which transformers' ``create_causal_mask`` (Llama, Qwen, Mistral,
+Gemma, GPT-2 ...; flash-attention's variable-length path likewise) keeps attention within each row,
+so a row that fits in its block is scored exactly as alone. A row cut by a block's end goes on in
+the next block without the context before the cut.
 
 Partitions of a file (``data.partition``): ``iid``; ``dirichlet`` over the categories of
 ``data.label_col`` (a topic, a task type); ``natural`` — one client per value of
@@ -115,17 +119,22 @@ class LMDataset(Dataset):
     labels: list[torch.Tensor]
     pad_token_id: int
     skipped: dict[str, int] = field(default_factory=dict)
+    position_ids: list[torch.Tensor] | None = None  # packed blocks only: each row's own positions
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
     def __getitem__(self, i: int) -> dict:
-        return {"input_ids": self.input_ids[i], "labels": self.labels[i]}
+        row = {"input_ids": self.input_ids[i], "labels": self.labels[i]}
+        if self.position_ids is not None:
+            row["position_ids"] = self.position_ids[i]
+        return row
 
     def subset(self, idx) -> LMDataset:
         idx = [int(i) for i in idx]
+        pos = None if self.position_ids is None else [self.position_ids[i] for i in idx]
         return LMDataset([self.input_ids[i] for i in idx], [self.labels[i] for i in idx], self.pad_token_id,
-                         dict(self.skipped))
+                         dict(self.skipped), pos)
 
 
 def tokenize(rows: list[dict], fmt: str, tokenizer: Any, max_length: int, packing: bool = False,
@@ -164,20 +173,28 @@ def tokenize(rows: list[dict], fmt: str, tokenizer: Any, max_length: int, packin
     if total and lost > MAX_SKIPPED * total:
         raise ValueError(f"{where}: {lost} of {total} rows have no response token to learn from ({skipped}): "
                          f"raise data.max_length (now {max_length}) or fix the empty responses")
+    positions = None
     if packing:
         flat_ids = [t for s in ids for t in s]
-        flat_lab = [t for s in labels for t in s]
-        ids = [flat_ids[i:i + max_length] for i in range(0, len(flat_ids), max_length)]
-        labels = [flat_lab[i:i + max_length] for i in range(0, len(flat_lab), max_length)]
+        # a row's first token is never a target (in a block, the token before it is another row's)
+        flat_lab = [t for lab in labels for t in [-100, *lab[1:]]]
+        flat_pos = [p for s in ids for p in range(len(s))]
+        cut = range(0, len(flat_ids), max_length)
+        ids = [flat_ids[i:i + max_length] for i in cut]
+        labels = [flat_lab[i:i + max_length] for i in cut]
         keep = [k for k, lab in enumerate(labels) if any(x != -100 for x in lab[1:])]
         ids, labels = [ids[k] for k in keep], [labels[k] for k in keep]
+        positions = [torch.tensor(flat_pos[i:i + max_length], dtype=torch.long) for i in cut]
+        positions = [positions[k] for k in keep]
     return LMDataset([torch.tensor(s, dtype=torch.long) for s in ids],
                      [torch.tensor(s, dtype=torch.long) for s in labels], int(tokenizer.pad_token_id),
-                     skipped)
+                     skipped, positions)
 
 
 class LMCollator:
-    """Right-pads ``input_ids`` with the pad id, ``labels`` with -100; ``attention_mask`` 1 on tokens."""
+    """Right-pads ``input_ids`` with the pad id, ``labels`` with -100; ``attention_mask`` 1 on tokens —
+    or, for packed blocks, ``position_ids`` (the padding one more row from 0) and no attention mask:
+    the model then keeps attention within each row (right padding is never attended by a real token)."""
 
     def __init__(self, pad_token_id: int) -> None:
         self.pad = int(pad_token_id)
@@ -193,7 +210,14 @@ class LMCollator:
         for i, r in enumerate(rows):
             n = len(r["input_ids"])
             ids[i, :n], lab[i, :n], mask[i, :n] = r["input_ids"], r["labels"], 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": lab}
+        if "position_ids" not in rows[0]:
+            return {"input_ids": ids, "attention_mask": mask, "labels": lab}
+        pos = torch.arange(t).repeat(len(rows), 1)
+        for i, r in enumerate(rows):
+            n = len(r["position_ids"])
+            pos[i, :n] = r["position_ids"]
+            pos[i, n:] -= n
+        return {"input_ids": ids, "position_ids": pos, "labels": lab}
 
 
 def make_loader(ds: LMDataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:

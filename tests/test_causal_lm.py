@@ -17,8 +17,9 @@ import lm_helpers  # noqa: E402
 
 from fedlora import causal_lm, lm_data  # noqa: E402
 from fedlora.config import load_config  # noqa: E402
+from fedlora.hf_models import get_tokenizer  # noqa: E402
 from fedlora.lora import LoRAConfig, inject_lora, lora_layers  # noqa: E402
-from fedlora.train import _loss, evaluate  # noqa: E402
+from fedlora.train import _loss, evaluate, token_nll  # noqa: E402
 
 STRATEGIES = ["fedavg", "fedex", "flora", "fedsb", "fedsa", "ffa", "rolora", "fedsvd", "flexlora", "hetlora"]
 
@@ -152,12 +153,45 @@ def test_truncation_empty_responses_and_packing(tmp_path):
     packed = lm_data.tokenize([ok] * 5, "prompt-completion", tok, 8, packing=True)
     assert all(len(x) == 8 for x in packed.input_ids[:-1])
     # the packed blocks are the plain rows' stream cut every 8 tokens (a last block with nothing to
-    # predict — its first token is never a target — is dropped)
-    stream_ids, stream_lab = torch.cat(plain.input_ids).tolist(), torch.cat(plain.labels).tolist()
+    # predict — its first token is never a target — is dropped); each row's first label is masked and
+    # its positions restart at 0
+    stream_ids = torch.cat(plain.input_ids).tolist()
+    stream_lab = torch.cat([torch.cat([torch.tensor([-100]), x[1:]]) for x in plain.labels]).tolist()
+    stream_pos = torch.cat([torch.arange(len(x)) for x in plain.input_ids]).tolist()
     n = sum(len(x) for x in packed.input_ids)
     assert 0 < len(stream_ids) - n < 8 or n == len(stream_ids)
     assert torch.cat(packed.input_ids).tolist() == stream_ids[:n]
     assert torch.cat(packed.labels).tolist() == stream_lab[:n]
+    assert torch.cat(packed.position_ids).tolist() == stream_pos[:n]
+    batch = lm_data.LMCollator(tok.pad_token_id)([packed[len(packed) - 1], packed[0]])
+    assert "attention_mask" not in batch and batch["position_ids"].shape == batch["input_ids"].shape
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_packed_row_is_scored_exactly_as_alone(tmp_path, arch):
+    """Rows packed into one block: every scored token's NLL equals the row's own forward (float64) —
+    attention does not cross rows. Without the position ids it would (checked last)."""
+    model_dir = getattr(lm_helpers, arch)(tmp_path / "m")
+    tok = get_tokenizer(f"hf:{model_dir}")
+    model = causal_lm.load_model(model_dir, dtype=torch.float64).eval()
+    rows = [{"prompt": "the king", "completion": " said one two"}, {"prompt": "a", "completion": " three"},
+            {"prompt": "and the queen of", "completion": " four five six seven"}]
+    alone = lm_data.tokenize(rows, "prompt-completion", tok, 64)
+    packed = lm_data.tokenize(rows, "prompt-completion", tok, 64, packing=True)
+    assert len(packed) == 1 and packed.input_ids[0].numel() == sum(x.numel() for x in alone.input_ids)
+
+    def scored_nll(ds, drop=()):
+        batch = lm_data.LMCollator(tok.pad_token_id)([ds[i] for i in range(len(ds))])
+        labels = batch.pop("labels")
+        with torch.no_grad():
+            logits = model(**{k: v for k, v in batch.items() if k not in drop}).logits
+        nll, mask = token_nll(logits, labels)
+        return torch.cat([nll[b][mask[b]] for b in range(len(ds))])
+
+    want = scored_nll(alone)
+    got = scored_nll(packed)
+    assert got.shape == want.shape and torch.allclose(got, want, rtol=0, atol=1e-10)
+    assert not torch.allclose(scored_nll(packed, drop=("position_ids",)), want, rtol=0, atol=1e-6)
 
 
 # ---- bad input, before training -----------------------------------------------------------------------
@@ -195,6 +229,9 @@ def test_bad_input_is_named_before_anything_starts(tmp_path, llama_dir, data_fil
     with pytest.raises(ValueError, match=r"model.gradient_checkpointing: cannot be combined with privacy"):
         _cfg(llama_dir, data_file, tmp_path / "r", "model.gradient_checkpointing=true",
              "privacy.enabled=true", "privacy.noise_multiplier=1.0")
+    with pytest.raises(ValueError, match=r"data.packing: cannot be combined with privacy"):
+        _cfg(llama_dir, data_file, tmp_path / "r", "data.packing=true",
+             "privacy.enabled=true", "privacy.noise_multiplier=1.0")
 
 
 # ---- runs ----------------------------------------------------------------------------------------------
@@ -219,6 +256,28 @@ def test_every_strategy_trains_a_tiny_llama_through_the_real_apps(tmp_path, llam
         assert summary["final_perplexity"] == pytest.approx(math.exp(rows[-1]["loss"]), rel=1e-9)
         assert summary["best_perplexity"] == min(r["perplexity"] for r in rows)
         assert rows[-1]["perplexity"] < rows[0]["perplexity"] * 1.05
+
+
+def test_a_packed_run_learns_and_its_blocks_reach_the_model_with_position_ids(tmp_path, llama_dir, data_file,
+                                                                               monkeypatch):
+    from transformers import LlamaForCausalLM
+
+    from fedlora.loopback import run_loopback
+
+    seen: list[set] = []
+    forward = LlamaForCausalLM.forward
+
+    def spy(self, *a, **kw):
+        seen.append({k for k, v in kw.items() if v is not None})
+        return forward(self, *a, **kw)
+
+    monkeypatch.setattr(LlamaForCausalLM, "forward", spy)
+    cfg = _cfg(llama_dir, data_file, tmp_path / "run", "data.packing=true", 'strategy.name="fedex"')
+    run_loopback(cfg)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[1]["train_loss"] < rows[0]["train_loss"] and rows[-1]["perplexity"] > 1
+    batches = [k for k in seen if "input_ids" in k]
+    assert batches and all("position_ids" in k and "attention_mask" not in k for k in batches)
 
 
 def test_generations_are_written_and_the_report_knows_lower_is_better(tmp_path, llama_dir, data_file):
