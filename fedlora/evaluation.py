@@ -3,7 +3,8 @@ strategy without a global model) the clients' personalised accuracies from their
 
 Classification: ``accuracy`` and ``loss``. Causal LM: ``loss`` (mean NLL per scored token),
 ``perplexity`` and ``token_accuracy``; with ``eval.generate = N``, greedy generations for the first N
-held-out prompts (``eval.max_new_tokens``) are appended to ``<run_dir>/generations.jsonl`` (round,
+held-out prompts (``eval.max_new_tokens``; a plain ``text`` row is split: its first half of words
+is the prompt, the rest the reference) are appended to ``<run_dir>/generations.jsonl`` (round,
 prompt, reference, output) and scored: ``gen_exact_match`` (output = reference, whitespace
 stripped) and ``gen_contains`` (the reference appears in the output)."""
 
@@ -55,6 +56,9 @@ class ServerEvaluator:
         self.model.eval()
         for prompt, reference, templated in rundata.server_prompts(self.spec, self.spec.eval.generate):
             ids = tok(prompt, add_special_tokens=not templated, return_tensors="pt")["input_ids"]
+            if ids.shape[1] == 0:  # an empty prompt and no BOS added: start from BOS, else EOS (GPT-2's way)
+                start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+                ids = torch.tensor([[start]])
             with torch.no_grad():
                 out = self.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                           max_new_tokens=self.spec.eval.max_new_tokens, use_cache=True,

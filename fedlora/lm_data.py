@@ -38,6 +38,7 @@ partitioners (``fedlora.hf_data``).
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +110,18 @@ def render(row: dict, fmt: str, tokenizer: Any) -> tuple[str, str, bool]:
                          f"{msgs[-1]['role']!r}")
     templated = bool(getattr(tokenizer, "chat_template", None))
     return _template_chat(tokenizer, msgs[:-1]), str(msgs[-1]["content"] or ""), templated
+
+
+def generation_prompt(row: dict, fmt: str, tokenizer: Any) -> tuple[str, str, bool]:
+    """``(prompt, reference, prompt_is_templated)`` for a generation check: the row's own prompt and
+    response, except a ``text`` row (no prompt): its first half of words is the prompt and the rest
+    the reference continuation."""
+    if fmt != "text":
+        return render(row, fmt, tokenizer)
+    text = str(row["text"] or "")
+    ends = [m.end() for m in re.finditer(r"\S+", text)]
+    cut = ends[max(len(ends) // 2, 1) - 1] if ends else 0
+    return text[:cut], text[cut:], False
 
 
 @dataclass

@@ -330,7 +330,7 @@ def server_prompts(spec: ClientSpec, n: int) -> list[tuple[str, str, bool]]:
     fmt = _lm_pools(spec.key("data", "seed"))[2]
     tok = get_tokenizer(spec.model.name)
     pool = _lm_pools(spec.key("data", "seed"))[1]
-    return [lm_data.render(r, fmt, tok) for r in _server_rows(spec, min(n, len(pool)), 0)]
+    return [lm_data.generation_prompt(r, fmt, tok) for r in _server_rows(spec, min(n, len(pool)), 0)]
 
 
 def init_data(spec: ClientSpec, examples: int) -> Dataset:

@@ -297,6 +297,27 @@ def test_generations_are_written_and_the_report_knows_lower_is_better(tmp_path, 
     assert "final ppl" in line[0] and f"{min(r['perplexity'] for r in rows):.4f}" in line[2]
 
 
+def test_plain_text_rows_generate_their_second_half_from_the_first(tmp_path, data_file):
+    """A `text` row has no prompt: the generation check continues its first half of words (GPT-2's
+    tokenizer adds no BOS, so an empty prompt would give generate() no token at all)."""
+    from fedlora.loopback import run_loopback
+
+    tok = lm_helpers.tokenizer(tmp_path / "t")
+    assert lm_data.generation_prompt({"text": "the king  speaks to the"}, "text", tok) == \
+        ("the king", "  speaks to the", False)
+    assert lm_data.generation_prompt({"text": "one"}, "text", tok) == ("one", "", False)
+    texts = lm_helpers.write_jsonl(tmp_path / "text.jsonl", [
+        {"text": r["prompt"] + r["completion"], "who": r["who"]} for r in lm_helpers.rows()])
+    cfg = _cfg(lm_helpers.gpt2(tmp_path / "gpt2"), texts, tmp_path / "run", "eval.generate=2",
+               "eval.max_new_tokens=3", 'lora.targets=["attn.c_attn"]')
+    run_loopback(cfg)
+    gens = [json.loads(x) for x in (tmp_path / "run" / "generations.jsonl").read_text().splitlines()]
+    assert len(gens) == 4
+    assert all(g["prompt"] and g["reference"] and isinstance(g["output"], str) for g in gens)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2] and all(c["accepted"] for r in rows for c in r["clients"])
+
+
 def test_exports_load_in_peft_and_transformers_and_generate_the_same_tokens(tmp_path, data_file):
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
