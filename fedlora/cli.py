@@ -18,6 +18,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 
 from fedlora.config import RunConfig, load_config
 from fedlora.strategies import strategy_names
@@ -80,7 +81,7 @@ def simulate(
             raise ValueError(f"--engine must be 'flower' or 'inprocess', got {engine!r}")
         gpus = cfg.gpu_fraction() if engine == "flower" else 0.0
     except ValueError as e:
-        console.print(f"[red]config error:[/red] {e}")
+        console.print(f"[red]config error:[/red] {escape(str(e))}")
         raise typer.Exit(2) from e
     run_dir = cfg.resolved_run_dir()
     if resume is not None:
@@ -118,7 +119,8 @@ def simulate(
     if result.get("rc") != 0 or not summary.exists():
         # whatever ended the run reaches the terminal with its cause, not only "see the logs"
         if "error" in result:
-            console.print(f"[red]run failed:[/red] {type(result['error']).__name__}: {result['error']}")
+            err = result["error"]
+            console.print(f"[red]run failed:[/red] {type(err).__name__}: {escape(str(err))}")
         elif "run" in result:
             cause = result["run"].cause()
             console.print("run failed: " + cause if cause else result["run"].tail(40), markup=False,
@@ -168,7 +170,7 @@ def _resume_note(run_dir: Path) -> None:
 
     path, skipped = latest_valid_checkpoint(run_dir)
     for bad, reason in skipped:
-        console.print(f"[yellow]skipping {bad.name}:[/yellow] {reason}", markup=True)
+        console.print(f"[yellow]skipping {bad.name}:[/yellow] {escape(str(reason))}")
     if path is None and skipped:
         console.print(f"[red]--resume {run_dir}: no checkpoint verifies[/red]")
         raise typer.Exit(1)
@@ -219,7 +221,7 @@ def compare(
                                                                  setting)[1]]
             states = {str(c.resolved_run_dir()): cmp.resume_state(c) for c in every}
     except ValueError as e:
-        console.print(f"[red]config error:[/red] {e}")
+        console.print(f"[red]config error:[/red] {escape(str(e))}")
         raise typer.Exit(2) from e
     console.print(f"[bold]fedlora compare[/bold] {len(runs)} runs -> {root}")
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
@@ -253,7 +255,7 @@ def compare(
             else:
                 report = cmp.compare(config, names, list(set_), run_one, centralized, target)
         except RuntimeError as e:
-            console.print(f"[red]run failed:[/red] {e}")
+            console.print(f"[red]run failed:[/red] {escape(str(e))}")
             raise typer.Exit(1) from e
     console.print(report.read_text(), markup=False)
     console.print(f"report: {report}")
@@ -288,7 +290,7 @@ def shakespeare_prepare(
                       f"{meta['heldout_loss']:.3f} (untrained {meta['initial_heldout_loss']:.3f})",
                       markup=False)
     except (ValueError, OSError) as e:
-        console.print(f"[red]shakespeare error:[/red] {e}")
+        console.print(f"[red]shakespeare error:[/red] {escape(str(e))}")
         raise typer.Exit(2) from e
 
 
@@ -313,7 +315,7 @@ def dp_plan(
         cfg = resolve(config, None, None, list(set_), None)
         plans = plan_run(cfg)
     except ValueError as e:
-        console.print(f"[red]privacy error:[/red] {e}")
+        console.print(f"[red]privacy error:[/red] {escape(str(e))}")
         raise typer.Exit(2) from e
     pc = cfg.privacy
     how = (f"σ calibrated for target ε = {pc['target_epsilon']}" if pc.get("target_epsilon") is not None
@@ -344,7 +346,7 @@ def report(
     try:
         path = write_report(run_dirs, out, target=target)
     except FileNotFoundError as e:
-        console.print(f"[red]{e}[/red]")
+        console.print(f"[red]{escape(str(e))}[/red]")
         raise typer.Exit(2) from e
     console.print(path.read_text(), markup=False)
     console.print(f"report: {path}")
@@ -378,7 +380,7 @@ def export(
                           f"{sorted(set(meta['ranks'].values()))} (rank r_max={meta['r_max']}: "
                           f"{meta['rank_r_max_parameters']}); base: {meta['base']['how']}", markup=False)
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
-        console.print(f"[red]export error:[/red] {e}")
+        console.print(f"[red]export error:[/red] {escape(str(e))}")
         raise typer.Exit(2) from e
 
 

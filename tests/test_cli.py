@@ -38,6 +38,12 @@ def test_dp_plan_prints_each_client_and_refuses_an_unreachable_budget():
     assert _run("dp", "plan").exit_code == 2  # privacy off: nothing to plan
 
 
+def test_errors_reach_the_terminal_verbatim_brackets_included():
+    for cmd in (["simulate"], ["compare"]):  # rich would read "[data]" as a style tag and drop it
+        res = _run(*cmd, "--set", "data.partiton_by=1")
+        assert res.exit_code == 2 and "known keys of [data]:" in res.output, res.output
+
+
 def test_a_run_in_which_no_client_ever_trained_exits_non_zero(tmp_path):
     run = tmp_path / "idle"
     res = _run("simulate", "--rounds", "2", "--set", f'run_dir="{run}"', "--set",
