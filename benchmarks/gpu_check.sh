@@ -1,28 +1,55 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA GPU, in one go (issue 17): the `-m gpu` tests, then a causal-LM
 # client's step against plain PEFT + transformers (tokens/s ratio, peak GPU memory) with a bf16
-# base, a 4-bit base (bitsandbytes) and GPT-2's Conv1D layers. Writes its logs to $1 (default
-# gpu-check/). Needs torch with CUDA and fedlora installed with its test extras; the 4-bit lines
-# need bitsandbytes (they report its absence and go on). Not yet run: its time on a GPU is unknown
-# (each step comparison loads the model four times: two sides, each also alone for its memory).
+# base, with gradient checkpointing, with a 4-bit base (bitsandbytes) and on GPT-2's Conv1D layers.
+#
+#   bash benchmarks/gpu_check.sh [OUT]        # logs to OUT (default $OUT, else gpu-check/)
+#
+# Needs torch with CUDA and fedlora's dependencies importable (the preflight below names any that
+# is missing, before anything runs; on a bare machine carry the wheels of benchmarks/gpu_wheels.txt
+# and install them with --no-deps into a folder on PYTHONPATH). Every step has a time limit, so a
+# hang costs minutes, not the machine: about 6-8 minutes in all (estimated, not yet run on a GPU).
 set -uo pipefail
-out=${1:-gpu-check}
+cd "$(dirname "$0")/.."
+out=${1:-${OUT:-gpu-check}}
 mkdir -p "$out"
+# `python benchmarks/lm_step.py` puts benchmarks/ on the path, not the repository: add it
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+py=${PYTHON:-python3}
 status=0
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$out/gpu.txt"
-python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'bf16', torch.cuda.is_bf16_supported())" | tee -a "$out/gpu.txt"
-python -m pytest -m gpu -q -rs -p no:cacheprovider tests 2>&1 | tee "$out/pytest-gpu.txt" || status=1
-# a 0.47B-parameter Llama (hidden 2048, 8 layers, vocabulary 32,000), built once, batch 8 x 512
-llama=(--hidden 2048 --layers 8 --vocab 32000 --keep "$out/llama-model" --batch 8 --seq 512 --reps 5
-       --steps 10 --device cuda)
-python benchmarks/lm_step.py "${llama[@]}" 2>&1 | tee "$out/lm_step-bf16.txt" || status=1
-python benchmarks/lm_step.py "${llama[@]}" --gradient-checkpointing 2>&1 | tee "$out/lm_step-bf16-gc.txt" || status=1
-if python -c "import bitsandbytes" 2>/dev/null; then
-  python benchmarks/lm_step.py "${llama[@]}" --quantize 4bit 2>&1 | tee "$out/lm_step-4bit.txt" || status=1
-else
-  echo "bitsandbytes is not installed: the 4-bit step was not measured" | tee "$out/lm_step-4bit.txt"
-fi
-python benchmarks/lm_step.py --arch gpt2 --hidden 1024 --layers 8 --vocab 32000 --batch 8 --seq 512 \
-  --reps 5 --steps 10 --device cuda 2>&1 | tee "$out/lm_step-gpt2.txt" || status=1
-rm -rf "$out/llama-model"
+"$py" - <<'PY' 2>&1 | tee -a "$out/gpu.txt" || exit 1
+import importlib, sys
+import torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available(),
+      "bf16", torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+missing = []
+for name in ("fedlora", "flwr", "opacus", "peft", "transformers", "datasets", "pydantic", "tomli_w",
+             "cryptography", "google.protobuf", "grpc", "pyarrow", "accelerate", "bitsandbytes",
+             "clients.app", "server.app"):
+    try:
+        m = importlib.import_module(name)
+        print(name, getattr(m, "__version__", ""))
+    except Exception as e:  # noqa: BLE001 - reported, then the script stops
+        missing.append(f"{name}: {type(e).__name__}: {e}")
+if missing or not torch.cuda.is_available():
+    print("preflight failed:", *missing, "" if torch.cuda.is_available() else "no CUDA", sep="\n  ")
+    sys.exit(1)
+PY
+timeout 300 "$py" -m pytest -m gpu -q -rs -p no:cacheprovider --timeout 150 \
+  tests/test_causal_lm.py tests/test_privacy.py tests/test_train.py 2>&1 | tee "$out/pytest-gpu.txt" || status=1
+# a 0.47B-parameter Llama (hidden 2048, 8 layers, vocabulary 32,000), built once, batch 8 x 512; the
+# model folder stays out of $OUT (what comes back is small files only)
+model=$(mktemp -d)/llama
+llama=(--hidden 2048 --layers 8 --vocab 32000 --keep "$model" --batch 8 --seq 512 --reps 3 --steps 5
+       --device cuda)
+step() {  # step NAME ARGS...: one comparison, at most 150 s
+  local name=$1; shift
+  timeout 150 "$py" benchmarks/lm_step.py "$@" 2>&1 | tee "$out/lm_step-$name.txt" || status=1
+}
+step bf16 "${llama[@]}"
+step bf16-gc "${llama[@]}" --gradient-checkpointing
+step 4bit "${llama[@]}" --quantize 4bit
+step gpt2 --arch gpt2 --hidden 1024 --layers 8 --vocab 32000 --batch 8 --seq 512 --reps 3 --steps 5 --device cuda
+rm -rf "$(dirname "$model")"
 exit $status

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -201,7 +202,9 @@ def main() -> None:
         fed = Fedlora(path, a, dev)
         targets = targets_for(path)
         pft = Peft(path, a, dev, targets)
-        n_params = sum(p.numel() for p in fed.model.parameters() if not p.requires_grad)
+        # a 4-bit weight is stored packed (two per byte): count the weights, not the bytes
+        n_params = sum(math.prod(q.shape) if (q := getattr(p, "quant_state", None)) is not None else p.numel()
+                       for p in fed.model.parameters() if not p.requires_grad)
         n_lora = sum(p.numel() for p in fed.model.parameters() if p.requires_grad)
         assert n_lora == sum(p.numel() for p in pft.model.parameters() if p.requires_grad), "adapters differ"
         for side in (fed, pft):  # warm-up: kernels, allocator, optimizer state
