@@ -123,8 +123,12 @@ def load_model(path: Path, num_layers: int | None = None, dtype: torch.dtype = t
     config.use_cache = False  # training never needs a KV cache (generation turns it on)
     kw: dict = {"config": config, "local_files_only": True, "dtype": dtype}
     if quantize:  # the quantized projections' compute dtype is bf16; the rest of the model is dtype
-        kw["quantization_config"] = quantization_config(quantize)
         dev = torch.device(device) if device is not None else torch.device("cuda")
+        if dev.type != "cuda":
+            raise ValueError(f"model.quantize = {quantize!r} needs a CUDA device, but this client's is "
+                             f"{str(dev)!r}: set clients.device = 'cuda' (or the node's device), or "
+                             "model.quantize = ''")
+        kw["quantization_config"] = quantization_config(quantize)
         kw["device_map"] = {"": dev.index if dev.type == "cuda" and dev.index is not None
                             else torch.cuda.current_device()}  # the client's GPU
     with _quiet_transformers():

@@ -79,7 +79,7 @@ def simulate(
         cfg = resolve(config, strategy, rounds, set_ or [], resume)
         if engine not in ("flower", "inprocess"):
             raise ValueError(f"--engine must be 'flower' or 'inprocess', got {engine!r}")
-        gpus = cfg.gpu_fraction() if engine == "flower" else 0.0
+        gpus = cfg.gpu_fraction()  # also: the clients' device is on this machine
     except ValueError as e:
         console.print(f"[red]config error:[/red] {escape(str(e))}")
         raise typer.Exit(2) from e
@@ -89,6 +89,10 @@ def simulate(
     cfg_path = sim.prepare_run_dir(cfg, resume=resume is not None)
     console.print(f"[bold]fedlora[/bold] {cfg.name}: {cfg.strategy.name}, {cfg.clients.num} clients "
                   f"(ranks {cfg.clients.ranks}), {cfg.rounds} rounds, engine {engine} -> {run_dir}")
+    if engine == "flower":
+        _gpu_note(cfg)
+    else:
+        gpus = 0.0
     result: dict = {}
 
     def work() -> None:
@@ -178,6 +182,13 @@ def _resume_note(run_dir: Path) -> None:
                   "starting from round 1")
 
 
+def _gpu_note(cfg: RunConfig) -> None:
+    if cfg.default_gpu_share():
+        console.print(f"clients.device = {cfg.clients.device!r}: each virtual client takes a whole GPU (one "
+                      "at a time per GPU); set clients.gpu_memory_gb (what one client needs) to run more at "
+                      "once", markup=False)
+
+
 @app.command()
 def compare(
     config: Path = typer.Argument(None, help="run TOML (default: simulations/smoke.toml)"),
@@ -215,6 +226,8 @@ def compare(
             runs = runs * len(planned)
         if engine not in ("flower", "inprocess"):
             raise ValueError(f"--engine must be 'flower' or 'inprocess', got {engine!r}")
+        for _, c in runs[:1]:
+            c.gpu_fraction()  # the clients' device is on this machine
         if resume:  # every run's folder checked before anything starts
             every = [c for _, c in runs] if not swept else [
                 c for _, setting in planned for _, c in cmp.plan(config, names, list(set_), centralized,
@@ -224,6 +237,8 @@ def compare(
         console.print(f"[red]config error:[/red] {escape(str(e))}")
         raise typer.Exit(2) from e
     console.print(f"[bold]fedlora compare[/bold] {len(runs)} runs -> {root}")
+    if engine == "flower" and runs:
+        _gpu_note(runs[0][1])
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=console) as progress:
         task = progress.add_task("", total=len(runs))

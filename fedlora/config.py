@@ -271,20 +271,37 @@ class RunConfig(Section):
         return tomli_w.dumps(self.to_dict())
 
     def gpu_fraction(self) -> float:
-        """Ray's GPU share per virtual client: ``clients.num_gpus``, or ``clients.gpu_memory_gb`` over
-        the memory of CUDA device 0 (at most 1), so that concurrency follows from what a client needs
-        and more clients than fit never share a GPU at once. An error when the memory is asked for and
-        there is no CUDA device."""
-        c = self.clients
-        if not c.gpu_memory_gb:
-            return c.num_gpus
+        """Ray's GPU share per virtual client of a simulation on this machine: ``clients.num_gpus``,
+        or ``clients.gpu_memory_gb`` over the memory of CUDA device 0 (at most 1), so that concurrency
+        follows from what a client needs and more clients than fit never share a GPU at once. Clients
+        that would use CUDA (``clients.device`` cuda, or auto with a GPU here) with neither set get a
+        whole GPU each — one at a time per GPU — because Ray hides the GPUs from a client without a
+        share (``default_gpu_share`` says when). Errors name the key when the device asked for is
+        not here."""
         import torch
 
-        if not torch.cuda.is_available():
-            raise ValueError(f"clients.gpu_memory_gb = {c.gpu_memory_gb}: no CUDA device here; set it to 0 "
-                             "for CPU clients")
-        total = torch.cuda.get_device_properties(0).total_memory / 2**30
-        return min(1.0, c.gpu_memory_gb / total)
+        c = self.clients
+        cuda_here = torch.cuda.is_available()
+        if c.device.startswith("cuda") and not cuda_here:
+            raise ValueError(f"clients.device = {c.device!r}: no CUDA GPU on this machine, where a "
+                             "simulation's clients run: set clients.device = 'cpu' (or 'auto')")
+        if c.gpu_memory_gb:
+            if not cuda_here:
+                raise ValueError(f"clients.gpu_memory_gb = {c.gpu_memory_gb}: no CUDA device here; set it "
+                                 "to 0 for CPU clients")
+            total = torch.cuda.get_device_properties(0).total_memory / 2**30
+            return min(1.0, c.gpu_memory_gb / total)
+        if self.default_gpu_share():
+            return 1.0
+        return c.num_gpus
+
+    def default_gpu_share(self) -> bool:
+        """Whether the clients use CUDA here with no GPU share configured (each then takes a whole GPU)."""
+        import torch
+
+        c = self.clients
+        return (not c.num_gpus and not c.gpu_memory_gb and c.device != "cpu"
+                and torch.cuda.is_available())
 
     def client_spec(self) -> ClientSpec:
         return ClientSpec(seed=self.seed, rounds=self.rounds, strategy=self.strategy.name,
@@ -453,12 +470,15 @@ def validate(cfg: RunConfig, config_path: str | Path | None = None, check_data: 
     task = cfg.model.task
     _check(task in ("classification", "causal-lm"), "model.task",
            f"must be 'classification' or 'causal-lm', got {task!r}")
-    if task == "causal-lm":
-        _validate_causal(cfg, check_data)
     _check(cfg.model.quantize in ("", "4bit", "8bit"), "model.quantize",
            f"must be '', '4bit' or '8bit', got {cfg.model.quantize!r}")
     _check(not cfg.model.quantize or task == "causal-lm", "model.quantize",
            "a quantized base is for model.task = 'causal-lm'")
+    _check(not cfg.model.quantize or cfg.clients.device != "cpu", "model.quantize",
+           f"a {cfg.model.quantize} base is on a CUDA GPU, but clients.device = 'cpu': set clients.device "
+           "= 'cuda' (or 'auto'), or model.quantize = ''")
+    if task == "causal-lm":
+        _validate_causal(cfg, check_data)
     _check(cfg.model.dtype in ("auto", "float32", "bfloat16"), "model.dtype",
            f"must be 'auto', 'float32' or 'bfloat16', got {cfg.model.dtype!r}")
     _check(cfg.model.dtype in ("auto", "float32") or task == "causal-lm", "model.dtype",

@@ -225,7 +225,12 @@ def test_bad_input_is_named_before_anything_starts(tmp_path, llama_dir, data_fil
         _cfg(llama_dir, data_file, tmp_path / "r", 'strategy.name="fedsb"', "data.server_examples=12")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match=r"model.quantize = '4bit' needs a CUDA GPU"):
-            _cfg(llama_dir, data_file, tmp_path / "r", 'model.quantize="4bit"')
+            _cfg(llama_dir, data_file, tmp_path / "r", 'model.quantize="4bit"', 'clients.device="cuda"')
+    msg = r"model.quantize: a 4bit base is on a CUDA GPU, but clients.device = 'cpu'"
+    with pytest.raises(ValueError, match=msg):
+        _cfg(llama_dir, data_file, tmp_path / "r", 'model.quantize="4bit"', 'clients.device="cpu"')
+    with pytest.raises(ValueError, match=r"model.quantize = '4bit' needs a CUDA device, but this client"):
+        causal_lm.load_model(llama_dir, quantize="4bit", device="cpu")
     with pytest.raises(ValueError, match=r"model.gradient_checkpointing: cannot be combined with privacy"):
         _cfg(llama_dir, data_file, tmp_path / "r", "model.gradient_checkpointing=true",
              "privacy.enabled=true", "privacy.noise_multiplier=1.0")

@@ -106,3 +106,21 @@ def test_gpu_memory_per_client_sets_rays_gpu_fraction(monkeypatch):
     assert load_config(None, ["clients.num_gpus=0.5"]).gpu_fraction() == 0.5
     with pytest.raises(ValueError, match=r"clients.gpu_memory_gb: give clients.num_gpus .* not both"):
         load_config(None, ["clients.num_gpus=0.5", "clients.gpu_memory_gb=10.0"])
+
+
+def test_clients_that_use_cuda_get_a_gpu_share_and_a_missing_gpu_is_named(monkeypatch):
+    """Ray hides the GPUs from a virtual client without a GPU share: CUDA clients with none configured
+    get a whole GPU each; a CUDA device that is not here is a config error, not a failure per client."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"clients.device = 'cuda': no CUDA GPU on this machine"):
+        load_config(None, ['clients.device="cuda"']).gpu_fraction()
+    auto = load_config(None, ['clients.device="auto"'])
+    assert auto.gpu_fraction() == 0.0 and not auto.default_gpu_share()  # auto on a CPU machine: CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for device in ("cuda", "auto"):
+        cfg = load_config(None, [f'clients.device="{device}"'])
+        assert cfg.gpu_fraction() == 1.0 and cfg.default_gpu_share()
+    assert load_config(None, []).gpu_fraction() == 0.0  # clients.device = "cpu"
+    assert load_config(None, ['clients.device="cuda"', "clients.num_gpus=0.25"]).gpu_fraction() == 0.25
