@@ -80,6 +80,7 @@ def simulate(
         if engine not in ("flower", "inprocess"):
             raise ValueError(f"--engine must be 'flower' or 'inprocess', got {engine!r}")
         gpus = cfg.gpu_fraction()  # also: the clients' device is on this machine
+        data_note = check_data(cfg)
     except ValueError as e:
         console.print(f"[red]config error:[/red] {escape(str(e))}")
         raise typer.Exit(2) from e
@@ -89,6 +90,8 @@ def simulate(
     cfg_path = sim.prepare_run_dir(cfg, resume=resume is not None)
     console.print(f"[bold]fedlora[/bold] {cfg.name}: {cfg.strategy.name}, {cfg.clients.num} clients "
                   f"(ranks {cfg.clients.ranks}), {cfg.rounds} rounds, engine {engine} -> {run_dir}")
+    if data_note:
+        console.print(data_note, markup=False)
     if engine == "flower":
         _gpu_note(cfg)
     else:
@@ -114,9 +117,10 @@ def simulate(
     th = threading.Thread(target=work, daemon=True)
     th.start()
     title = f"{cfg.name} · {cfg.strategy.name}"
-    with Live(round_table([], title), console=console, refresh_per_second=2) as live:
+    lm = cfg.model.task == "causal-lm"
+    with Live(round_table([], title, lm), console=console, refresh_per_second=2) as live:
         for rows in follow(run_dir / "metrics.jsonl", stop=lambda: not th.is_alive()):
-            live.update(round_table(rows, title))
+            live.update(round_table(rows, title, lm))
     console.print()  # the live table's last line is left open when the output is not a terminal
     th.join()
     summary = run_dir / "summary.json"
@@ -129,40 +133,47 @@ def simulate(
             cause = result["run"].cause()
             console.print("run failed: " + cause if cause else result["run"].tail(40), markup=False,
                           style="red" if cause else None)
-            console.print(f"flwr run exited with {result['rc']} without {summary.name}; logs in "
-                          f"{run_dir / 'logs'}")
+            console.print(f"the run ended without {summary.name} (flwr run's exit code: {result['rc']}); "
+                          f"logs in {run_dir / 'logs'}", markup=False)
         else:
             console.print(f"[red]the run ended without {summary}[/red]")
         raise typer.Exit(1)
     s = json.loads(summary.read_text())
     metric = s.get("metric", "accuracy")
-    console.print(f"final {metric} {s.get('final_' + metric)}, MB up {s.get('bytes_up', 0) / 1e6:.3f}, "
+    console.print(f"final {metric} {_fmt(s.get('final_' + metric))}, MB up {s.get('bytes_up', 0) / 1e6:.3f}, "
                   f"MB down {s.get('bytes_down', 0) / 1e6:.3f} -> {run_dir}")
     idle = s.get("rounds_without_training") or []
+    troubles = client_errors(run_dir / "metrics.jsonl", idle or None)
     if idle:
         console.print(f"[yellow]no client's update was accepted in round(s) {idle}[/yellow]")
-        for reason, count in client_errors(run_dir / "metrics.jsonl", idle):
-            console.print(f"  {count}× {reason}", markup=False)
+    elif troubles:
+        console.print("[yellow]some clients' replies failed or were rejected (each one is in "
+                      "metrics.jsonl):[/yellow]")
+    for reason, count in troubles:
+        console.print(f"  {count}× {reason}", markup=False)
     if s.get("rounds") and len(idle) == s["rounds"]:
         console.print("[red]no client trained in any round: the model never moved[/red]")
         raise typer.Exit(1)
 
 
-def client_errors(metrics: Path, rounds: list[int], limit: int = 3) -> list[tuple[str, int]]:
-    """The most frequent reasons the clients' replies failed or were rejected in ``rounds``."""
+def client_errors(metrics: Path, rounds: list[int] | None = None, limit: int = 3) -> list[tuple[str, int]]:
+    """The most frequent reasons the clients' replies failed or were rejected (in ``rounds``; None:
+    all), each client's once per round."""
     from collections import Counter
 
     counts: Counter = Counter()
     for line in metrics.read_text().splitlines() if metrics.is_file() else []:
         row = json.loads(line)
-        if row.get("round") not in rounds:
+        if rounds is not None and row.get("round") not in rounds:
             continue
+        counted = set()
         for c in row.get("clients", []):
             reason = c.get("error") or c.get("rejected")
             if not c.get("accepted") and reason:
                 counts[str(reason)[:300]] += 1
+                counted.add(c.get("id"))
         for f in row.get("failures", []):
-            if not row.get("clients") and f.get("error"):
+            if f.get("error") and (f.get("client") is None or f["client"] not in counted):
                 counts[str(f["error"])[:300]] += 1
     return counts.most_common(limit)
 
@@ -180,6 +191,19 @@ def _resume_note(run_dir: Path) -> None:
         raise typer.Exit(1)
     console.print(f"resuming from {path.name}" if path else f"--resume {run_dir}: no checkpoint yet, "
                   "starting from round 1")
+
+
+def _fmt(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def check_data(cfg: RunConfig) -> str:
+    """A causal-LM run's rows, tokenised before anything starts (``rundata.check_causal_data``)."""
+    if cfg.model.task != "causal-lm":
+        return ""
+    from fedlora import rundata
+
+    return rundata.check_causal_data(cfg.client_spec(), cfg.clients.num)
 
 
 def _gpu_note(cfg: RunConfig) -> None:
@@ -226,17 +250,23 @@ def compare(
             runs = runs * len(planned)
         if engine not in ("flower", "inprocess"):
             raise ValueError(f"--engine must be 'flower' or 'inprocess', got {engine!r}")
-        for _, c in runs[:1]:
-            c.gpu_fraction()  # the clients' device is on this machine
+        every = [c for _, c in runs] if not swept else [
+            c for _, setting in planned for _, c in cmp.plan(config, names, list(set_), centralized,
+                                                             setting)[1]]
+        notes = {}  # every run's device and data checked before anything starts
+        for c in every:
+            key = (c.client_spec().key("data", "seed", "model"), c.clients.num)
+            if key not in notes:
+                c.gpu_fraction()  # the clients' device is on this machine
+                notes[key] = check_data(c)
         if resume:  # every run's folder checked before anything starts
-            every = [c for _, c in runs] if not swept else [
-                c for _, setting in planned for _, c in cmp.plan(config, names, list(set_), centralized,
-                                                                 setting)[1]]
             states = {str(c.resolved_run_dir()): cmp.resume_state(c) for c in every}
     except ValueError as e:
         console.print(f"[red]config error:[/red] {escape(str(e))}")
         raise typer.Exit(2) from e
     console.print(f"[bold]fedlora compare[/bold] {len(runs)} runs -> {root}")
+    for note in dict.fromkeys(n for n in notes.values() if n):
+        console.print(note, markup=False)
     if engine == "flower" and runs:
         _gpu_note(runs[0][1])
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
@@ -259,7 +289,7 @@ def compare(
             d = cmp.run_config(cfg, engine, resume=state == "resume")
             s = json.loads((d / "summary.json").read_text())
             metric = s.get("metric", "accuracy")
-            progress.console.print(f"  {d.name}: final {metric} {s.get('final_' + metric)}, "
+            progress.console.print(f"  {d.name}: final {metric} {_fmt(s.get('final_' + metric))}, "
                                    f"wall {s.get('wall_seconds', 0):.1f} s")
             progress.advance(task)
             return d

@@ -461,8 +461,9 @@ def validate(cfg: RunConfig, config_path: str | Path | None = None, check_data: 
     from fedlora.models import available_models
 
     m = cfg.model.name
-    _check(m in available_models() or m.startswith("hf:") or m == "minilm", "model.name",
-           f"unknown model {m!r}; choose one of {available_models()}")
+    folder = f" (a local folder is named hf:{m})" if Path(m).expanduser().is_dir() else ""
+    _check(m in available_models() or m.startswith("hf:"), "model.name",
+           f"unknown model {m!r}; choose one of {available_models()}{folder}")
     if check_data and m.startswith("hf:"):
         _check(Path(m[3:]).expanduser().is_dir(), "model.name",
                f"{m!r}: no folder {str(Path(m[3:]).expanduser().absolute())!r}; give a local "

@@ -133,6 +133,7 @@ class LMDataset(Dataset):
     pad_token_id: int
     skipped: dict[str, int] = field(default_factory=dict)
     position_ids: list[torch.Tensor] | None = None  # packed blocks only: each row's own positions
+    truncated: int = 0  # rows kept with their response cut at max_length
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -147,7 +148,7 @@ class LMDataset(Dataset):
         idx = [int(i) for i in idx]
         pos = None if self.position_ids is None else [self.position_ids[i] for i in idx]
         return LMDataset([self.input_ids[i] for i in idx], [self.labels[i] for i in idx], self.pad_token_id,
-                         dict(self.skipped), pos)
+                         dict(self.skipped), pos, self.truncated)
 
 
 def tokenize(rows: list[dict], fmt: str, tokenizer: Any, max_length: int, packing: bool = False,
@@ -155,7 +156,7 @@ def tokenize(rows: list[dict], fmt: str, tokenizer: Any, max_length: int, packin
     """Rows → ``LMDataset`` (see the module docstring for the masking, the cut and the skips)."""
     if tokenizer.eos_token_id is None:
         raise ValueError(f"{where}: the tokenizer has no EOS token; a causal-LM response must end with one")
-    ids, labels = [], []
+    ids, labels, truncated = [], [], 0
     skipped = {"empty_response": 0, "no_response_token_after_truncation": 0}
     rendered = [render(row, fmt, tokenizer) for row in rows]
     kept = [x for x in rendered if x[1].strip()]
@@ -174,11 +175,13 @@ def tokenize(rows: list[dict], fmt: str, tokenizer: Any, max_length: int, packin
     for p, r in zip(prompt_ids, responses):
         r = r + [tokenizer.eos_token_id]
         seq, lab = p + r, [-100] * len(p) + r
-        if not packing:  # packed rows are cut as one stream below, not one by one
+        cut = not packing and len(seq) > max_length  # packed rows are cut as one stream below
+        if cut:
             seq, lab = seq[:max_length], lab[:max_length]
         if all(x == -100 for x in lab[1:]):  # label 0 is never predicted (nothing comes before it)
             skipped["no_response_token_after_truncation"] += 1
             continue
+        truncated += cut
         ids.append(seq)
         labels.append(lab)
     total = len(rows)
@@ -201,7 +204,7 @@ def tokenize(rows: list[dict], fmt: str, tokenizer: Any, max_length: int, packin
         positions = [positions[k] for k in keep]
     return LMDataset([torch.tensor(s, dtype=torch.long) for s in ids],
                      [torch.tensor(s, dtype=torch.long) for s in labels], int(tokenizer.pad_token_id),
-                     skipped, positions)
+                     skipped, positions, truncated)
 
 
 class LMCollator:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import itertools
 import json
+import logging
 import tomllib
 import uuid
 from collections.abc import Callable, Iterable
@@ -138,8 +139,14 @@ def run_loopback(cfg, apps: tuple[Callable, Callable] | None = None,
                         run_id=2 if resume else 1)
     if grid_out is not None:
         grid_out.append(grid)
-    server_app(grid, Context(run_id=grid.run_id, node_id=0, node_config={}, state=RecordDict(),
-                             run_config=dict(run_config)))
+    flwr_log = logging.getLogger("flwr")  # Flower's per-round INFO lines repeat metrics.jsonl here
+    level = flwr_log.level
+    flwr_log.setLevel(max(level, logging.WARNING))
+    try:
+        server_app(grid, Context(run_id=grid.run_id, node_id=0, node_config={}, state=RecordDict(),
+                                 run_config=dict(run_config)))
+    finally:
+        flwr_log.setLevel(level)
     run_dir = cfg.resolved_run_dir()
     summary = run_dir / "summary.json"
     if summary.is_file():

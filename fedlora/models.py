@@ -38,7 +38,7 @@ def register_model(name: str, targets: list[str], head: list[str]):
 
 
 def available_models() -> list[str]:
-    return sorted(_REGISTRY) + ["hf:<path>"]
+    return sorted([*_REGISTRY, "minilm"]) + ["hf:<path>"]
 
 
 def get_model(name: str, **kw) -> nn.Module:

@@ -172,7 +172,11 @@ def plots(runs: list[RunSeries], out_dir: str | Path) -> list[Path]:
         ax.set_xlabel(xlabel)
         ax.set_ylabel(metric + ("" if metric == "accuracy" else " (lower is better)"))
         if metric == "perplexity":
-            ax.set_yscale("log")
+            from matplotlib.ticker import LogFormatter
+
+            ax.set_yscale("log")  # plain numbers on its ticks (the default writes 2.95×10²)
+            ax.yaxis.set_major_formatter(LogFormatter())
+            ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()

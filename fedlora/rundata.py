@@ -166,6 +166,38 @@ def _lm_client_data(spec: ClientSpec, partition_id: int, num_partitions: int):
             _lm_tokenize(spec, val, where + " (validation)") if d.val_fraction > 0 else None)
 
 
+def check_causal_data(spec: ClientSpec, num_partitions: int) -> str:
+    """Every client's rows and the server's, tokenised once before a simulation starts (and kept in
+    this process's cache): an error naming each client whose data has too little to learn from
+    (instead of that client failing every round), else one line saying what was skipped and cut."""
+    errors, seqs, skipped, truncated = [], 0, {}, 0
+    datasets = []
+    for pid in range(num_partitions):
+        try:
+            datasets += [ds for ds in client_data(spec, pid, num_partitions) if ds is not None]
+        except ValueError as e:
+            errors.append(str(e))
+    try:
+        datasets.append(server_eval_data(spec))
+    except ValueError as e:
+        errors.append(str(e))
+    if errors:
+        more = f"\n... and {len(errors) - 5} more" if len(errors) > 5 else ""
+        raise ValueError("\n".join(errors[:5]) + more)
+    for ds in datasets:
+        seqs += len(ds)
+        truncated += ds.truncated
+        for k, v in ds.skipped.items():
+            skipped[k] = skipped.get(k, 0) + v
+    lost = {k.replace("_", " "): v for k, v in skipped.items() if v}
+    out = f"data: {seqs} sequences for {num_partitions} clients and the server"
+    if lost:
+        out += f"; rows skipped: {', '.join(f'{v} {k}' for k, v in lost.items())}"
+    if truncated:
+        out += f"; {truncated} responses cut at data.max_length = {spec.data.max_length or 256}"
+    return out
+
+
 #: a CSV/TSV file without a test file: this share of its rows is the server's held-out split
 SERVER_SHARE = 0.1
 

@@ -96,11 +96,13 @@ def write_summary(run_dir: str | os.PathLike, summary: dict) -> Path:
 
 # ---- the live table (rich) ----------------------------------------------------------------------
 
-def round_table(rows: list[dict], title: str = "fedlora"):
+def round_table(rows: list[dict], title: str = "fedlora", lm: bool | None = None):
+    """The live table of a run's rounds (``lm``: a causal LM's, with perplexity; None: from the rows).
+    ``clients`` is accepted / sampled, the sampled counting those whose reply failed or never came."""
     from rich.table import Table
 
     t = Table(title=title)
-    lm = any(r.get("perplexity") is not None for r in rows)
+    lm = any(r.get("perplexity") is not None for r in rows) if lm is None else lm
     # two-line headers: the table fits 80 columns (a log file, a narrow terminal) with no word cut
     for col in ("round", "train\nloss", "eval\nloss", "perplexity" if lm else "accuracy", "MB\nup",
                 "MB\ndown", "clients", "time\ns"):
@@ -111,10 +113,13 @@ def round_table(rows: list[dict], title: str = "fedlora"):
 
     for r in rows:
         acc = r.get("perplexity") if lm else r.get("accuracy", r.get("personal_accuracy_weighted"))
-        n_ok = len([c for c in r.get("clients", []) if c.get("accepted")])
+        clients = r.get("clients", [])
+        n_ok = len([c for c in clients if c.get("accepted")])
+        ids = {c.get("id") for c in clients}
+        lost = {f.get("client", f"node {f.get('node')}") for f in r.get("failures", [])} - ids
         t.add_row(str(r["round"]), f(r.get("train_loss"), ".4f"), f(r.get("loss"), ".4f"), f(acc, ".3f"),
                   f(r.get("bytes_up", 0) / 1e6, ".3f"), f(r.get("bytes_down", 0) / 1e6, ".3f"),
-                  f"{n_ok}/{len(r.get('clients', []))}", f(r.get("round_seconds"), ".2f"))
+                  f"{n_ok}/{len(clients) + len(lost)}", f(r.get("round_seconds"), ".2f"))
     return t
 
 

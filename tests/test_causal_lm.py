@@ -285,6 +285,50 @@ def test_a_packed_run_learns_and_its_blocks_reach_the_model_with_position_ids(tm
     assert batches and all("position_ids" in k and "attention_mask" not in k for k in batches)
 
 
+def test_simulate_tokenises_every_clients_rows_first_and_says_what_was_lost(tmp_path, llama_dir):
+    """A client whose rows leave nothing to learn from is a config error naming it (it used to fail
+    every round while the run went on); rows skipped or cut are said on the terminal and in each
+    client's metrics."""
+    from typer.testing import CliRunner
+
+    from fedlora.cli import app
+
+    rows = lm_helpers.rows()
+    for i, r in enumerate(rows):
+        if r["who"] == "fool":
+            r["completion"] = " "  # the fool says nothing
+        elif i % 10 == 0:
+            r["completion"] = ""
+    bad = lm_helpers.write_jsonl(tmp_path / "bad.jsonl", rows)
+    sets = ['model.task="causal-lm"', f"model.name={json.dumps(f'hf:{llama_dir}')}",
+            "data.max_length=32", "data.server_examples=6", "data.val_fraction=0", 'data.partition="natural"',
+            'data.partition_by="who"', "clients.num=3", "clients.ranks=[2]", "rounds=1",
+            "train.local_steps=2", "train.batch_size=8"]
+
+    def simulate(data, run, *more):
+        args = ["simulate", "--engine", "inprocess", "--set", f"data.name={json.dumps(str(data))}",
+                "--set", f"run_dir={json.dumps(str(tmp_path / run))}"]
+        for x in [*sets, *more]:
+            args += ["--set", x]
+        res = CliRunner().invoke(app, args)
+        return res.exit_code, " ".join(res.output.split())
+
+    code, out = simulate(bad, "bad")
+    assert code == 2 and "config error" in out and "client 0's data:" in out, out  # "fool" sorts first
+    assert "raise data.max_length" in out and not (tmp_path / "bad").exists()
+    rows = [r for r in rows if r["who"] != "fool"]
+    for r in rows[:12]:
+        r["prompt"] = "the king " * 4 + r["prompt"]  # long prompts: their responses get cut
+    some = lm_helpers.write_jsonl(tmp_path / "some.jsonl", rows)
+    code, out = simulate(some, "some", "clients.num=2")
+    assert code == 0, out
+    skipped = sum(1 for r in rows if not r["completion"].strip())
+    assert f"rows skipped: {skipped} empty response" in out and "responses cut at data.max_length = 32" in out
+    line = json.loads((tmp_path / "some" / "metrics.jsonl").read_text().splitlines()[0])
+    got = sum(c["metrics"]["data-skipped"] for c in line["clients"])
+    assert 0 < got <= skipped and sum(c["metrics"]["data-truncated"] for c in line["clients"]) > 0
+
+
 def test_generations_are_written_and_the_report_knows_lower_is_better(tmp_path, llama_dir, data_file):
     from fedlora.loopback import run_loopback
     from fedlora.report import load_run, table

@@ -65,3 +65,21 @@ def test_the_live_round_table_fits_80_columns_without_cutting_a_word(lm):
     text = console.export_text()
     assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
     assert ("perplexity" if lm else "accuracy") in text and "114.723" in text and "12/12" in text
+
+
+def test_the_live_table_knows_the_metric_before_any_round_and_counts_failed_clients():
+    from rich.console import Console
+
+    from fedlora.runlog import round_table
+
+    def text(rows, lm=None):
+        console = Console(width=80, record=True)
+        console.print(round_table(rows, "run", lm))
+        return console.export_text()
+
+    assert "perplexity" in text([], lm=True) and "accuracy" in text([], lm=False)
+    row = {"round": 1, "clients": [{"id": "0", "accepted": True}, {"id": "1", "accepted": True},
+                                   {"id": "2", "accepted": False, "error": "boom"}],
+           "failures": [{"client": "2", "node": 3, "error": "boom"},
+                        {"client": "3", "node": 4, "error": "x"}]}
+    assert "2/4" in text([row])  # a failed reply and a missing one are sampled clients too
