@@ -49,6 +49,18 @@ def is_causal_lm(path: Path) -> bool:
     return any(a.endswith(CAUSAL_SUFFIXES) for a in architectures(path))
 
 
+def packs_rows(path: Path) -> bool:
+    """Whether the checkpoint's architecture can keep packed rows apart: its ``forward`` takes
+    ``position_ids`` (``fedlora.lm_data``'s packed batches; BLOOM and MPT, say, do not). An
+    architecture this transformers does not know is given the benefit of the doubt."""
+    import inspect
+
+    import transformers
+
+    classes = [getattr(transformers, a, None) for a in architectures(path)]
+    return all(c is None or "position_ids" in inspect.signature(c.forward).parameters for c in classes)
+
+
 def conv1d_to_linear(model: nn.Module) -> list[str]:
     """Replace every ``Conv1D`` by the equivalent ``nn.Linear`` (weight transposed); their names."""
     from transformers.pytorch_utils import Conv1D

@@ -79,7 +79,8 @@ def simulate(
         cfg = resolve(config, strategy, rounds, set_ or [], resume)
         if engine not in ("flower", "inprocess"):
             raise ValueError(f"--engine must be 'flower' or 'inprocess', got {engine!r}")
-        gpus = cfg.gpu_fraction()  # also: the clients' device is on this machine
+        cfg.check_simulation_device()
+        gpus = cfg.gpu_fraction() if engine == "flower" else 0.0
         data_note = check_data(cfg)
     except ValueError as e:
         console.print(f"[red]config error:[/red] {escape(str(e))}")
@@ -94,8 +95,6 @@ def simulate(
         console.print(data_note, markup=False)
     if engine == "flower":
         _gpu_note(cfg)
-    else:
-        gpus = 0.0
     result: dict = {}
 
     def work() -> None:
@@ -257,7 +256,9 @@ def compare(
         for c in every:
             key = (c.client_spec().key("data", "seed", "model"), c.clients.num)
             if key not in notes:
-                c.gpu_fraction()  # the clients' device is on this machine
+                c.check_simulation_device()
+                if engine == "flower":
+                    c.gpu_fraction()
                 notes[key] = check_data(c)
         if resume:  # every run's folder checked before anything starts
             states = {str(c.resolved_run_dir()): cmp.resume_state(c) for c in every}

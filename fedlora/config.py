@@ -280,11 +280,9 @@ class RunConfig(Section):
         not here."""
         import torch
 
+        self.check_simulation_device()
         c = self.clients
         cuda_here = torch.cuda.is_available()
-        if c.device.startswith("cuda") and not cuda_here:
-            raise ValueError(f"clients.device = {c.device!r}: no CUDA GPU on this machine, where a "
-                             "simulation's clients run: set clients.device = 'cpu' (or 'auto')")
         if c.gpu_memory_gb:
             if not cuda_here:
                 raise ValueError(f"clients.gpu_memory_gb = {c.gpu_memory_gb}: no CUDA device here; set it "
@@ -294,6 +292,20 @@ class RunConfig(Section):
         if self.default_gpu_share():
             return 1.0
         return c.num_gpus
+
+    def check_simulation_device(self) -> None:
+        """A simulation's clients run on this machine: the device they ask for must be here (in a
+        deployment each node's own ``device`` setting wins, so this is not part of ``validate``)."""
+        import torch
+
+        c = self.clients
+        if c.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"clients.device = {c.device!r}: no CUDA GPU on this machine, where a "
+                             "simulation's clients run: set clients.device = 'cpu' (or 'auto')")
+        if self.model.quantize and c.device == "cpu":
+            raise ValueError(f"model.quantize: a {self.model.quantize} base is on a CUDA GPU, but "
+                             "clients.device = 'cpu': set clients.device = 'cuda' (or 'auto'), or "
+                             "model.quantize = ''")
 
     def default_gpu_share(self) -> bool:
         """Whether the clients use CUDA here with no GPU share configured (each then takes a whole GPU)."""
@@ -475,9 +487,6 @@ def validate(cfg: RunConfig, config_path: str | Path | None = None, check_data: 
            f"must be '', '4bit' or '8bit', got {cfg.model.quantize!r}")
     _check(not cfg.model.quantize or task == "causal-lm", "model.quantize",
            "a quantized base is for model.task = 'causal-lm'")
-    _check(not cfg.model.quantize or cfg.clients.device != "cpu", "model.quantize",
-           f"a {cfg.model.quantize} base is on a CUDA GPU, but clients.device = 'cpu': set clients.device "
-           "= 'cuda' (or 'auto'), or model.quantize = ''")
     if task == "causal-lm":
         _validate_causal(cfg, check_data)
     _check(cfg.model.dtype in ("auto", "float32", "bfloat16"), "model.dtype",
@@ -642,13 +651,16 @@ def _validate_causal(cfg: RunConfig, check_data: bool) -> None:
            f"{m!r} (no pretrained causal LM ships with fedlora: `fedlora shakespeare base` builds a small "
            "one)")
     if check_data and Path(m[3:]).expanduser().is_dir():
-        from fedlora.causal_lm import architectures, is_causal_lm
+        from fedlora.causal_lm import architectures, is_causal_lm, packs_rows
 
         path = Path(m[3:]).expanduser()
         _check(is_causal_lm(path), "model.name",
                f"{m!r} is not a causal LM (config.json architectures {architectures(path)}, expected a "
                "...ForCausalLM / ...LMHeadModel): use a causal-LM checkpoint, or model.task = "
                "'classification'")
+        _check(not d.packing or packs_rows(path), "data.packing",
+               f"{architectures(path)} takes no position ids, which keep packed rows apart: set "
+               "data.packing = false")
     if cfg.model.quantize and check_data:
         from fedlora.causal_lm import quantization_config
 

@@ -24,10 +24,11 @@ response is empty, or that keeps no response token after the cut, is skipped and
 ``data.max_length``. ``data.packing = true`` concatenates the rows (uncut) and cuts the stream into
 ``max_length`` blocks (fewer pad tokens). Each row in a block keeps its own position ids (0, 1, ...)
 and its first token is not a target, as in an unpacked row; a packed batch carries ``position_ids``
-and no ``attention_mask``, from which transformers' ``create_causal_mask`` (Llama, Qwen, Mistral,
-Gemma, GPT-2 ...; flash-attention's variable-length path likewise) keeps attention within each row,
-so a row that fits in its block is scored exactly as alone. A row cut by a block's end goes on in
-the next block without the context before the cut.
+and no ``attention_mask``, from which transformers' ``create_causal_mask`` (sdpa and eager attention
+of Llama, Qwen, Mistral, Gemma, GPT-2 ...) keeps attention within each row, so a row that fits in
+its block is scored exactly as alone. A row cut by a block's end goes on in the next block as a
+row of its own (positions from 0, no context before the cut). A model whose ``forward`` takes no
+``position_ids`` cannot pack (a config error).
 
 Partitions of a file (``data.partition``): ``iid``; ``dirichlet`` over the categories of
 ``data.label_col`` (a topic, a task type); ``natural`` — one client per value of
@@ -194,7 +195,10 @@ def tokenize(rows: list[dict], fmt: str, tokenizer: Any, max_length: int, packin
         flat_ids = [t for s in ids for t in s]
         # a row's first token is never a target (in a block, the token before it is another row's)
         flat_lab = [t for lab in labels for t in [-100, *lab[1:]]]
-        flat_pos = [p for s in ids for p in range(len(s))]
+        # positions from 0 in each row, and again where a row goes on in the next block (a long
+        # row would otherwise reach positions past max_length: GPT-2's table ends at n_positions)
+        starts = np.cumsum([0] + [len(s) for s in ids[:-1]])
+        flat_pos = [min(j, (g + j) % max_length) for g, s in zip(starts, ids) for j in range(len(s))]
         cut = range(0, len(flat_ids), max_length)
         ids = [flat_ids[i:i + max_length] for i in cut]
         labels = [flat_lab[i:i + max_length] for i in cut]

@@ -182,6 +182,7 @@ def check_causal_data(spec: ClientSpec, num_partitions: int) -> str:
     except ValueError as e:
         errors.append(str(e))
     if errors:
+        errors = list(dict.fromkeys(errors))  # a data-wide problem is raised by every client alike
         more = f"\n... and {len(errors) - 5} more" if len(errors) > 5 else ""
         raise ValueError("\n".join(errors[:5]) + more)
     for ds in datasets:

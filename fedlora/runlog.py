@@ -98,7 +98,8 @@ def write_summary(run_dir: str | os.PathLike, summary: dict) -> Path:
 
 def round_table(rows: list[dict], title: str = "fedlora", lm: bool | None = None):
     """The live table of a run's rounds (``lm``: a causal LM's, with perplexity; None: from the rows).
-    ``clients`` is accepted / sampled, the sampled counting those whose reply failed or never came."""
+    ``clients`` is accepted / taking part: the sampled clients (a failed or missing reply included)
+    and the nodes that could not join (a failed capability query)."""
     from rich.table import Table
 
     t = Table(title=title)

@@ -154,10 +154,13 @@ def test_truncation_empty_responses_and_packing(tmp_path):
     assert all(len(x) == 8 for x in packed.input_ids[:-1])
     # the packed blocks are the plain rows' stream cut every 8 tokens (a last block with nothing to
     # predict — its first token is never a target — is dropped); each row's first label is masked and
-    # its positions restart at 0
+    # positions restart at 0 where a row starts and where a row goes on in a new block
     stream_ids = torch.cat(plain.input_ids).tolist()
     stream_lab = torch.cat([torch.cat([torch.tensor([-100]), x[1:]]) for x in plain.labels]).tolist()
-    stream_pos = torch.cat([torch.arange(len(x)) for x in plain.input_ids]).tolist()
+    row_start = [i for i, x in enumerate(plain.input_ids) for _ in x]
+    starts = torch.cumsum(torch.tensor([0] + [len(x) for x in plain.input_ids]), 0).tolist()
+    stream_pos = [i - max(starts[row_start[i]], i - i % 8) for i in range(len(stream_ids))]
+    assert max(stream_pos) < 8 and stream_pos.count(0) > len(plain)  # (rows do span blocks here)
     n = sum(len(x) for x in packed.input_ids)
     assert 0 < len(stream_ids) - n < 8 or n == len(stream_ids)
     assert torch.cat(packed.input_ids).tolist() == stream_ids[:n]
@@ -192,6 +195,10 @@ def test_a_packed_row_is_scored_exactly_as_alone(tmp_path, arch):
     got = scored_nll(packed)
     assert got.shape == want.shape and torch.allclose(got, want, rtol=0, atol=1e-10)
     assert not torch.allclose(scored_nll(packed, drop=("position_ids",)), want, rtol=0, atol=1e-6)
+    # a row far longer than a block (and than GPT-2's 256 positions) packs with positions < max_length
+    long = lm_data.tokenize([{"text": " ".join(lm_helpers.WORDS * 12)}], "text", tok, 32, packing=True)
+    assert len(long) > 8 and max(int(p.max()) for p in long.position_ids) == 31
+    assert torch.isfinite(scored_nll(long)).all()
 
 
 # ---- bad input, before training -----------------------------------------------------------------------
@@ -226,14 +233,22 @@ def test_bad_input_is_named_before_anything_starts(tmp_path, llama_dir, data_fil
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match=r"model.quantize = '4bit' needs a CUDA GPU"):
             _cfg(llama_dir, data_file, tmp_path / "r", 'model.quantize="4bit"', 'clients.device="cuda"')
-    msg = r"model.quantize: a 4bit base is on a CUDA GPU, but clients.device = 'cpu'"
-    with pytest.raises(ValueError, match=msg):
-        _cfg(llama_dir, data_file, tmp_path / "r", 'model.quantize="4bit"', 'clients.device="cpu"')
+    sim = _cfg(llama_dir, data_file, tmp_path / "r")  # (a deployment's nodes choose their own device)
+    sim.model.quantize = "4bit"
+    with pytest.raises(ValueError, match=r"model.quantize: a 4bit base is on a CUDA GPU, but clients.device"):
+        sim.check_simulation_device()
     with pytest.raises(ValueError, match=r"model.quantize = '4bit' needs a CUDA device, but this client"):
         causal_lm.load_model(llama_dir, quantize="4bit", device="cpu")
     with pytest.raises(ValueError, match=r"model.gradient_checkpointing: cannot be combined with privacy"):
         _cfg(llama_dir, data_file, tmp_path / "r", "model.gradient_checkpointing=true",
              "privacy.enabled=true", "privacy.noise_multiplier=1.0")
+    bloom = tmp_path / "bloom"
+    bloom.mkdir()
+    (bloom / "config.json").write_text(json.dumps({"architectures": ["BloomForCausalLM"],
+                                                   "model_type": "bloom"}))
+    with pytest.raises(ValueError, match=r"data.packing: \['BloomForCausalLM'\] takes no position ids"):
+        _cfg(bloom, data_file, tmp_path / "r", "data.packing=true")
+    assert causal_lm.packs_rows(llama_dir) and causal_lm.packs_rows(lm_helpers.gpt2(tmp_path / "g"))
     with pytest.raises(ValueError, match=r"data.packing: cannot be combined with privacy"):
         _cfg(llama_dir, data_file, tmp_path / "r", "data.packing=true",
              "privacy.enabled=true", "privacy.noise_multiplier=1.0")

@@ -116,6 +116,7 @@ def test_clients_that_use_cuda_get_a_gpu_share_and_a_missing_gpu_is_named(monkey
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match=r"clients.device = 'cuda': no CUDA GPU on this machine"):
         load_config(None, ['clients.device="cuda"']).gpu_fraction()
+    load_config(None, ["clients.gpu_memory_gb=10.0"]).check_simulation_device()  # in process: no GPU asked
     auto = load_config(None, ['clients.device="auto"'])
     assert auto.gpu_fraction() == 0.0 and not auto.default_gpu_share()  # auto on a CPU machine: CPU
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

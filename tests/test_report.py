@@ -80,6 +80,6 @@ def test_the_live_table_knows_the_metric_before_any_round_and_counts_failed_clie
     assert "perplexity" in text([], lm=True) and "accuracy" in text([], lm=False)
     row = {"round": 1, "clients": [{"id": "0", "accepted": True}, {"id": "1", "accepted": True},
                                    {"id": "2", "accepted": False, "error": "boom"}],
-           "failures": [{"client": "2", "node": 3, "error": "boom"},
-                        {"client": "3", "node": 4, "error": "x"}]}
-    assert "2/4" in text([row])  # a failed reply and a missing one are sampled clients too
+           "failures": [{"client": "2", "node": 3, "stage": "train", "error": "boom"},
+                        {"node": 4, "stage": "query", "error": "bad capabilities"}]}
+    assert "2/4" in text([row])  # a failed reply counts once; a node that could not join counts too
