@@ -283,6 +283,9 @@ class RunConfig(Section):
         self.check_simulation_device()
         c = self.clients
         cuda_here = torch.cuda.is_available()
+        if c.device.startswith("cuda:") and c.device != "cuda:0":
+            raise ValueError(f"clients.device = {c.device!r}: on Flower's engine Ray gives each virtual "
+                             "client its GPU, which the client sees as cuda:0: set clients.device = 'cuda'")
         if c.gpu_memory_gb:
             if not cuda_here:
                 raise ValueError(f"clients.gpu_memory_gb = {c.gpu_memory_gb}: no CUDA device here; set it "

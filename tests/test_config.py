@@ -125,6 +125,8 @@ def test_clients_that_use_cuda_get_a_gpu_share_and_a_missing_gpu_is_named(monkey
         assert cfg.gpu_fraction() == 1.0 and cfg.default_gpu_share()
     assert load_config(None, []).gpu_fraction() == 0.0  # clients.device = "cpu"
     assert load_config(None, ['clients.device="cuda"', "clients.num_gpus=0.25"]).gpu_fraction() == 0.25
+    with pytest.raises(ValueError, match=r"clients.device = 'cuda:1': on Flower's engine Ray gives each"):
+        load_config(None, ['clients.device="cuda:1"']).gpu_fraction()
 
 
 def test_a_model_folder_without_hf_prefix_is_named_with_the_fix(tmp_path):
