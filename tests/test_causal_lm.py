@@ -5,6 +5,7 @@ and that generate what fedlora's global model generates."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -287,6 +288,7 @@ def test_a_packed_run_learns_and_its_blocks_reach_the_model_with_position_ids(tm
     seen: list[set] = []
     forward = LlamaForCausalLM.forward
 
+    @functools.wraps(forward)  # (its signature is checked: packing needs position_ids)
     def spy(self, *a, **kw):
         seen.append({k for k, v in kw.items() if v is not None})
         return forward(self, *a, **kw)
