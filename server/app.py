@@ -63,6 +63,7 @@ from fedlora.lora import lora_layers
 from fedlora.privacy import PrivacyState
 from fedlora.roster import ClientRoster
 from fedlora.runlog import RunLog, summarize, write_summary
+from fedlora.sim import write_run_config
 from fedlora.strategies import LayerSpec, NormBound, create_strategy
 from fedlora.tracking import Trackers
 from fedlora.train import accumulate_weight_gradients
@@ -158,6 +159,7 @@ class FedLoraStrategy(Strategy):
         # the head every client starts from: uploads are checked against it from round 1
         self.fl.init_head(head_state(self.model, head_names))
         self.evaluator = ServerEvaluator(self.model, self.spec, self.run_dir)
+        self.warned: set[tuple] = set()  # failures already on the terminal
         self.log = RunLog(self.run_dir)
         self.roster = ClientRoster()
         self.ledger = RoundLedger(0)
@@ -255,11 +257,27 @@ class FedLoraStrategy(Strategy):
             except Exception as e:  # noqa: BLE001 - a node is untrusted too
                 self.ledger.fail("query", f"bad capabilities: {type(e).__name__}: {e}", nid)
                 continue
+            twin = [o for o in node_ids if o != nid and o in self.roster.nodes
+                    and self.roster.nodes[o].client_id == f"client-{pid}"]  # both connected
+            if twin:
+                log.warning("node %d has partition-id %d, as connected node %d has: only the latest node of "
+                            "a client takes part (give each node its own partition-id)", nid, pid, twin[-1])
             self.roster.add(nid, f"client-{pid}", rank, device, n)
         failed = {f["node"] for f in self.ledger.failures}
         for n in self.roster.unknown(new):
             if n not in failed:
                 self.ledger.fail("query", "no reply within round_timeout", n)
+
+    def warn_failures(self) -> None:
+        """Each failed or refused node on the operator's terminal (`flwr run --stream`, the server
+        log), once per node and reason; metrics.jsonl has every occurrence."""
+        for f in self.ledger.failures:
+            key = (f.get("node"), f.get("stage"), f.get("error"))
+            if key not in self.warned:
+                self.warned.add(key)
+                who = f"{f['client']} (node {f['node']})" if f.get("client") else f"node {f['node']}"
+                log.warning("round %d: %s failed at %s: %s", self.ledger.round, who, f.get("stage"),
+                            f.get("error"))
 
     # ---- Flower strategy API -------------------------------------------------------------------
     def summary(self) -> None:
@@ -279,8 +297,15 @@ class FedLoraStrategy(Strategy):
             log.warning("round %d waits for %d nodes (run config min-nodes, else clients.num = %d); %d "
                         "connected: start more SuperNodes, or run with -c min-nodes=%d", rnd, need, c.num,
                         have, max(have, 1))
-        _, all_nodes = sample_nodes(grid, need, 0)  # Flower's wait for the nodes
+        if server_round == 1:  # the run's start waits for its nodes (Flower's wait)
+            _, all_nodes = sample_nodes(grid, need, 0)
+        else:  # a node that died must not stall the run: wait round_timeout, then go on with the rest
+            all_nodes = wait_for_nodes(grid, need, c.round_timeout)
+            if len(all_nodes) < need:
+                log.warning("round %d: %d of %d nodes connected after round_timeout (%gs): going on "
+                            "with them", rnd, len(all_nodes), need, c.round_timeout)
         self.discover(grid, sorted(all_nodes))
+        self.warn_failures()
         by_client = self.roster.by_client(list(all_nodes))
         k = max(1, math.ceil(c.fraction_train * len(by_client)))
         rng = random.Random(self.cfg.seed * 1_000_003 + rnd)
@@ -335,6 +360,7 @@ class FedLoraStrategy(Strategy):
             updates.append(u)
         for pend in led.unanswered():
             self.roster.lost(pend.client_id)
+        self.warn_failures()
         # reduce in client order, not arrival order: float sums then repeat bit for bit
         updates.sort(key=lambda u: (len(u.client_id), u.client_id))
         report = self.fl.aggregate(updates)
@@ -371,12 +397,24 @@ class FedLoraStrategy(Strategy):
         return summary
 
 
+def wait_for_nodes(grid: Grid, need: int, timeout: float, poll: float = 1.0) -> list[int]:
+    """The connected nodes once ``need`` are, or after ``timeout`` seconds as long as one is."""
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = list(grid.get_node_ids())
+        if len(nodes) >= need or (nodes and time.monotonic() >= deadline):
+            return nodes
+        time.sleep(poll)
+
+
 def run_server(grid: Grid, run_config: Mapping, stop_after_round: int | None = None) -> dict:
     """Everything the ServerApp does (tests call it with a ``LoopbackGrid``)."""
     cfg = resolve_config(run_config)
     run_dir = cfg.resolved_run_dir()
     resume = bool(run_config.get("resume", False))
+    write_run_config(cfg)  # the resolved run beside its results (`fedlora export`, `report` read it)
     strategy = FedLoraStrategy(cfg, run_dir, resume=resume, stop_after_round=stop_after_round)
+    strategy.evaluator.loader()  # the server's held-out data: a problem with it ends the run now
     left = cfg.rounds - strategy.start_round
     if left > 0:
         try:
