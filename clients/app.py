@@ -2,7 +2,10 @@
 
 Node config (``flower-supernode --node-config``; in simulation Flower sets the partition keys):
 
-- ``partition-id`` / ``num-partitions``: which share of the data this node trains on;
+- ``partition-id`` / ``num-partitions``: which share of the run's data set this node trains on
+  (demos, tests, simulation), and the client id (``client-<partition-id>``) the server knows it by;
+- ``data-path``: a real deployment: the node's own rows (a CSV/TSV/JSON(L)/Parquet file on the node,
+  in the run's columns / row format), all of them this client's; without it, the partition above;
 - ``rank``: its LoRA rank (default ``clients.ranks[partition-id % len(ranks)]`` from the run);
 - ``device``: ``auto`` / ``cpu`` / ``cuda:N`` (default: the run's ``clients.device``);
 - ``cache-dir``: deployment: the node keeps ``W0`` (memory-mapped) and its base delta / client
@@ -10,8 +13,9 @@ Node config (``flower-supernode --node-config``; in simulation Flower sets the p
   one message and exits. Without it (simulation) the state lives in ``context.state``;
 - ``fail-at-round``: fault injection for tests (the client raises in that round).
 
-Everything about the run (model, LoRA, data, training, seed) comes inside the message (the
-``fedlora.run`` record): a client never reads the server's files.
+Everything about the run (model, LoRA, data settings, class names, training, seed) comes inside
+the message (the ``fedlora.run`` record); with ``data-path`` a client reads no file of the server's
+(without it, the shared data set is read at its configured path, as in a simulation).
 
 The model is built once per process and cached (keyed by the model spec); virtual clients served by
 the same process share it and its frozen ``W0`` read-only. Before a payload is applied the cached
@@ -181,6 +185,12 @@ def _node(context: Context, spec: ClientSpec) -> tuple[int, int, int, str]:
     return pid, nparts, rank, device
 
 
+def _data(context: Context, spec: ClientSpec, pid: int, nparts: int):
+    """This client's ``(train, val)``: the node's own file (node config ``data-path``), else its
+    partition of the run's data set."""
+    return rundata.client_data(spec, pid, nparts, str(context.node_config.get("data-path", "") or ""))
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
@@ -205,7 +215,7 @@ def query(msg: Message, context: Context) -> Message:
     fingerprint, and its torch's random-number fingerprint (the server asks once per node)."""
     spec, _, _ = flower_io.payload_context(msg.content)
     pid, nparts, rank, device = _node(context, spec)
-    train, _ = rundata.client_data(spec, pid, nparts)
+    train, _ = _data(context, spec, pid, nparts)
     caps = MetricRecord({"rank": rank, "partition-id": pid, "num-partitions": nparts,
                          "num-examples": len(train),
                          "cuda": int(resolve_device(device).type == "cuda")})
@@ -242,7 +252,7 @@ def train(msg: Message, context: Context) -> Message:
     apply_payload(model, payload)
     apply_s = time.perf_counter() - t_apply
 
-    train_ds, val_ds = rundata.client_data(spec, pid, nparts)
+    train_ds, val_ds = _data(context, spec, pid, nparts)
     tr = spec.train
     optim = OptimConfig(tr.optimizer, tr.lr, tr.weight_decay, tr.momentum)
     if device.type == "cuda":

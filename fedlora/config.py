@@ -209,6 +209,9 @@ class ClientSpec(Section):
     device: str
     ranks: list[int]
     run_uid: str = ""
+    # classification: the server's class names, in id order (a node's own data, node config
+    # data-path, maps its labels through them; empty: the node reads them from the shared data set)
+    label_names: list[str] = Field(default_factory=list)
 
     def key(self, *parts: str) -> str:
         """A stable JSON key of some fields (for caches)."""

@@ -248,15 +248,18 @@ def make_loader(ds: LMDataset, batch_size: int, shuffle: bool, seed: int = 0) ->
 
 # ---- rows: files and partitions -------------------------------------------------------------------
 
-def read_rows(path: Path):
-    """A local file → ``datasets.Dataset`` (JSON lines or a list, CSV/TSV, Parquet)."""
+def read_rows(path: Path, where: str = "data.name"):
+    """A local file → ``datasets.Dataset`` (JSON lines or a list, CSV/TSV, Parquet); errors name
+    ``where`` (the key that gave the path)."""
     from fedlora.data import FILE_FORMATS, _csv_options, _datasets, _no_progress_bars, cache_root
 
     datasets = _datasets()
     path = Path(path).expanduser()
+    if not path.is_file():
+        raise ValueError(f"{where}: no file {str(path.absolute())!r}")
     builder = FILE_FORMATS.get(path.suffix.lower())
     if builder is None:
-        raise ValueError(f"data.name: {str(path)!r}: expected one of {', '.join(FILE_FORMATS)} (got "
+        raise ValueError(f"{where}: {str(path)!r}: expected one of {', '.join(FILE_FORMATS)} (got "
                          f"{path.suffix!r})")
     kw = _csv_options(path.suffix.lower()) if builder == "csv" else {}
     try:
@@ -264,7 +267,7 @@ def read_rows(path: Path):
             return datasets.load_dataset(builder, data_files=str(path), split="train",
                                          cache_dir=str(cache_root() / "datasets"), **kw)
     except Exception as e:  # noqa: BLE001 - re-raised naming the file
-        raise ValueError(f"data.name: {str(path)!r} could not be read as {builder}: {type(e).__name__}: "
+        raise ValueError(f"{where}: {str(path)!r} could not be read as {builder}: {type(e).__name__}: "
                          f"{str(e)[:300]}") from e
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -43,6 +44,8 @@ def is_causal(spec: ClientSpec) -> bool:
 
 
 def num_classes(spec: ClientSpec) -> int:
+    if spec.label_names:  # sent by the server: a node with its own data may not have the shared set
+        return len(spec.label_names)
     d = spec.data
     if d.name == "synthetic":
         return SyntheticTask().num_classes
@@ -53,6 +56,17 @@ def num_classes(spec: ClientSpec) -> int:
     if hf_data.is_hf(d.name):
         return len(hf_data.label_names(d))
     return len(_real_train_pool(spec.key("data", "seed")).features["label"].names)
+
+
+def label_names(spec: ClientSpec) -> list[str]:
+    """The class names of a classification run's data, in id order (none for synthetic data)."""
+    d = spec.data
+    if d.name == "synthetic":
+        return []
+    if hf_data.is_hf(d.name):
+        return [str(n) for n in hf_data.label_names(d)]
+    pools = _real_pools(spec.key("data", "seed"))
+    return [str(n) for n in (pools[0] if pools[0] is not None else pools[1]).features["label"].names]
 
 
 def base_dtype(spec: ClientSpec, device: str = "cpu", full_precision: bool = False) -> torch.dtype:
@@ -129,11 +143,11 @@ def _lm_pools(spec_key: str):
     return clients, server, fmt
 
 
-def _lm_tokenize(spec: ClientSpec, rows, where: str):
+def _lm_tokenize(spec: ClientSpec, rows, where: str, fmt: str | None = None):
     from fedlora import lm_data
     from fedlora.hf_models import get_tokenizer
 
-    fmt = _lm_pools(spec.key("data", "seed"))[2]
+    fmt = fmt or _lm_pools(spec.key("data", "seed"))[2]
     return lm_data.tokenize(list(rows), fmt, get_tokenizer(spec.model.name), spec.data.max_length or 256,
                             spec.data.packing, where)
 
@@ -289,19 +303,49 @@ CLIENT_DATA_CACHE = 64
 _CLIENT_DATA: OrderedDict[tuple, tuple[Dataset, Dataset | None]] = OrderedDict()
 
 
-def client_data(spec: ClientSpec, partition_id: int, num_partitions: int) -> tuple[Dataset, Dataset | None]:
-    """``(train, val)`` of one client (cached per process: the last ``CLIENT_DATA_CACHE`` clients)."""
-    key = (spec.key("data", "seed", "model"), partition_id, num_partitions)
+def client_data(spec: ClientSpec, partition_id: int, num_partitions: int,
+                data_path: str = "") -> tuple[Dataset, Dataset | None]:
+    """``(train, val)`` of one client (cached per process: the last ``CLIENT_DATA_CACHE`` clients):
+    its partition of the run's data set, or with ``data_path`` (a node's own file, node config
+    ``data-path``) all of that file's rows."""
+    key = (spec.key("data", "seed", "model", "label_names"), partition_id, num_partitions, data_path)
     if key in _CLIENT_DATA:
         _CLIENT_DATA.move_to_end(key)
         return _CLIENT_DATA[key]
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} outside 0..num-partitions-1={num_partitions - 1}")
-    out = _build_client_data(spec, partition_id, num_partitions)
+    out = (own_client_data(spec, partition_id, data_path) if data_path
+           else _build_client_data(spec, partition_id, num_partitions))
     _CLIENT_DATA[key] = out
     while len(_CLIENT_DATA) > CLIENT_DATA_CACHE:
         _CLIENT_DATA.popitem(last=False)
     return out
+
+
+def own_client_data(spec: ClientSpec, partition_id: int, path: str) -> tuple[Dataset, Dataset | None]:
+    """A node's own rows (node config ``data-path``: a CSV/TSV/JSON(L)/Parquet file on the node), in
+    the run's columns and format; split into train/validation as a partition is. A classification
+    node's labels map through the server's class names (``ClientSpec.label_names``)."""
+    from fedlora import data as fdata
+
+    d, where = spec.data, f"node config data-path {path!r}"
+    if is_causal(spec):
+        from fedlora import lm_data
+
+        rows = lm_data.read_rows(Path(path), "node config data-path")  # (its errors name the path)
+        fmt = lm_data.detect_format(list(rows.column_names), d.format, where)
+        train, val = fdata.train_val_split(rows, d.val_fraction, seed=spec.seed + partition_id)
+        return (_lm_tokenize(spec, train, where, fmt),
+                _lm_tokenize(spec, val, where + " (validation)", fmt) if d.val_fraction > 0 else None)
+    if not spec.label_names:
+        raise ValueError(f"{where}: a node's own data needs the run's class names, and the server sent "
+                         "none (synthetic data has no files: leave data-path unset)")
+    label_map = {name: i for i, name in enumerate(spec.label_names)}
+    rows = fdata.load_text_classification(path, d.text_col, d.label_col, label_map=label_map,
+                                          seed=spec.seed, config_key="node config data-path")
+    train, val = fdata.train_val_split(rows, d.val_fraction, seed=spec.seed + partition_id)
+    train = _tokenize(spec, train)
+    return train, (_tokenize(spec, val) if d.val_fraction > 0 else None)
 
 
 def _build_client_data(spec: ClientSpec, partition_id: int, num_partitions: int):

@@ -1,7 +1,8 @@
 """fedlora's Flower ServerApp: builds the run's fedlora strategy and drives it through Flower.
 
-Run config (``[tool.flwr.app.config]``, ``flwr run -c``): ``config-path`` (the resolved run TOML the
-CLI writes to ``runs/<name>/config.toml``; empty: the built-in smoke defaults) plus the flat
+Run config (``[tool.flwr.app.config]``, ``flwr run -c``): ``config-path`` (a run TOML, e.g. the
+resolved one the CLI writes to ``runs/<name>/config.toml``; empty: the built-in smoke defaults; the
+server writes the resolved run there in any case) plus the flat
 overrides ``strategy``, ``num-server-rounds``, ``seed``, ``run-dir``, ``round-timeout``,
 ``min-nodes`` (empty/0/-1 = "from the config") and ``resume`` (continue from the run folder's
 latest checkpoint).
@@ -142,6 +143,8 @@ class FedLoraStrategy(Strategy):
                  stop_after_round: int | None = None) -> None:
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.spec = cfg.client_spec()
+        if not rundata.is_causal(self.spec):  # a node with its own data maps its labels through these
+            self.spec.label_names = rundata.label_names(self.spec)
         self.stop_after_round = stop_after_round
         torch.manual_seed(cfg.seed)
         self.model = rundata.build_base(self.spec, full_precision=True)  # evaluation and exports

