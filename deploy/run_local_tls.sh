@@ -8,7 +8,8 @@
 #
 # Environment: WORK (default runs/deploy-local: certs, logs, FLWR_HOME, node caches), SUPERLINK_PORT
 # (9200), NODE_PORT0 (9301; node i uses NODE_PORT0+i), RANKS ("2 4 8"), DEVICE (auto), DATA_PATH
-# (node config data-path; empty = the app's default), KEEP=1 (leave the daemons up after the run).
+# (node config data-path, {i} = the node's index, e.g. data/node{i}.jsonl; empty = each node trains
+# on its partition of the run's data), KEEP=1 (leave the daemons up after the run).
 # The ServerApp waits for as many nodes as this script starts (`-c min-nodes=N`, before your
 # arguments, so `-c min-nodes=...` of yours wins). Every process this script starts runs under
 # fedlora/reaper.py: on exit, Ctrl-C, or even `kill -9` of this script, each daemon ends with all
@@ -89,7 +90,7 @@ for i in $(seq 0 $((N - 1))); do
     AUTH=()
   fi
   NODE_CONFIG="rank=${RANK_LIST[$i]} device=\"$DEVICE\" partition-id=$i num-partitions=$N cache-dir=\"$WORK/node-cache/node$i\""
-  if [ -n "${DATA_PATH:-}" ]; then NODE_CONFIG="$NODE_CONFIG data-path=\"$DATA_PATH\""; fi
+  if [ -n "${DATA_PATH:-}" ]; then NODE_CONFIG="$NODE_CONFIG data-path=\"${DATA_PATH//\{i\}/$i}\""; fi
   "${REAPER[@]}" flower-supernode --superlink "$HOST:$PORT" --host "$HOST" --port $((NODE_PORT0 + i)) \
     "${NODE_SEC[@]}" "${AUTH[@]}" --node-config "$NODE_CONFIG" \
     > "$WORK/logs/node$i.log" 2>&1 &

@@ -445,6 +445,18 @@ class LocalDeployment:
         _LIVE.discard(self)
 
 
+def node_configs(ranks: list[int], device: str = "auto", data_path: str = "") -> list[dict]:
+    """One node config per rank: node ``i`` is ``partition-id`` i and, with ``data_path``, reads
+    ``data_path`` with ``{i}`` replaced by its index (``data/node{i}.jsonl``)."""
+    out = []
+    for i, r in enumerate(ranks):
+        cfg = {"rank": r, "device": device, "partition-id": i, "num-partitions": len(ranks)}
+        if data_path:
+            cfg["data-path"] = data_path.replace("{i}", str(i))
+        out.append(cfg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m fedlora.deploy``: a local SuperLink + SuperNodes, then ``flwr run`` (see --help)."""
     import argparse
@@ -456,7 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default="runs/deploy-local", help="certs, logs, FLWR_HOME, caches")
     p.add_argument("--ranks", default="2,4,8", help="one SuperNode per rank (default 2,4,8)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--data-path", default="", help="node config data-path (empty: the app's default)")
+    p.add_argument("--data-path", default="", help="node config data-path, {i} the node's index, e.g. "
+                   "data/node{i}.jsonl (empty: each node trains on its partition of the run's data)")
     p.add_argument("--insecure", action="store_true",
                    help="no TLS and no node auth: local experiments only")
     p.add_argument("--no-auth", action="store_true", help="TLS without node authentication")
@@ -466,12 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     import tomllib
 
     ranks = [int(r) for r in a.ranks.split(",") if r.strip()]
-    nodes = []
-    for i, r in enumerate(ranks):
-        cfg = {"rank": r, "device": a.device, "partition-id": i, "num-partitions": len(ranks)}
-        if a.data_path:
-            cfg["data-path"] = a.data_path
-        nodes.append(NodeSpec(cfg))
+    nodes = [NodeSpec(c) for c in node_configs(ranks, a.device, a.data_path)]
     run_config = {"min-nodes": len(ranks)}  # the ServerApp waits for the nodes started here
     for kv in a.run_config:
         run_config.update(tomllib.loads(kv))

@@ -411,3 +411,12 @@ def test_the_library_version_names_the_code_not_only_the_release(tmp_path):
     edited = copy / "strategies" / "fedavg.py"
     edited.write_text(edited.read_text() + "\n# one more line\n")
     assert code_fingerprint(copy) != code_fingerprint()
+
+
+def test_each_node_of_the_local_deployment_gets_its_own_data_path():
+    from fedlora.deploy import node_configs
+
+    nodes = node_configs([2, 4], "cpu", "data/node{i}.jsonl")
+    assert [(n["partition-id"], n["rank"], n["data-path"]) for n in nodes] == [
+        (0, 2, "data/node0.jsonl"), (1, 4, "data/node1.jsonl")]
+    assert "data-path" not in node_configs([2])[0]
