@@ -340,8 +340,16 @@ def own_client_data(spec: ClientSpec, partition_id: int, path: str) -> tuple[Dat
     if not spec.label_names:
         raise ValueError(f"{where}: a node's own data needs the run's class names, and the server sent "
                          "none (synthetic data has no files: leave data-path unset)")
-    label_map = {name: i for i, name in enumerate(spec.label_names)}
-    rows = fdata.load_text_classification(path, d.text_col, d.label_col, label_map=label_map,
+    known = fdata.KNOWN_DATASETS.get(d.name)  # a known set's node file is laid out as its files are
+    text_col, pair_col, label_col = ((known.text_col, known.text_pair_col, known.label_col) if known
+                                     else (d.text_col, None, d.label_col))
+    if known and known.label_map:
+        label_map = dict(known.label_map)
+    else:  # the class names, or their ids where no name is a number (a ClassLabel source saved as ids)
+        label_map = {name: i for i, name in enumerate(spec.label_names)}
+        if not any(n.strip().lstrip("-").isdigit() for n in spec.label_names):
+            label_map |= {str(i): i for i in range(len(spec.label_names))}
+    rows = fdata.load_text_classification(path, text_col, label_col, pair_col, label_map=label_map,
                                           seed=spec.seed, config_key="node config data-path")
     train, val = fdata.train_val_split(rows, d.val_fraction, seed=spec.seed + partition_id)
     train = _tokenize(spec, train)

@@ -64,7 +64,7 @@ from fedlora.lora import lora_layers
 from fedlora.privacy import PrivacyState
 from fedlora.roster import ClientRoster
 from fedlora.runlog import RunLog, summarize, write_summary
-from fedlora.sim import write_run_config
+from fedlora.sim import prepare_run_dir, write_run_config
 from fedlora.strategies import LayerSpec, NormBound, create_strategy
 from fedlora.tracking import Trackers
 from fedlora.train import accumulate_weight_gradients
@@ -163,6 +163,7 @@ class FedLoraStrategy(Strategy):
         self.fl.init_head(head_state(self.model, head_names))
         self.evaluator = ServerEvaluator(self.model, self.spec, self.run_dir)
         self.warned: set[tuple] = set()  # failures already on the terminal
+        self.connected = 0  # nodes connected at the last round's start
         self.log = RunLog(self.run_dir)
         self.roster = ClientRoster()
         self.ledger = RoundLedger(0)
@@ -264,7 +265,8 @@ class FedLoraStrategy(Strategy):
                     and self.roster.nodes[o].client_id == f"client-{pid}"]  # both connected
             if twin:
                 log.warning("node %d has partition-id %d, as connected node %d has: only the latest node of "
-                            "a client takes part (give each node its own partition-id)", nid, pid, twin[-1])
+                            "a client takes part (give each node its own partition-id, unless node %d is "
+                            "this node's previous session, not yet timed out)", nid, pid, twin[-1], twin[-1])
             self.roster.add(nid, f"client-{pid}", rank, device, n)
         failed = {f["node"] for f in self.ledger.failures}
         for n in self.roster.unknown(new):
@@ -302,11 +304,13 @@ class FedLoraStrategy(Strategy):
                         have, max(have, 1))
         if server_round == 1:  # the run's start waits for its nodes (Flower's wait)
             _, all_nodes = sample_nodes(grid, need, 0)
-        else:  # a node that died must not stall the run: wait round_timeout, then go on with the rest
-            all_nodes = wait_for_nodes(grid, need, c.round_timeout)
-            if len(all_nodes) < need:
+        else:  # a node that died must not stall the run: wait round_timeout (once), then go on
+            want = min(need, self.connected)
+            all_nodes = wait_for_nodes(grid, want, c.round_timeout)
+            if len(all_nodes) < want:
                 log.warning("round %d: %d of %d nodes connected after round_timeout (%gs): going on "
                             "with them", rnd, len(all_nodes), need, c.round_timeout)
+        self.connected = len(all_nodes)  # later rounds wait round_timeout only for nodes lost since
         self.discover(grid, sorted(all_nodes))
         self.warn_failures()
         by_client = self.roster.by_client(list(all_nodes))
@@ -367,6 +371,11 @@ class FedLoraStrategy(Strategy):
         # reduce in client order, not arrival order: float sums then repeat bit for bit
         updates.sort(key=lambda u: (len(u.client_id), u.client_id))
         report = self.fl.aggregate(updates)
+        for cid, reason in report.rejected.items():  # the strategy's refusals (a norm bound ...)
+            if (cid, "rejected") not in self.warned:
+                self.warned.add((cid, "rejected"))
+                log.warning("round %d: %s's update was rejected: %s (said once per client; every "
+                            "rejection is in metrics.jsonl)", led.round, cid, reason)
         rows = led.record(report)
         evaluation = self.evaluator.round_metrics(self.fl, led.round, self.cfg.rounds, rows)
         out = led.close(self.fl.name, report, evaluation)
@@ -401,7 +410,8 @@ class FedLoraStrategy(Strategy):
 
 
 def wait_for_nodes(grid: Grid, need: int, timeout: float, poll: float = 1.0) -> list[int]:
-    """The connected nodes once ``need`` are, or after ``timeout`` seconds as long as one is."""
+    """The connected nodes once ``need`` are, or after ``timeout`` seconds as long as one is (with
+    none connected it waits on, as a run's start does)."""
     deadline = time.monotonic() + timeout
     while True:
         nodes = list(grid.get_node_ids())
@@ -415,10 +425,14 @@ def run_server(grid: Grid, run_config: Mapping, stop_after_round: int | None = N
     cfg = resolve_config(run_config)
     run_dir = cfg.resolved_run_dir()
     resume = bool(run_config.get("resume", False))
-    write_run_config(cfg)  # the resolved run beside its results (`fedlora export`, `report` read it)
+    if not resume:  # a fresh run: an older run's checkpoints in the folder go, the resolved run is written
+        prepare_run_dir(cfg)
     strategy = FedLoraStrategy(cfg, run_dir, resume=resume, stop_after_round=stop_after_round)
-    strategy.evaluator.loader()  # the server's held-out data: a problem with it ends the run now
+    if resume:  # (only once its checkpoint was found to fit this run)
+        write_run_config(cfg)  # the resolved run beside its results: `fedlora export` and `report` read it
     left = cfg.rounds - strategy.start_round
+    if left > 0 and strategy.fl.has_global_model:
+        strategy.evaluator.loader()  # the server's held-out data: a problem with it ends the run now
     if left > 0:
         try:
             strategy.start(grid=PollingGrid(grid, cfg.clients.poll_interval, cfg.clients.min_replies),

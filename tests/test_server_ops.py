@@ -38,6 +38,31 @@ def test_a_deployed_run_keeps_its_resolved_config_and_exports(tmp_path):
     assert got.rounds == 2 and fl.r_max == 4
 
 
+def _serve(cfg, config_path, resume=False):
+    client_app, server_app = load_apps()
+    run_config = {"config-path": str(config_path), "resume": resume}
+    grid = LoopbackGrid(client_app, loopback_nodes(cfg.clients.num), run_config, run_id=2 if resume else 1)
+    server_app(grid, Context(run_id=grid.run_id, node_id=0, node_config={}, state=RecordDict(),
+                             run_config=dict(run_config)))
+
+
+def test_a_fresh_run_in_a_used_folder_starts_clean_and_a_refused_resume_keeps_the_config(tmp_path):
+    from fedlora.export import load_run
+
+    run_loopback(_cfg(tmp_path, "rounds=2", 'strategy.name="fedex"'))
+    other = tmp_path / "flora.toml"
+    other.write_text(_cfg(tmp_path, 'strategy.name="flora"').to_toml())
+    _serve(_cfg(tmp_path), other)  # a deployment's fresh run into the same folder
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert ckpts == ["round-0001.ckpt"]  # not the fedex run's round 2 beside it
+    assert load_run(tmp_path / "run")[0].strategy.name == "flora"
+    fedex = tmp_path / "fedex.toml"
+    fedex.write_text(_cfg(tmp_path, "rounds=3", 'strategy.name="fedex"').to_toml())
+    with pytest.raises(ValueError, match="flora"):
+        _serve(_cfg(tmp_path), fedex, resume=True)  # refused: its checkpoint is flora's
+    assert load_run(tmp_path / "run")[0].strategy.name == "flora"  # the folder still describes itself
+
+
 def test_refused_nodes_reach_the_server_log_once(tmp_path, caplog):
     cfg = _cfg(tmp_path, "rounds=2")
     with caplog.at_level(logging.WARNING, logger="fedlora.server"):
@@ -133,7 +158,7 @@ def test_nodes_train_on_their_own_files_classification(tmp_path):
         return path
 
     server = table(tmp_path / "server.csv", 40)
-    own = [table(tmp_path / "a.csv", 12), table(tmp_path / "b.csv", 16),
+    own = [table(tmp_path / "a.csv", 12), table(tmp_path / "b.csv", 16, (0, 1)),  # ids work too
            table(tmp_path / "c.csv", 8, ("neg", "meh"))]
     cfg = _cfg(tmp_path, 'model.name="minilm"', "model.kwargs={num_layers=1}",
                f"data.name={json.dumps(str(server))}", 'data.text_col="review"', 'data.label_col="stars"',
@@ -142,3 +167,12 @@ def test_nodes_train_on_their_own_files_classification(tmp_path):
     (row,) = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert sorted(c["examples"] for c in row["clients"]) == [12, 16]
     assert "labels ['meh'] are not in label_map" in row["failures"][0]["error"]
+
+
+def test_updates_the_strategy_rejects_reach_the_server_log_once_per_client(tmp_path, caplog):
+    cfg = _cfg(tmp_path, "rounds=2", 'strategy.norm_bound_mode="reject"',
+               "strategy.norm_bound_absolute=1e-12")
+    with caplog.at_level(logging.WARNING, logger="fedlora.server"):
+        run_loopback(cfg)
+    said = [r.getMessage() for r in caplog.records if "update was rejected" in r.getMessage()]
+    assert len(said) == 3 and all("norm" in m for m in said)  # 3 clients, 2 rounds: once each
