@@ -308,7 +308,14 @@ def payload_context(rd: RecordDict) -> tuple[ClientSpec, int, int]:
     if run is None or not str(run["spec"]):
         raise ValueError("message carries no run spec (record 'fedlora.run'): send it with "
                          "flower_io.run_record(cfg.client_spec())")
-    spec = ClientSpec.model_validate_json(str(run["spec"]))
+    try:
+        spec = ClientSpec.model_validate_json(str(run["spec"]))
+    except ValueError as e:  # most likely another fedlora on the server: say which one is here
+        from fedlora.version import library_version
+
+        raise ValueError(f"this node (fedlora {library_version()}) cannot read the server's run spec "
+                         f"({str(e).splitlines()[0][:200]}): install the server's fedlora on the "
+                         "node") from e
     rnd = int(run["round"])
     from_version = int(rd.config_records[PAYLOAD]["from_version"]) if PAYLOAD in rd.config_records else 0
     return spec, rnd, from_version

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 
 import numpy as np
 import pytest
@@ -124,6 +125,12 @@ def test_payload_round_trip_minimal():
     assert q.seed is None and q.head is None and q.frozen is None and q.base_deltas == []
     with pytest.raises(ValueError, match="no run spec"):  # a payload sent without the run spec
         flower_io.payload_context(flower_io.payload_to_record(p))
+    rd = flower_io.payload_to_record(p, _spec(), round=1)
+    newer = json.loads(str(rd.config_records[flower_io.RUN]["spec"])) | {"a_field_of_a_newer_fedlora": 1}
+    rd.config_records[flower_io.RUN]["spec"] = json.dumps(newer)
+    with pytest.raises(ValueError, match=r"this node \(fedlora .*\) cannot read the server's run spec .* "
+                                         r"install the server's fedlora"):
+        flower_io.payload_context(rd)
 
 
 def test_payload_round_trip_survives_flower_serialisation():
