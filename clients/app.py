@@ -278,7 +278,7 @@ def train(msg: Message, context: Context) -> Message:
                 "peak-memory-bytes": peak_memory_bytes(device), "rank": rank, "partition-id": pid,
                 "overhead-process-s": age, "overhead-load-s": load_s, "overhead-apply-s": apply_s,
                 "base-version": payload.base_version}
-    if hasattr(train_ds, "skipped"):  # a causal LM's rows: what its data lost before training
+    if rundata.is_causal(spec):  # what its rows lost before training
         metrics |= {"data-skipped": sum(train_ds.skipped.values()), "data-truncated": train_ds.truncated}
     if payload.personal_eval and val_ds is not None and len(val_ds):  # on the training device
         ev = evaluate(model, rundata.loader(spec, val_ds, spec.eval.batch_size, False, 0), device=device)

@@ -79,11 +79,9 @@ def simulate(
         cfg = resolve(config, strategy, rounds, set_ or [], resume)
         if engine not in ("flower", "inprocess"):
             raise ValueError(f"--engine must be 'flower' or 'inprocess', got {engine!r}")
-        cfg.check_simulation_device()
-        gpus = cfg.gpu_fraction() if engine == "flower" else 0.0
-        data_note = check_data(cfg)
+        gpus, data_note = _preflight(cfg, engine)
     except ValueError as e:
-        console.print(f"[red]config error:[/red] {escape(str(e))}")
+        _fail("config error", e)
         raise typer.Exit(2) from e
     run_dir = cfg.resolved_run_dir()
     if resume is not None:
@@ -196,6 +194,21 @@ def _fmt(value) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+def _fail(what: str, e: Exception) -> None:
+    console.print(f"[red]{what}:[/red] {escape(str(e))}")  # verbatim: "[data]" is text, not a style
+
+
+def _preflight(cfg: RunConfig, engine: str) -> tuple[float, str]:
+    """Before anything starts: ``(Ray's GPU share per client, a causal LM's data line)``, checking
+    that the clients' device is on this machine and that their rows tokenise."""
+    if engine == "flower":
+        gpus = cfg.gpu_fraction()  # (checks the device too)
+    else:
+        cfg.check_simulation_device()
+        gpus = 0.0
+    return gpus, check_data(cfg)
+
+
 def check_data(cfg: RunConfig) -> str:
     """A causal-LM run's rows, tokenised before anything starts (``rundata.check_causal_data``)."""
     if cfg.model.task != "causal-lm":
@@ -256,14 +269,11 @@ def compare(
         for c in every:
             key = (c.client_spec().key("data", "seed", "model"), c.clients.num)
             if key not in notes:
-                c.check_simulation_device()
-                if engine == "flower":
-                    c.gpu_fraction()
-                notes[key] = check_data(c)
+                notes[key] = _preflight(c, engine)[1]
         if resume:  # every run's folder checked before anything starts
             states = {str(c.resolved_run_dir()): cmp.resume_state(c) for c in every}
     except ValueError as e:
-        console.print(f"[red]config error:[/red] {escape(str(e))}")
+        _fail("config error", e)
         raise typer.Exit(2) from e
     console.print(f"[bold]fedlora compare[/bold] {len(runs)} runs -> {root}")
     for note in dict.fromkeys(n for n in notes.values() if n):
@@ -301,7 +311,7 @@ def compare(
             else:
                 report = cmp.compare(config, names, list(set_), run_one, centralized, target)
         except RuntimeError as e:
-            console.print(f"[red]run failed:[/red] {escape(str(e))}")
+            _fail("run failed", e)
             raise typer.Exit(1) from e
     console.print(report.read_text(), markup=False)
     console.print(f"report: {report}")
@@ -336,7 +346,7 @@ def shakespeare_prepare(
                       f"{meta['heldout_loss']:.3f} (untrained {meta['initial_heldout_loss']:.3f})",
                       markup=False)
     except (ValueError, OSError) as e:
-        console.print(f"[red]shakespeare error:[/red] {escape(str(e))}")
+        _fail("shakespeare error", e)
         raise typer.Exit(2) from e
 
 
@@ -361,7 +371,7 @@ def dp_plan(
         cfg = resolve(config, None, None, list(set_), None)
         plans = plan_run(cfg)
     except ValueError as e:
-        console.print(f"[red]privacy error:[/red] {escape(str(e))}")
+        _fail("privacy error", e)
         raise typer.Exit(2) from e
     pc = cfg.privacy
     how = (f"σ calibrated for target ε = {pc['target_epsilon']}" if pc.get("target_epsilon") is not None
@@ -426,7 +436,7 @@ def export(
                           f"{sorted(set(meta['ranks'].values()))} (rank r_max={meta['r_max']}: "
                           f"{meta['rank_r_max_parameters']}); base: {meta['base']['how']}", markup=False)
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
-        console.print(f"[red]export error:[/red] {escape(str(e))}")
+        _fail("export error", e)
         raise typer.Exit(2) from e
 
 

@@ -20,7 +20,7 @@ rows of that held-out pool: server data, disjoint from the clients' and from the
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from functools import lru_cache
 from pathlib import Path
 
@@ -164,7 +164,6 @@ def _lm_partitions(spec_key: str, num_partitions: int) -> tuple[np.ndarray, ...]
 
 
 def _lm_client_data(spec: ClientSpec, partition_id: int, num_partitions: int):
-    from fedlora import data as fdata
 
     d = spec.data
     if hf_data.is_hf(d.name):
@@ -174,18 +173,23 @@ def _lm_client_data(spec: ClientSpec, partition_id: int, num_partitions: int):
         pool = _lm_pools(key)[0]
         idx = _lm_partitions(key, num_partitions)[partition_id]
         part = pool.select(idx.tolist())
-    train, val = fdata.train_val_split(part, d.val_fraction, seed=spec.seed + partition_id)
-    where = f"client {partition_id}'s data"
-    return (_lm_tokenize(spec, train, where),
-            _lm_tokenize(spec, val, where + " (validation)") if d.val_fraction > 0 else None)
+    return _lm_split(spec, part, partition_id, f"client {partition_id}'s data")
+
+
+def _lm_split(spec: ClientSpec, rows, partition_id: int, where: str, fmt: str | None = None):
+    """A client's rows → ``(train, validation)`` token sets (its own ``data.val_fraction`` share)."""
+    from fedlora import data as fdata
+
+    train, val = fdata.train_val_split(rows, spec.data.val_fraction, seed=spec.seed + partition_id)
+    return (_lm_tokenize(spec, train, where, fmt),
+            _lm_tokenize(spec, val, where + " (validation)", fmt) if spec.data.val_fraction > 0 else None)
 
 
 def check_causal_data(spec: ClientSpec, num_partitions: int) -> str:
     """Every client's rows and the server's, tokenised once before a simulation starts (and kept in
     this process's cache): an error naming each client whose data has too little to learn from
     (instead of that client failing every round), else one line saying what was skipped and cut."""
-    errors, seqs, skipped, truncated = [], 0, {}, 0
-    datasets = []
+    errors, datasets = [], []
     for pid in range(num_partitions):
         try:
             datasets += [ds for ds in client_data(spec, pid, num_partitions) if ds is not None]
@@ -199,13 +203,10 @@ def check_causal_data(spec: ClientSpec, num_partitions: int) -> str:
         errors = list(dict.fromkeys(errors))  # a data-wide problem is raised by every client alike
         more = f"\n... and {len(errors) - 5} more" if len(errors) > 5 else ""
         raise ValueError("\n".join(errors[:5]) + more)
-    for ds in datasets:
-        seqs += len(ds)
-        truncated += ds.truncated
-        for k, v in ds.skipped.items():
-            skipped[k] = skipped.get(k, 0) + v
+    skipped = sum((Counter(ds.skipped) for ds in datasets), Counter())
+    truncated = sum(ds.truncated for ds in datasets)
     lost = {k.replace("_", " "): v for k, v in skipped.items() if v}
-    out = f"data: {seqs} sequences for {num_partitions} clients and the server"
+    out = f"data: {sum(len(ds) for ds in datasets)} sequences for {num_partitions} clients and the server"
     if lost:
         out += f"; rows skipped: {', '.join(f'{v} {k}' for k, v in lost.items())}"
     if truncated:
@@ -333,10 +334,8 @@ def own_client_data(spec: ClientSpec, partition_id: int, path: str) -> tuple[Dat
         from fedlora import lm_data
 
         rows = lm_data.read_rows(Path(path), "node config data-path")  # (its errors name the path)
-        fmt = lm_data.detect_format(list(rows.column_names), d.format, where)
-        train, val = fdata.train_val_split(rows, d.val_fraction, seed=spec.seed + partition_id)
-        return (_lm_tokenize(spec, train, where, fmt),
-                _lm_tokenize(spec, val, where + " (validation)", fmt) if d.val_fraction > 0 else None)
+        return _lm_split(spec, rows, partition_id, where,
+                         lm_data.detect_format(list(rows.column_names), d.format, where))
     if not spec.label_names:
         raise ValueError(f"{where}: a node's own data needs the run's class names, and the server sent "
                          "none (synthetic data has no files: leave data-path unset)")
@@ -351,9 +350,7 @@ def own_client_data(spec: ClientSpec, partition_id: int, path: str) -> tuple[Dat
             label_map |= {str(i): i for i in range(len(spec.label_names))}
     rows = fdata.load_text_classification(path, text_col, label_col, pair_col, label_map=label_map,
                                           seed=spec.seed, config_key="node config data-path")
-    train, val = fdata.train_val_split(rows, d.val_fraction, seed=spec.seed + partition_id)
-    train = _tokenize(spec, train)
-    return train, (_tokenize(spec, val) if d.val_fraction > 0 else None)
+    return _split(spec, rows, partition_id)
 
 
 def _build_client_data(spec: ClientSpec, partition_id: int, num_partitions: int):
@@ -365,21 +362,27 @@ def _build_client_data(spec: ClientSpec, partition_id: int, num_partitions: int)
     if d.name == "synthetic" and d.partition == "iid":
         train = task.generate(d.examples_per_client, seed=seed * 1000 + partition_id)
         val = task.generate(n_val, seed=seed * 1000 + partition_id + VAL_SEED_OFFSET) if n_val else None
-    else:
-        from fedlora import data as fdata
+        return train, val
+    from fedlora import data as fdata
 
-        if hf_data.is_hf(d.name):  # FederatedDataset partitions once per process (hf_data._federated)
-            part = hf_data.client_rows(d, partition_id, num_partitions, seed)
-        else:
-            key = spec.key("data", "seed")
-            rows = _partitions(key, num_partitions)[partition_id]
-            part = fdata.select_rows(_partition_pool(key, num_partitions), rows)
-        train, val = fdata.train_val_split(part, d.val_fraction, seed=seed + partition_id)
-        if d.val_fraction == 0:
-            val = None
-        if _is_text(spec):
-            train = _tokenize(spec, train)
-            val = _tokenize(spec, val) if val is not None else None
+    if hf_data.is_hf(d.name):  # FederatedDataset partitions once per process (hf_data._federated)
+        part = hf_data.client_rows(d, partition_id, num_partitions, seed)
+    else:
+        key = spec.key("data", "seed")
+        rows = _partitions(key, num_partitions)[partition_id]
+        part = fdata.select_rows(_partition_pool(key, num_partitions), rows)
+    return _split(spec, part, partition_id)
+
+
+def _split(spec: ClientSpec, rows, partition_id: int):
+    """A classification client's rows → ``(train, validation)`` (its own ``data.val_fraction``
+    share; none at 0), tokenised for a text data set."""
+    from fedlora import data as fdata
+
+    train, val = fdata.train_val_split(rows, spec.data.val_fraction, seed=spec.seed + partition_id)
+    val = val if spec.data.val_fraction > 0 else None
+    if _is_text(spec):
+        return _tokenize(spec, train), (_tokenize(spec, val) if val is not None else None)
     return train, val
 
 

@@ -273,16 +273,19 @@ class FedLoraStrategy(Strategy):
             if n not in failed:
                 self.ledger.fail("query", "no reply within round_timeout", n)
 
+    def warn_once(self, key: tuple, msg: str, *args) -> None:
+        """A warning on the operator's terminal (`flwr run --stream`, the server log) the first time
+        ``key`` happens; metrics.jsonl has every occurrence."""
+        if key not in self.warned:
+            self.warned.add(key)
+            log.warning(msg, *args)
+
     def warn_failures(self) -> None:
-        """Each failed or refused node on the operator's terminal (`flwr run --stream`, the server
-        log), once per node and reason; metrics.jsonl has every occurrence."""
+        """Each failed or refused node, once per node and reason."""
         for f in self.ledger.failures:
-            key = (f.get("node"), f.get("stage"), f.get("error"))
-            if key not in self.warned:
-                self.warned.add(key)
-                who = f"{f['client']} (node {f['node']})" if f.get("client") else f"node {f['node']}"
-                log.warning("round %d: %s failed at %s: %s", self.ledger.round, who, f.get("stage"),
-                            f.get("error"))
+            who = f"{f['client']} (node {f['node']})" if f.get("client") else f"node {f['node']}"
+            self.warn_once((f.get("node"), f.get("stage"), f.get("error")), "round %d: %s failed at %s: %s",
+                           self.ledger.round, who, f.get("stage"), f.get("error"))
 
     # ---- Flower strategy API -------------------------------------------------------------------
     def summary(self) -> None:
@@ -372,10 +375,8 @@ class FedLoraStrategy(Strategy):
         updates.sort(key=lambda u: (len(u.client_id), u.client_id))
         report = self.fl.aggregate(updates)
         for cid, reason in report.rejected.items():  # the strategy's refusals (a norm bound ...)
-            if (cid, "rejected") not in self.warned:
-                self.warned.add((cid, "rejected"))
-                log.warning("round %d: %s's update was rejected: %s (said once per client; every "
-                            "rejection is in metrics.jsonl)", led.round, cid, reason)
+            self.warn_once((cid, "rejected"), "round %d: %s's update was rejected: %s (said once per "
+                           "client; every rejection is in metrics.jsonl)", led.round, cid, reason)
         rows = led.record(report)
         evaluation = self.evaluator.round_metrics(self.fl, led.round, self.cfg.rounds, rows)
         out = led.close(self.fl.name, report, evaluation)
