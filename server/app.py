@@ -300,12 +300,12 @@ class FedLoraStrategy(Strategy):
         self.ledger = RoundLedger(rnd)
         c = self.cfg.clients
         need = c.min_nodes or c.num
-        have = len(list(grid.get_node_ids()))
-        if have < need:  # Flower's wait below only says "N connected (minimum required: M)"
-            log.warning("round %d waits for %d nodes (run config min-nodes, else clients.num = %d); %d "
-                        "connected: start more SuperNodes, or run with -c min-nodes=%d", rnd, need, c.num,
-                        have, max(have, 1))
         if server_round == 1:  # the run's start waits for its nodes (Flower's wait)
+            have = len(list(grid.get_node_ids()))
+            if have < need:  # Flower's wait only says "N connected (minimum required: M)"
+                log.warning("round %d waits for %d nodes (run config min-nodes, else clients.num = %d); "
+                            "%d connected: start more SuperNodes, or run with -c min-nodes=%d", rnd, need,
+                            c.num, have, max(have, 1))
             _, all_nodes = sample_nodes(grid, need, 0)
         else:  # a node that died must not stall the run: wait round_timeout (once), then go on
             want = min(need, self.connected)
