@@ -654,8 +654,8 @@ def _validate_causal(cfg: RunConfig, check_data: bool) -> None:
     m, d = cfg.model.name, cfg.data
     _check(m.startswith("hf:"), "model.name",
            f"model.task = 'causal-lm' needs a local causal-LM checkpoint, model.name = 'hf:<folder>', not "
-           f"{m!r} (no pretrained causal LM ships with fedlora: `fedlora shakespeare base` builds a small "
-           "one)")
+           f"{m!r} (no pretrained causal LM ships with fedlora: `fedlora shakespeare prepare` builds a small "
+           "one, model.name = 'hf:runs/shakespeare/base')")
     if check_data and Path(m[3:]).expanduser().is_dir():
         from fedlora.causal_lm import architectures, is_causal_lm, packs_rows
 

@@ -214,9 +214,11 @@ def test_bad_input_is_named_before_anything_starts(tmp_path, llama_dir, data_fil
         _cfg(llama_dir, odd, tmp_path / "r")
     with pytest.raises(ValueError, match=r"data.format: must be 'auto' or one of"):
         _cfg(llama_dir, data_file, tmp_path / "r", 'data.format="yaml"')
-    with pytest.raises(ValueError, match=r"model.name: model.task = 'causal-lm' needs a local causal-LM"):
+    msg = r"model.name: model.task = 'causal-lm' needs a local causal-LM"
+    with pytest.raises(ValueError, match=msg) as e:
         load_config(None, ['model.task="causal-lm"', 'model.name="tiny"',
                            f"data.name={json.dumps(str(data_file))}"])
+    assert "`fedlora shakespeare prepare` builds" in str(e.value)  # a command that exists
     from transformers import BertConfig, BertModel
 
     BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
