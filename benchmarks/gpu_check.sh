@@ -41,7 +41,7 @@ if missing or not torch.cuda.is_available():
 PY
 if [[ $what != steps ]]; then
   timeout 280 "$py" -m pytest -m gpu -q -rs -p no:cacheprovider --timeout 120 \
-    tests/test_causal_lm.py tests/test_privacy.py tests/test_train.py 2>&1 | tee "$out/pytest-gpu.txt" || status=1
+    tests/test_causal_lm.py tests/test_qlora.py tests/test_privacy.py tests/test_train.py 2>&1 | tee "$out/pytest-gpu.txt" || status=1
 fi
 [[ $what == tests ]] && exit $status
 # a 0.47B-parameter Llama (hidden 2048, 8 layers, vocabulary 32,000), built once, batch 8 x 512; the

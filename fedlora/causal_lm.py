@@ -28,6 +28,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+#: Device types a quantized base (``model.quantize``) is loaded on. bitsandbytes (>= 0.48) also runs
+#: its 4-bit and 8-bit layers on the CPU, slowly: the tests add "cpu" here to run the QLoRA path on a
+#: machine without a GPU; users train a quantized base on CUDA.
+QUANTIZE_DEVICES: tuple[str, ...] = ("cuda",)
+
 _ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 CAUSAL_TARGETS: dict[str, list[str]] = {
     **{t: _ATTENTION for t in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2",
@@ -136,15 +141,24 @@ def load_model(path: Path, num_layers: int | None = None, dtype: torch.dtype = t
     kw: dict = {"config": config, "local_files_only": True, "dtype": dtype}
     if quantize:  # the quantized projections' compute dtype is bf16; the rest of the model is dtype
         dev = torch.device(device) if device is not None else torch.device("cuda")
-        if dev.type != "cuda":
+        if dev.type not in QUANTIZE_DEVICES:
             raise ValueError(f"model.quantize = {quantize!r} needs a CUDA device, but this client's is "
                              f"{str(dev)!r}: set clients.device = 'cuda' (or the node's device), or "
                              "model.quantize = ''")
         kw["quantization_config"] = quantization_config(quantize)
-        kw["device_map"] = {"": dev.index if dev.type == "cuda" and dev.index is not None
-                            else torch.cuda.current_device()}  # the client's GPU
+        if dev.type == "cuda":  # the client's GPU
+            kw["device_map"] = {"": dev.index if dev.index is not None else torch.cuda.current_device()}
+        else:
+            kw["device_map"] = {"": str(dev)}
     with _quiet_transformers():
         model = transformers.AutoModelForCausalLM.from_pretrained(str(path), **kw)
+    if quantize and kw["device_map"][""] == "cpu":
+        for m in model.modules():
+            # bitsandbytes repacks a CPU 4-bit weight for inference at its first no-grad eval pass
+            # (on AVX512-BF16 CPUs), after which backward drops the input's gradient (its gemv_4bit
+            # has no autograd): a client evaluates and trains the same model, so keep one layout
+            if hasattr(m, "support_avx512bf16_for_cpu"):
+                m.support_avx512bf16_for_cpu = False
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # frozen embeddings: let gradients reach the adapters
@@ -171,7 +185,7 @@ def quantization_config(quantize: str):
 
     if quantize not in ("4bit", "8bit"):
         raise ValueError(f"model.quantize must be '', '4bit' or '8bit', got {quantize!r}")
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and "cpu" not in QUANTIZE_DEVICES:
         raise ValueError(f"model.quantize = {quantize!r} needs a CUDA GPU (none here): set "
                          "model.quantize = ''")
     missing = [m for m in ("bitsandbytes", "accelerate") if importlib.util.find_spec(m) is None]

@@ -308,7 +308,9 @@ class RunConfig(Section):
         if c.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"clients.device = {c.device!r}: no CUDA GPU on this machine, where a "
                              "simulation's clients run: set clients.device = 'cpu' (or 'auto')")
-        if self.model.quantize and c.device == "cpu":
+        from fedlora.causal_lm import QUANTIZE_DEVICES
+
+        if self.model.quantize and c.device == "cpu" and "cpu" not in QUANTIZE_DEVICES:
             raise ValueError(f"model.quantize: a {self.model.quantize} base is on a CUDA GPU, but "
                              "clients.device = 'cpu': set clients.device = 'cuda' (or 'auto'), or "
                              "model.quantize = ''")

@@ -621,46 +621,6 @@ def test_clients_on_a_bf16_base_train_and_send_float32_updates(tmp_path, llama_d
     assert frozen == {torch.bfloat16} and entry.model_key.endswith("-bfloat16")
 
 
-@pytest.mark.gpu
-def test_a_4bit_base_keeps_deltas_beside_the_quantized_weights(llama_dir):
-    """QLoRA: LoRALinear over bitsandbytes' Linear4bit computes Q(W0)x + Dx + s·B·A x; folding a delta
-    never touches the quantized weights; a few steps on CUDA lower the loss."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    pytest.importorskip("bitsandbytes")
-    from fedlora.lora import dequantized_weight
-
-    model = causal_lm.load_model(llama_dir, quantize="4bit")
-    inject_lora(model, LoRAConfig(targets=["q_proj", "v_proj"], rank=4, scale=1.0, seed=0))
-    lin = next(iter(lora_layers(model).values()))
-    assert lin.quantized
-    packed = lin.base.weight.data.clone()
-    d = torch.randn(lin.out_features, lin.in_features, device="cuda") * 0.01
-    lin.fold_into_base_(d)
-    assert torch.equal(lin.base.weight.data, packed)  # the quantized weights are never written
-    x = torch.randn(2, 5, lin.in_features, device="cuda", dtype=torch.bfloat16)
-    want = x.float() @ (dequantized_weight(lin.base).float() + d + lin.delta_weight().float()).t()
-    torch.testing.assert_close(lin(x).float(), want, rtol=0.05, atol=0.05)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("strategy", ["fedex", "ffa"])
-def test_a_4bit_client_run_through_the_apps(tmp_path, llama_dir, data_file, strategy):
-    """QLoRA end to end: clients on CUDA with a 4-bit base train two rounds through the real apps,
-    every update is accepted, the loss falls, and the server (full precision) evaluates it."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    pytest.importorskip("bitsandbytes")
-    from fedlora.loopback import run_loopback
-
-    cfg = _cfg(llama_dir, data_file, tmp_path / strategy, 'model.quantize="4bit"', 'clients.device="cuda"',
-               f'strategy.name="{strategy}"')
-    run_loopback(cfg)
-    rows = [json.loads(x) for x in (tmp_path / strategy / "metrics.jsonl").read_text().splitlines()]
-    assert all(c["accepted"] for r in rows for c in r["clients"]) and len(rows[0]["clients"]) == 3
-    assert rows[1]["train_loss"] < rows[0]["train_loss"] and math.isfinite(rows[-1]["perplexity"])
-
-
 def test_a_centralized_baseline_of_a_natural_partition_is_one_pooled_client(tmp_path, llama_dir, data_file):
     from fedlora.compare import plan
 
