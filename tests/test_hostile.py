@@ -42,6 +42,7 @@ def _round(s, ranks, n_ex, seed=0, dtype=torch.float32):
     for i, r in enumerate(ranks):
         m = Multi(i, r, s.scale, s.adapter, dtype=dtype)
         p = s.payload(f"c{i}", r, s.version if s.version == (1 if s.init_from else 0) else 0)
+        p.head = None  # (these models have no head; a test gives the updates theirs: _with_heads)
         apply_payload(m, p)
         train_randomly(m, gen)
         ups.append(make_update(m, p, n_ex[i]))
@@ -251,3 +252,46 @@ def test_a_base_near_the_dtype_range_still_folds_exactly_when_it_fits(name):
         assert delta.abs().max() > 0
         torch.testing.assert_close(s.base.cum[n], before[n] + delta)  # the other entries: exactly delta
         assert torch.isfinite(s.base.cum[n]).all()
+
+
+def _with_heads(s, ups, seed=5):
+    """Each update also carries a head (what a classification client uploads): the sent one plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    for u in ups:
+        u.head = {k: v + 0.1 * torch.randn(v.shape, generator=g, dtype=v.dtype)
+                  for k, v in s.global_head().items()}
+    return ups
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if _strategy(n).shares_head])
+def test_a_huge_finite_head_is_rejected_alone(name):
+    """The head is averaged like the factors: a finite head near the dtype's max (3e38) is rejected
+    alone, naming it, and the global head is the honest clients' average."""
+    s = _strategy(name)
+    s.init_head({"classifier.weight": torch.zeros(3, 8), "classifier.bias": torch.zeros(3)})
+    clean = copy.deepcopy(s)
+    ups = _with_heads(s, _round(s, [2, 4, 3], [5, 6, 7]))
+    _round(clean, [2, 4, 3], [5, 6, 7])
+    ups[1].head["classifier.weight"].fill_(3e38)
+    rep = s.aggregate(ups)
+    ref = clean.aggregate([ups[0], ups[2]])
+    assert rep.accepted == ["c0", "c2"] and "head 'classifier.weight'" in rep.rejected["c1"]
+    assert rep.weights == ref.weights
+    assert all(torch.equal(s.global_head()[k], clean.global_head()[k]) for k in s.global_head())
+
+
+@pytest.mark.parametrize("mode", ["reject", "clip"])
+def test_the_norm_bound_covers_the_head(mode):
+    s = _strategy("fedavg", norm_bound=NormBound(mode, multiple=3.0))
+    s.init_head({"classifier.weight": torch.ones(3, 8)})
+    sent = s.global_head()["classifier.weight"]
+    ups = _with_heads(s, _round(s, [2, 2, 2, 2], [5, 5, 5, 5]))
+    h = ups[3].head["classifier.weight"]
+    h.copy_(sent + 1e4 * (h - sent))  # factors like the others': the head alone makes it an outlier
+    rep = s.aggregate(ups)
+    if mode == "reject":
+        assert rep.accepted == ["c0", "c1", "c2"] and "norm bound" in rep.rejected["c3"]
+    else:
+        assert rep.accepted == ["c0", "c1", "c2", "c3"] and rep.weights["c3"] == pytest.approx(0.25)
+        got = s.global_head()["classifier.weight"] * 4 - sum(u.head["classifier.weight"] for u in ups[:3])
+        assert float((got - sent).norm()) < float((h - sent).norm()) / 100  # its change was clipped

@@ -98,6 +98,7 @@ class Strategy:
         self.max_weight_share = float(max_weight_share)
         self.norm_bound = norm_bound or NormBound()
         self._given: dict[str, dict[str, dict[str, Tensor]]] = {}  # the factors each client was sent
+        self._given_head: dict[str, dict[str, Tensor]] = {}  # and the head
         self._ranks_sent: dict[str, int] = {}  # the rank of each client's latest payload
         self.version = 0
         self.round = 0
@@ -139,6 +140,8 @@ class Strategy:
                 for n, seed in p.a_seeds.items():
                     given[n]["A"] = kaiming_a(p.rank, self.layers[n].d_in, seed, self.dtype)
             self._given[p.client_id] = given
+            if p.head is not None:
+                self._given_head[p.client_id] = p.head
         self._sent[p.client_id] = self._sent.get(p.client_id, 0) + p.bytes_down
         return p
 
@@ -152,7 +155,8 @@ class Strategy:
         accepted = in_range(accepted, magnitude_limit(self.dtype, len(accepted), self.scale), self.dtype,
                             rejected)
         given, self._given = self._given, {}
-        accepted = self.norm_bound.apply(accepted, given, rejected)
+        given_head, self._given_head = self._given_head, {}
+        accepted = self.norm_bound.apply(accepted, given, rejected, given_head)
         p = self._weights(accepted) if accepted else []
         sums = group_sums(accepted, p, self.validator, self.dtype, self._sum_bufs) \
             if accepted and self.sums_uploads else None

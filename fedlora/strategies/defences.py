@@ -57,17 +57,19 @@ def in_range(updates: list[ClientUpdate], limit: float, dtype: torch.dtype,
     keep = []
     for u in updates:
         ts = [u.flat] if u.flat is not None else [t for f in u.factors.values() for t in f.values()]
-        norm = float(torch.stack(torch._foreach_norm(ts)).norm()) if ts else 0.0
+        ts += list((u.head or {}).values())  # the head is averaged too
+        norm = float(torch.stack(torch._foreach_norm(ts)).norm()) if ts else 0.0  # (inf: rejected)
         if norm <= limit:  # (False for NaN)
             keep.append(u)
             continue
         reason = nonfinite_reason(u)
         if reason is None:
-            name, key, big = max(((n, k, float(t.norm())) for n, f in u.factors.items()
-                                  for k, t in f.items()), key=lambda x: x[2])
-            reason = (f"layer {name!r} factor {key}: norm {big:.3g} beyond {limit:.3g}, the most "
-                      f"this round's aggregate can take without overflowing {dtype}: a "
-                      "diverged or hostile client")
+            what, big = max([(f"layer {n!r} factor {k}", float(t.double().norm()))
+                             for n, f in u.factors.items() for k, t in f.items()]
+                            + [(f"head {k!r}", float(t.double().norm())) for k, t in (u.head or {}).items()],
+                            key=lambda x: x[1])
+            reason = (f"{what}: norm {big:.3g} beyond {limit:.3g}, the most this round's aggregate "
+                      f"can take without overflowing {dtype}: a diverged or hostile client")
         rejected[u.client_id] = reason
     return keep
 
@@ -107,9 +109,9 @@ def _sent_part(sent: Tensor | None, t: Tensor) -> Tensor | None:
 class NormBound:
     """An optional defence against outsized updates (off by default).
 
-    An update's size is its parameter-space change ``‖X_i − X_sent‖_F`` over every factor it
-    uploads (``X_sent``: what its payload gave it; zero for a factor the payload did not carry,
-    e.g. FLoRA's fresh B). The bound is ``min(multiple · median size of the round, absolute)``
+    An update's size is its parameter-space change ``‖X_i − X_sent‖_F`` over every factor and head
+    tensor it uploads (``X_sent``: what its payload gave it; zero for a factor the payload did not
+    carry, e.g. FLoRA's fresh B). The bound is ``min(multiple · median size of the round, absolute)``
     (a 0 leaves that term out). ``mode = "reject"`` drops the updates above it; ``"clip"`` scales
     their change down to it (``X_sent + c·(X_i − X_sent)``: exact for rules linear in the uploaded
     factor, a shrink of ``B·A`` for those that upload both). It does not catch a poisoned update
@@ -129,8 +131,10 @@ class NormBound:
                              "both >= 0")
 
     def apply(self, updates: list[ClientUpdate], given: dict[str, dict[str, dict[str, Tensor]]],
-              rejected: dict[str, str]) -> list[ClientUpdate]:
-        """The updates within the bound, clipped ones included (``given``: what each was sent)."""
+              rejected: dict[str, str],
+              given_head: dict[str, dict[str, Tensor]] | None = None) -> list[ClientUpdate]:
+        """The updates within the bound, clipped ones included (``given``: the factors each was
+        sent; ``given_head``: the head each was sent)."""
         if self.mode == "off" or not updates:
             return updates
         sizes = []
@@ -139,18 +143,19 @@ class NormBound:
             g = given.get(u.client_id, {})
             ref = {n: {k: _sent_part(g.get(n, {}).get(k), t) for k, t in f.items()}
                    for n, f in u.factors.items()}
-            sq = 0.0
-            for n, f in u.factors.items():
-                for k, t in f.items():
-                    r = ref[n][k]
-                    sq += float((t - r).pow(2).sum()) if r is not None else float(t.pow(2).sum())
+            gh = (given_head or {}).get(u.client_id, {})
+            href = {k: _sent_part(gh.get(k), t) for k, t in (u.head or {}).items()}
+            pairs = [(t, ref[n][k]) for n, f in u.factors.items() for k, t in f.items()]
+            pairs += [(t, href[k]) for k, t in (u.head or {}).items()]
+            sq = sum(float((t.double() - r.double()).pow(2).sum()) if r is not None
+                     else float(t.double().pow(2).sum()) for t, r in pairs)
             sizes.append(math.sqrt(sq))
-            refs.append(ref)
+            refs.append((ref, href))
         # a zero median (clients echoing their payload) bounds at 0: only unchanged updates pass
         bound = min((b for b in (self.multiple * sorted(sizes)[(len(sizes) - 1) // 2], self.absolute)
                      if b > 0), default=0.0)
         out = []
-        for u, size, ref in zip(updates, sizes, refs):
+        for u, size, (ref, href) in zip(updates, sizes, refs):
             if size <= bound:
                 out.append(u)
             elif self.mode == "reject":
@@ -159,8 +164,12 @@ class NormBound:
                     f"multiple={self.multiple}, strategy.norm_bound_absolute={self.absolute})")
             else:
                 c = bound / size
-                factors = {n: {k: (ref[n][k] + c * (t - ref[n][k])) if ref[n][k] is not None else c * t
-                               for k, t in f.items()} for n, f in u.factors.items()}
+
+                def shrink(t: Tensor, r: Tensor | None, c: float = c) -> Tensor:
+                    return r + c * (t - r) if r is not None else c * t
+
+                factors = {n: {k: shrink(t, ref[n][k]) for k, t in f.items()} for n, f in u.factors.items()}
+                head = None if u.head is None else {k: shrink(t, href[k]) for k, t in u.head.items()}
                 out.append(ClientUpdate(u.client_id, u.rank, u.num_examples, u.base_version, factors,
-                                        u.head, {**u.metrics, "clipped_by": c}))
+                                        head, {**u.metrics, "clipped_by": c}))
         return out
