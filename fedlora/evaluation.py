@@ -10,12 +10,14 @@ stripped) and ``gen_contains`` (the reference appears in the output)."""
 
 from __future__ import annotations
 
+import math
+
 import torch.nn as nn
 
 from fedlora import rundata
 from fedlora.client import load_global
 from fedlora.config import ClientSpec
-from fedlora.ledger import number
+from fedlora.runlog import number
 from fedlora.strategies import Strategy
 from fedlora.train import evaluate, release_memory
 
@@ -78,16 +80,16 @@ class ServerEvaluator:
         """Mean and example-weighted mean of the accepted clients' own ``eval-accuracy``; for a
         causal LM, the perplexity of the example-weighted mean of their own ``eval-loss``."""
         key = "eval-loss" if causal else "eval-accuracy"
+        # a client's word, so within what the metric can be: a loss >= 0, an accuracy in [0, 1]
         pers = [(a, n) for r in rows if r.get("accepted")
                 and (a := number(r.get("metrics", {}).get(key))) is not None
+                and 0 <= a <= (math.inf if causal else 1)
                 and (n := number(r["metrics"].get("eval-examples", 1))) is not None
                 and 0 < n <= max(1, r.get("examples") or 0)]  # at most the client's own size
         if not pers:
             return {}
         weighted = sum(a * n for a, n in pers) / sum(n for _, n in pers)
         if causal:
-            import math
-
             ppl = math.exp(min(weighted, 700.0))
             return {"personal_loss_weighted": weighted, "personal_perplexity_weighted": ppl,
                     "perplexity": ppl}

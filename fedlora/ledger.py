@@ -6,10 +6,10 @@ builds the round's ``metrics.jsonl`` line once (``close``), from the strategy's 
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 
+from fedlora.runlog import number
 from fedlora.strategies import RoundReport
 
 
@@ -23,11 +23,22 @@ class Pending:
     tensor_bytes_down: int  # the payload's tensors (and 8 bytes per factor sent as its seed)
 
 
-def number(v) -> float | None:
-    """A reply's metric as a finite float, else ``None`` (a reply's metrics are untrusted)."""
-    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-        return None
-    return float(v)
+#: what the run's files keep of a reply's metrics: they are untrusted, and one reply must not bloat
+#: every line and checkpoint after it
+MAX_METRICS, MAX_KEY = 64, 100
+
+
+def client_metrics(met) -> dict:
+    """A reply's metrics as the run records them: at most ``MAX_METRICS`` scalar numbers under
+    short keys (a list, a bool or a long key is dropped; a non-finite number becomes ``None``)."""
+    out: dict = {}
+    for k, v in met.items():
+        if len(out) == MAX_METRICS:
+            break
+        if isinstance(k, str) and len(k) <= MAX_KEY and isinstance(v, int | float) \
+                and not isinstance(v, bool):
+            out[k] = v if isinstance(v, int) else number(v)
+    return out
 
 
 def _client_order(cid: str) -> tuple[int, str]:
@@ -69,7 +80,7 @@ class RoundLedger:
         row = self.rows[client_id]
         row |= {"loss": number(met.get("loss")), "examples": update.num_examples,
                 "train_seconds": number(met.get("train-time-s")),
-                "peak_memory": number(met.get("peak-memory-bytes")), "metrics": dict(met)}
+                "peak_memory": number(met.get("peak-memory-bytes")), "metrics": client_metrics(met)}
         if privacy_state is not None:
             row["privacy_state"] = privacy_state
 

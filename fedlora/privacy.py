@@ -189,8 +189,10 @@ class PrivacyState:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping | None) -> PrivacyState:
-        """Inverse of ``to_dict``; ``{}``/``None`` is a fresh client (no history)."""
+    def from_dict(cls, d: Mapping | None, max_entries: int | None = None) -> PrivacyState:
+        """Inverse of ``to_dict``; ``{}``/``None`` is a fresh client (no history). ``max_entries``:
+        the most history entries it may hold (one per round trained at most, as ``_extend`` merges
+        a round's steps into one entry): a client's reply is untrusted."""
         d = dict(d or {})
         sig = list(d.get("noise_multipliers", []))
         qs = list(d.get("sample_rates", []))
@@ -198,11 +200,16 @@ class PrivacyState:
         if not len(sig) == len(qs) == len(ns):
             raise ValueError(f"privacy state: noise_multipliers/sample_rates/steps have different "
                              f"lengths ({len(sig)}, {len(qs)}, {len(ns)})")
+        if max_entries is not None and len(sig) > max_entries:
+            raise ValueError(f"privacy state: {len(sig)} history entries, more than the {max_entries} "
+                             "rounds so far")
         history = [(float(s), float(q), int(n)) for s, q, n in zip(sig, qs, ns)]
         for s, q, n in history:
-            if not (s >= 0 and 0 < q <= 1 and n >= 0):
+            if not (math.isfinite(s) and s >= 0 and 0 < q <= 1 and n >= 0):
                 raise ValueError(f"privacy state: bad history entry (sigma={s}, q={q}, steps={n})")
         nm = d.get("noise_multiplier")
+        if nm is not None and not (isinstance(nm, int | float) and math.isfinite(nm) and nm >= 0):
+            raise ValueError(f"privacy state: noise_multiplier must be a finite number >= 0, got {nm!r}")
         return cls(history, None if nm is None else float(nm))
 
 

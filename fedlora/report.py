@@ -17,6 +17,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedlora.runlog import number
+
 MB = 1_000_000
 
 
@@ -91,10 +93,10 @@ def load_run(run_dir: str | Path) -> RunSeries:
         for c in r.get("clients") or []:
             clients.add(str(c.get("id", c.get("client_id", ""))))
             m = {**(c.get("metrics") or {}), **c}  # the ClientApp's metrics sit under "metrics"
-            if m.get("epsilon") is not None:
-                eps.append(float(m["epsilon"]))
-            if m.get("delta") is not None:
-                s.delta = float(m["delta"])
+            if (e := number(m.get("epsilon"))) is not None:  # (a client's word: numbers only)
+                eps.append(e)
+            if (d := number(m.get("delta"))) is not None:
+                s.delta = d
     s.num_clients = len(clients - {""}) or int(summary.get("num_clients", 0) or 0)
     s.epsilon = max(eps) if eps else summary.get("max_epsilon")
     s.delta = s.delta if s.delta is not None else summary.get("delta")

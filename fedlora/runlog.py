@@ -56,12 +56,18 @@ class RunLog:
             os.fsync(f.fileno())
 
 
+def number(v) -> float | None:
+    """A client's metric as a finite float, else ``None`` (its metrics are its own word: a list, a
+    bool or NaN is not a value)."""
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        return None
+    return float(v)
+
+
 def _client_metric(rows: list[dict], key: str) -> list[float]:
-    vals = [c["metrics"].get(key) for r in rows for c in r.get("clients", [])
+    vals = [number(c["metrics"].get(key)) for r in rows for c in r.get("clients", [])
             if isinstance(c.get("metrics"), dict)]
-    # numbers only: a client's metrics are its own word (a list or NaN is not a value)
-    return [float(v) for v in vals
-            if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)]
+    return [v for v in vals if v is not None]
 
 
 def summarize(rows: list[dict], extra: dict | None = None) -> dict:

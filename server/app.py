@@ -231,7 +231,8 @@ class FedLoraStrategy(Strategy):
         self.ledger.query_bytes[0] += sum(flower_io.wire_bytes(m) for m in msgs)
         replies = grid.send_and_receive(msgs, timeout=self.cfg.clients.round_timeout)
         self.ledger.query_bytes[1] += sum(flower_io.wire_bytes(m) for m in replies)
-        for m in replies:
+        # in node order, not arrival order: which of two nodes claiming one partition-id wins repeats
+        for m in sorted(replies, key=lambda m: m.metadata.src_node_id):
             nid = m.metadata.src_node_id
             if m.has_error():
                 reason = m.error.reason
@@ -263,10 +264,11 @@ class FedLoraStrategy(Strategy):
                 continue
             twin = [o for o in node_ids if o != nid and o in self.roster.nodes
                     and self.roster.nodes[o].client_id == f"client-{pid}"]  # both connected
-            if twin:
-                log.warning("node %d has partition-id %d, as connected node %d has: only the latest node of "
-                            "a client takes part (give each node its own partition-id, unless node %d is "
-                            "this node's previous session, not yet timed out)", nid, pid, twin[-1], twin[-1])
+            if twin:  # (a restarted node's new session, or two nodes given one partition-id)
+                why = (f"node {nid} has partition-id {pid} too: only the latest node of a client takes part "
+                       f"(give each node its own partition-id, unless node {twin[-1]} is node {nid}'s "
+                       "previous session, not yet timed out)")
+                self.ledger.fail("query", f"replaced: {why}", twin[-1])  # (the log says it once)
             self.roster.add(nid, f"client-{pid}", rank, device, n)
         failed = {f["node"] for f in self.ledger.failures}
         for n in self.roster.unknown(new):
@@ -355,8 +357,10 @@ class FedLoraStrategy(Strategy):
                 reason = (f"reply claims client id {u.client_id!r}" if u.client_id != cid
                           else self.roster.examples_reason(nid, u.num_examples))
                 ps = flower_io.record_privacy(m.content)
+                if not self.spec.privacy.get("enabled"):
+                    ps = None  # no DP in this run: an accountant history means nothing, keep none
                 if ps is not None:  # the accountant history must parse, or the reply is refused
-                    ps = PrivacyState.from_dict(ps).to_dict()
+                    ps = PrivacyState.from_dict(ps, max_entries=led.round).to_dict()
             except Exception as e:  # noqa: BLE001
                 u, ps, reason = None, None, f"undecodable reply: {type(e).__name__}: {e}"
             if reason:

@@ -295,3 +295,70 @@ def test_the_norm_bound_covers_the_head(mode):
         assert rep.accepted == ["c0", "c1", "c2", "c3"] and rep.weights["c3"] == pytest.approx(0.25)
         got = s.global_head()["classifier.weight"] * 4 - sum(u.head["classifier.weight"] for u in ups[:3])
         assert float((got - sent).norm()) < float((h - sent).norm()) / 100  # its change was clipped
+
+
+def _tampered_run(tmp_path, tamper, **values) -> list[dict]:
+    from fedlora.config import load_config
+    from fedlora.loopback import load_apps, run_loopback
+
+    client_app, server_app = load_apps()
+    cfg = load_config(None, values={"rounds": 2, "clients.num": 3, "train.local_steps": 2,
+                                    "run_dir": str(tmp_path / "run"), **values})
+    run_loopback(cfg, apps=(_tampering(client_app, tamper), server_app))
+    return [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_replys_metrics_and_privacy_record_cannot_bloat_or_break_the_run_files(tmp_path):
+    """Lists, too many keys, an accountant history in a run without DP: the run keeps at most 64
+    scalar numbers per reply and no history, and the report reads the files."""
+    from flwr.app import ConfigRecord
+
+    from fedlora.flower_io import PRIVACY
+    from fedlora.report import write_report
+
+    n = 200_000
+
+    def tamper(rd):
+        m = rd.metric_records["metrics"]
+        m["epsilon"], m["junk"] = [1.0, 2.0], [0.5] * n
+        for i in range(100):
+            m[f"extra-{i}"] = float(i)
+        rd[PRIVACY] = ConfigRecord({"noise_multipliers": [0.0] * n, "sample_rates": [1.0] * n,
+                                    "steps": [1] * n})
+
+    rows = _tampered_run(tmp_path, tamper)
+    c1 = [c for r in rows for c in r["clients"] if c["id"] == "client-1"]
+    assert len(c1) == 2 and all(c["accepted"] for c in c1)  # the update itself is fine
+    assert all("epsilon" not in c["metrics"] and "junk" not in c["metrics"] and len(c["metrics"]) <= 64
+               and "privacy_state" not in c for c in c1)
+    assert all(isinstance(v, int | float) or v is None for c in c1 for v in c["metrics"].values())
+    assert (tmp_path / "run" / "metrics.jsonl").stat().st_size < 100_000
+    write_report([tmp_path / "run"], tmp_path / "report")
+    assert (tmp_path / "report" / "report.md").exists()
+
+
+def test_an_accountant_history_longer_than_the_rounds_is_refused(tmp_path):
+    from flwr.app import ConfigRecord
+
+    from fedlora.flower_io import PRIVACY
+
+    def tamper(rd):
+        rd[PRIVACY] = ConfigRecord({"noise_multipliers": [1.0] * 50, "sample_rates": [0.1] * 50,
+                                    "steps": [1] * 50})
+
+    rows = _tampered_run(tmp_path, tamper, rounds=1,
+                         **{"privacy.enabled": True, "privacy.noise_multiplier": 1.0})
+    by = {c["id"]: c for c in rows[0]["clients"]}
+    assert [c for c, r in by.items() if r["accepted"]] == ["client-0", "client-2"]
+    assert "50 history entries" in by["client-1"]["error"]
+
+
+def test_a_clients_own_accuracy_counts_only_within_0_and_1(tmp_path):
+    """FedSA's headline is its clients' own evaluations: an impossible one is left out."""
+    rows = _tampered_run(tmp_path, lambda rd: rd.metric_records["metrics"].__setitem__("eval-accuracy", 1e6),
+                         rounds=1, **{"strategy.name": "fedsa"})
+    (row,) = rows
+    honest = [c for c in row["clients"] if c["id"] != "client-1"]
+    want = (sum(c["metrics"]["eval-accuracy"] * c["metrics"]["eval-examples"] for c in honest)
+            / sum(c["metrics"]["eval-examples"] for c in honest))
+    assert row["accuracy"] == pytest.approx(want) and 0 <= row["accuracy"] <= 1

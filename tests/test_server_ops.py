@@ -77,7 +77,15 @@ def test_two_nodes_with_one_partition_id_are_named(tmp_path, caplog):
     cfg = _cfg(tmp_path)
     with caplog.at_level(logging.WARNING, logger="fedlora.server"):
         run_loopback(cfg, node_extra={2: {"partition-id": 1}})
-    assert any("has partition-id 1, as connected node" in r.getMessage() for r in caplog.records)
+    said = [r.getMessage() for r in caplog.records if "has partition-id 1 too" in r.getMessage()]
+    assert len(said) == 1, [r.getMessage() for r in caplog.records]
+    (row,) = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    # recorded, and the same node wins whatever order the replies came in: the higher node id
+    (fail,) = [f for f in row["failures"] if f["error"].startswith("replaced:")]
+    (kept,) = [c["node"] for c in row["clients"] if c["id"] == "client-1"]
+    assert fail["stage"] == "query" and fail["node"] < kept
+    assert f"node {kept} has partition-id 1" in fail["error"]
+    assert sorted(c["id"] for c in row["clients"]) == ["client-0", "client-1"]
 
 
 def test_later_rounds_wait_round_timeout_for_missing_nodes_then_go_on():
