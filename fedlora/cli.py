@@ -49,6 +49,11 @@ def resolve(config: Path | None, strategy: str | None, rounds: int | None, sets:
             raise ValueError(f"--resume {resume}: no config.toml there (give a run folder written by "
                              "`fedlora simulate`, e.g. runs/smoke)")
         cfg = load_config(cfg_path, overrides, values=values)
+        was = load_config(cfg_path, validate_data=False).strategy.name
+        if cfg.strategy.name != was:  # (checked before anything in the run folder is touched)
+            raise ValueError(f"--resume {resume}: that run's strategy is {was!r}, not {cfg.strategy.name!r}: "
+                             "leave out --strategy to continue it (another strategy is a new run: "
+                             "fedlora simulate --strategy NAME --set name=NEW_NAME)")
         cfg.run_dir = str(Path(resume).absolute())
         return cfg
     path = config if config is not None else (SMOKE if SMOKE.is_file() else None)
@@ -86,6 +91,9 @@ def simulate(
     run_dir = cfg.resolved_run_dir()
     if resume is not None:
         _resume_note(run_dir)
+    elif (before := sim.earlier_run(run_dir)) is not None:
+        console.print(f"{run_dir} held {before}: replaced (--set name=... keeps runs apart)", markup=False,
+                      style="yellow")
     cfg_path = sim.prepare_run_dir(cfg, resume=resume is not None)
     console.print(f"[bold]fedlora[/bold] {cfg.name}: {cfg.strategy.name}, {cfg.clients.num} clients "
                   f"(ranks {cfg.clients.ranks}), {cfg.rounds} rounds, engine {engine} -> {run_dir}")
@@ -130,8 +138,9 @@ def simulate(
             cause = result["run"].cause()
             console.print("run failed: " + cause if cause else result["run"].tail(40), markup=False,
                           style="red" if cause else None)
-            console.print(f"the run ended without {summary.name} (flwr run's exit code: {result['rc']}); "
-                          f"logs in {run_dir / 'logs'}", markup=False)
+            console.print(f"the run ended without {summary.name}"
+                          + (f" (flwr run's exit code: {result['rc']})" if result["rc"] else "")
+                          + f"; logs in {run_dir / 'logs'}", markup=False)
         else:
             console.print(f"[red]the run ended without {summary}[/red]")
         raise typer.Exit(1)
@@ -252,6 +261,7 @@ def compare(
     from fedlora import compare as cmp
 
     try:
+        load_config(config, list(set_), validate_data=False)  # (loads its strategy plugins: known names)
         names = cmp.parse_strategies(strategies)
         root, runs = cmp.plan(config, names, list(set_), centralized)
         if seeds and sweep:

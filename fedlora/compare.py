@@ -37,7 +37,8 @@ def parse_strategies(text: str) -> list[str]:
     names = [s.strip() for s in text.split(",") if s.strip()]
     bad = [s for s in names if s not in strategy_names()]
     if bad or not names:
-        raise ValueError(f"--strategies: unknown {bad or text!r}; choose from {strategy_names()}")
+        raise ValueError(f"--strategies: unknown {bad or text!r}; choose from {strategy_names()} (a "
+                         "plugin's strategy: list its file in strategy.plugins)")
     if len(set(names)) != len(names):
         raise ValueError(f"--strategies lists a strategy twice: {names}")
     return names

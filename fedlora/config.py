@@ -100,6 +100,9 @@ class StrategySection(Section):
     dtype: str = "float32"  # server-side precision: float32 | float64
     check_exactness: bool = True  # the aggregation-error diagnostic every round (in agg_seconds)
     plugins: list[str] = Field(default_factory=list)  # modules / .py files that register strategies
+    # a plugin's own settings ([strategy.options] trim = 0.2): keyword arguments of its constructor,
+    # each one it lists in its config_keys
+    options: dict[str, Any] = Field(default_factory=dict)
     # defences against hostile clients (README "Reliability"): a cap on any client's share of a
     # round's weight (1: none), and an optional bound on the updates' norms (off by default)
     max_weight_share: float = 1.0
@@ -162,7 +165,7 @@ class DataSection(Section):
     server_examples: int = 512  # server's held-out split (synthetic size; real data: test-split cap)
     limit: int = 0  # real data: use at most this many training rows (0: all)
     root: str = ""  # data root (default: FEDLORA_DATA or shared/data)
-    text_col: str = "sentence"  # CSV/TSV path only
+    text_col: str = "sentence"  # a local data file's columns (hf: sources name theirs too)
     label_col: str = "label"
     max_length: int = 0  # tokenisation; 0: the data set's default (64)
 
@@ -250,14 +253,25 @@ class RunConfig(Section):
         return strategy_class(self.strategy.name)
 
     def strategy_kwargs(self) -> dict[str, Any]:
-        """The ``[strategy]`` keys the chosen rule takes (its ``config_keys``), as keyword
-        arguments of ``create_strategy``."""
+        """The settings the chosen rule takes (its ``config_keys``), as keyword arguments of
+        ``create_strategy``: from ``[strategy]`` (built-in keys) or ``[strategy.options]`` (a
+        plugin's own, which it must list in ``config_keys``)."""
+        from fedlora.strategies import strategy_class, strategy_names
+
         cls = self.strategy_class()
-        missing = [k for k in cls.config_keys if k not in StrategySection.model_fields]
+        opts = self.strategy.options
+        # (a comparison gives every strategy the same options: each takes its own, none may be a typo)
+        taken = {k for n in strategy_names() for k in strategy_class(n).config_keys}
+        unknown = [k for k in opts if k not in taken]
+        if unknown:
+            raise ValueError(f"strategy.options: no strategy takes {unknown} (settings a rule takes: "
+                             f"{sorted(taken)}); a plugin lists its own settings in config_keys")
+        missing = [k for k in cls.config_keys if k not in StrategySection.model_fields and k not in opts]
         if missing:
-            raise ValueError(f"strategy {cls.name!r} takes config keys {missing} that [strategy] does "
-                             f"not have; known keys: {sorted(StrategySection.model_fields)}")
-        return {k: getattr(self.strategy, k) for k in cls.config_keys}
+            raise ValueError(f"strategy {cls.name!r} needs the settings {missing}: set them in "
+                             "[strategy.options] (e.g. --set strategy.options.{0}=...)".replace(
+                                 "{0}", missing[0]))
+        return {k: opts[k] if k in opts else getattr(self.strategy, k) for k in cls.config_keys}
 
     def rank_for(self, partition_id: int) -> int:
         return self.clients.ranks[partition_id % len(self.clients.ranks)]
@@ -385,15 +399,16 @@ def set_key(d: dict, key: str, value: Any) -> None:
     """``d[section][key] = value`` for a dotted (or flat alias) key, in the raw dict."""
     key = ALIASES.get(key.strip(), key.strip())
     parts = key.split(".")
-    if len(parts) > 2 or not all(parts):
-        raise ValueError(f"override key {key!r} must be 'key' or 'section.key'")
-    if len(parts) == 2:
-        sec = d.setdefault(parts[0], {})
+    if len(parts) > 3 or not all(parts):
+        raise ValueError(f"override key {key!r} must be 'key', 'section.key' or 'section.table.key' "
+                         "(strategy.options.NAME)")
+    *tables, last = parts
+    sec = d
+    for i, t in enumerate(tables):
+        sec = sec.setdefault(t, {})
         if not isinstance(sec, dict):
-            raise ValueError(f"override {key!r}: {parts[0]!r} is not a section")
-        sec[parts[1]] = value
-    else:
-        d[parts[0]] = value
+            raise ValueError(f"override {key!r}: {'.'.join(parts[:i + 1])!r} is not a section")
+    sec[last] = value
 
 
 def apply_override(d: dict, item: str) -> None:
@@ -425,11 +440,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         set_key(raw, key, value)
     cfg = from_dict(raw)
     base = Path(path).parent if path is not None else Path(".")
-    cfg.strategy.plugins = [str((base / p).resolve()) if p.endswith(".py") and not Path(p).is_absolute()
-                            else p for p in cfg.strategy.plugins]
+    cfg.strategy.plugins = [_plugin_path(p, base) for p in cfg.strategy.plugins]
     _absolute_paths(cfg, base)
     validate(cfg, config_path=path if validate_data else None, check_data=validate_data)
     return cfg
+
+
+def _plugin_path(ref: str, base: Path) -> str:
+    """A relative ``.py`` plugin as an absolute path, next to the config file first, else in the
+    working directory (as data paths); a module name stays as written."""
+    p = Path(ref).expanduser()
+    if not ref.endswith(".py") or p.is_absolute():
+        return ref
+    here = base / p
+    return str((here if here.is_file() or not p.is_file() else p).resolve())
 
 
 def _absolute_paths(cfg: RunConfig, base: Path) -> None:
@@ -521,7 +545,8 @@ def validate(cfg: RunConfig, config_path: str | Path | None = None, check_data: 
         except Exception as e:  # noqa: BLE001 - any import error is a config error here
             raise ValueError(f"strategy.plugins: {ref!r} could not be loaded: {e}") from e
     _check(s.name in strategy_names(), "strategy.name",
-           f"unknown strategy {s.name!r}; choose one of {strategy_names()}")
+           f"unknown strategy {s.name!r}; choose one of {strategy_names()}"
+           + ("" if s.plugins else " (a plugin's strategy: list its file in strategy.plugins)"))
     _check(s.weighting in ("samples", "uniform"), "strategy.weighting",
            f"must be 'samples' or 'uniform', got {s.weighting!r}")
     _check(s.dtype in ("float32", "float64"), "strategy.dtype",
@@ -615,7 +640,19 @@ def validate(cfg: RunConfig, config_path: str | Path | None = None, check_data: 
         base = Path(config_path).parent if config_path else Path(".")
         p = Path(d.name) if Path(d.name).is_absolute() else base / d.name
         _check(not check_data or p.is_file() or Path(d.name).is_file(), "data.name",
-               f"{d.name!r} is neither one of {known_data} nor an existing CSV/TSV file")
+               f"{d.name!r} is neither one of {known_data} nor an existing CSV/TSV/JSON/JSONL/Parquet "
+               "file")
+        if check_data:
+            from fedlora.data import file_columns
+
+            try:
+                have = file_columns(p if p.is_file() else Path(d.name))
+            except ValueError as e:
+                raise ValueError(f"data.name: {e}") from e
+            missing = [k for k in ("text_col", "label_col") if getattr(d, k) not in have]
+            _check(not missing, " / ".join(f"data.{k}" for k in missing),
+                   f"{d.name!r} has no column {' or '.join(repr(getattr(d, k)) for k in missing)}; its "
+                   f"columns are {have}: set " + ", ".join(f"data.{k}" for k in missing) + " to one of them")
     t = cfg.train
     _check(t.local_steps >= 1, "train.local_steps", f"must be >= 1, got {t.local_steps}")
     _check(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")

@@ -32,6 +32,7 @@ import copy
 import csv
 import hashlib
 import itertools
+import json
 import os
 import tempfile
 import warnings
@@ -180,6 +181,34 @@ def _csv_header(path: Path, opts: dict[str, Any]) -> list[str]:
     except (UnicodeDecodeError, pd.errors.ParserError) as e:
         raise ValueError(f"{str(path)!r}: cannot read its header row as "
                          f"{'TSV' if opts['delimiter'] == chr(9) else 'CSV'} (UTF-8): {e}") from e
+
+
+def file_columns(path: Path) -> list[str]:
+    """The columns of a local data file, read cheaply (a CSV/TSV header, a JSON file's first record,
+    a Parquet schema): for checks before a run starts."""
+    suffix = path.suffix.lower()
+    builder = FILE_FORMATS.get(suffix)
+    if builder is None:
+        raise ValueError(f"{str(path)!r}: expected a {', '.join(FILE_FORMATS)} file (got suffix {suffix!r})")
+    if builder == "csv":
+        return _csv_header(path, _csv_options(suffix))
+    if builder == "parquet":
+        import pyarrow.parquet as pq
+
+        return list(pq.read_schema(path).names)
+    with open(path, encoding="utf-8") as f:
+        first = next((line.strip() for line in f if line.strip()), "")
+        if first.startswith("["):  # a JSON list of records: its first record
+            f.seek(0)
+            records = json.load(f)
+            first = json.dumps(records[0]) if records else ""
+    try:
+        row = json.loads(first) if first else None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{str(path)!r}: its first record is not JSON: {e}") from e
+    if not isinstance(row, dict):
+        raise ValueError(f"{str(path)!r}: expected JSON records (objects with named fields)")
+    return list(row)
 
 
 def _load_file(path: Path, cols: list[str]):

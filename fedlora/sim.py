@@ -27,6 +27,7 @@ The in-process grid (no Ray, no daemons) is ``fedlora.loopback``.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -51,6 +52,22 @@ def write_run_config(cfg) -> Path:
     return path
 
 
+def earlier_run(run_dir: Path) -> str | None:
+    """What a fresh run in ``run_dir`` replaces (``None``: nothing): "a finished 5-round fedex run"."""
+    from fedlora.runlog import METRICS_FILE, SUMMARY_FILE
+
+    summary, metrics = run_dir / SUMMARY_FILE, run_dir / METRICS_FILE
+    if summary.is_file():
+        try:
+            s = json.loads(summary.read_text())
+            return f"a finished {s.get('rounds', '?')}-round {s.get('strategy', '?')} run"
+        except (ValueError, OSError):
+            return "a finished run"
+    if metrics.is_file() and metrics.stat().st_size or any((run_dir / "checkpoints").glob("*.ckpt")):
+        return "a stopped run"
+    return None
+
+
 def prepare_run_dir(cfg, resume: bool = False) -> Path:
     """Write ``config.toml``; a fresh (not resumed) run drops checkpoints of an older run there."""
     import shutil
@@ -58,6 +75,8 @@ def prepare_run_dir(cfg, resume: bool = False) -> Path:
     if not resume:
         shutil.rmtree(cfg.resolved_run_dir() / "checkpoints", ignore_errors=True)
         (cfg.resolved_run_dir() / "generations.jsonl").unlink(missing_ok=True)  # appended per round
+        # (the server starts its own; an older run's rounds must not show while this one starts)
+        (cfg.resolved_run_dir() / "metrics.jsonl").unlink(missing_ok=True)
     (cfg.resolved_run_dir() / "summary.json").unlink(missing_ok=True)  # the run writes its own
     from fedlora.data import KNOWN_DATASETS
 

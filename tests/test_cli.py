@@ -105,3 +105,43 @@ def test_an_error_inside_the_server_reaches_the_terminal_in_process(tmp_path, bo
 def test_an_error_inside_the_server_reaches_the_terminal_from_flowers_engine(tmp_path, boom_plugin):
     res = _boom(tmp_path, boom_plugin, "flower")
     assert res.exit_code == 1 and "boom from the plugin's aggregate" in res.output, res.output
+
+
+def test_resuming_with_another_strategy_is_refused_before_the_run_folder_changes(tmp_path):
+    run = tmp_path / "r"
+    assert _run("simulate", "--rounds", "1", "--set", f'run_dir="{run}"', *FAST).exit_code == 0
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    res = _run("simulate", "--resume", str(run), "--strategy", "fedavg", "--rounds", "2", *FAST[-2:])
+    assert res.exit_code == 2 and "that run's strategy is 'fedex', not 'fedavg'" in res.output, res.output
+    assert "leave out --strategy" in res.output
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before  # summary.json kept
+
+
+def test_a_fresh_run_says_what_it_replaces_and_never_shows_the_old_rounds(tmp_path):
+    run = tmp_path / "r"
+    assert _run("simulate", "--rounds", "2", "--set", f'run_dir="{run}"', *FAST).exit_code == 0
+    res = _run("simulate", "--rounds", "1", "--set", f'run_dir="{run}"', *FAST)
+    assert res.exit_code == 0 and "held a finished 2-round fedex run: replaced" in res.output, res.output
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+    from fedlora import sim
+    from fedlora.config import load_config
+
+    # a run that fails before its first round leaves no older round to be shown as its own
+    sim.prepare_run_dir(load_config(None, values={"run_dir": str(run)}))
+    assert not (run / "metrics.jsonl").exists() and not (run / "summary.json").exists()
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".json", ".parquet"])
+def test_a_data_file_without_the_configured_columns_is_a_config_error(tmp_path, suffix):
+    import pandas as pd
+
+    df = pd.DataFrame({"review": ["good", "bad"] * 4, "sentiment": ["pos", "neg"] * 4})
+    path = tmp_path / f"reviews{suffix}"
+    {".csv": lambda: df.to_csv(path, index=False),
+     ".jsonl": lambda: df.to_json(path, orient="records", lines=True),
+     ".json": lambda: df.to_json(path, orient="records"), ".parquet": lambda: df.to_parquet(path)}[suffix]()
+    res = _run("simulate", "--set", f'data.name="{path}"', "--set", 'data.text_col="review"',
+               "--set", f'run_dir="{tmp_path / "run"}"', *FAST)
+    assert res.exit_code == 2, res.output
+    assert "data.label_col: " in res.output and "has no column 'label'" in res.output
+    assert "'review', 'sentiment'" in res.output and not (tmp_path / "run").exists()

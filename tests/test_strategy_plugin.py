@@ -178,3 +178,90 @@ def test_fedlora_simulate_runs_the_plugin_on_flowers_engine(tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     rows = (tmp_path / "sim-flower" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["strategy"] for r in rows] == ["ffa_test"] * 2
+
+
+# ---- what a plugin author meets -------------------------------------------------------------------
+
+TRIMMED = '''
+from fedlora.strategies import register_strategy
+from fedlora.strategies.fedavg import FedAvg
+
+
+@register_strategy
+class Trimmed(FedAvg):
+    """FedAvg with a setting of its own (to show it arrives)."""
+    name = "trimmed_test"
+    config_keys = ("trim",)
+
+    def __init__(self, *args, trim: float, **kw):
+        super().__init__(*args, **kw)
+        self.trim = trim
+'''
+
+
+@pytest.fixture(scope="module")
+def trimmed_plugin(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("plugin") / "trimmed_rule.py"
+    path.write_text(TRIMMED)
+    return path
+
+
+def test_a_rule_missing_a_hook_is_refused_when_it_registers_naming_the_hooks():
+    class Half(Strategy):
+        name = "half_test"
+
+        def _payload(self, client_id, rank, base_version):
+            raise AssertionError
+
+        def _aggregate(self, updates, p, sums):
+            raise AssertionError
+
+    with pytest.raises(TypeError, match=r"'half_test' \(.*Half\) does not implement _state, _load_state, "
+                                        r"global_delta, client_change, global_change"):
+        register_strategy(Half)
+    Half.has_global_model = False  # (no global model: no delta or diagnostic to give)
+    with pytest.raises(TypeError, match=r"does not implement _state, _load_state:"):
+        register_strategy(Half)
+    assert "half_test" not in strategy_names()
+
+
+def test_a_plugins_own_settings_arrive_through_strategy_options(tmp_path, trimmed_plugin):
+    from fedlora.config import load_config
+
+    base = {"strategy.name": "trimmed_test", "strategy.plugins": [str(trimmed_plugin)],
+            "run_dir": str(tmp_path / "r")}
+    cfg = load_config(None, ["strategy.options.trim=0.2"], values=base)
+    assert cfg.strategy_kwargs() == {"trim": 0.2}
+    assert cfg.to_dict()["strategy"]["options"] == {"trim": 0.2}  # written to the run's config.toml
+    with pytest.raises(ValueError, match=r"strategy.options: no strategy takes \['trimm'\]"):
+        load_config(None, ["strategy.options.trimm=0.2"], values=base)
+    with pytest.raises(ValueError, match=r"needs the settings \['trim'\]: set them in \[strategy.options\]"):
+        load_config(None, values=base)
+
+
+def test_a_relative_plugin_path_is_found_next_to_the_config_or_else_in_the_working_directory(
+        tmp_path, monkeypatch, trimmed_plugin):
+    from fedlora.config import load_config
+
+    monkeypatch.chdir(trimmed_plugin.parent)
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    toml = conf / "run.toml"
+    toml.write_text('[strategy]\nname = "fedavg"\n')
+    cfg = load_config(toml, ['strategy.plugins=["trimmed_rule.py"]'])  # only in the working directory
+    assert cfg.strategy.plugins == [str(trimmed_plugin.resolve())]
+    (conf / "trimmed_rule.py").write_text(TRIMMED)  # the same class from another file: next to the config
+    with pytest.raises(ValueError, match=r"strategy name 'trimmed_test' is taken"):
+        load_config(toml, ['strategy.plugins=["trimmed_rule.py"]'])  # (it is preferred, so it loads)
+
+
+def test_fedlora_compare_runs_a_plugins_strategy(tmp_path, trimmed_plugin):
+    res = subprocess.run(
+        [sys.executable, "-m", "fedlora.cli", "compare", "--strategies", "fedavg,trimmed_test",
+         "--rounds", "1",
+         "--engine", "inprocess", "--set", f"strategy.plugins=[{json.dumps(str(trimmed_plugin))}]",
+         "--set", "strategy.options.trim=0.1", "--set", "clients.num=2", "--set", "train.local_steps=2",
+         "--set", f"run_dir={json.dumps(str(tmp_path / 'cmp'))}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "trimmed_test" in (tmp_path / "cmp" / "report.md").read_text()

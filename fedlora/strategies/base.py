@@ -60,7 +60,7 @@ class Strategy:
     #: what ``initialize`` needs before round 1: None, or "server-gradients" (accumulated weight
     #: gradients of each target layer on a server-held split, never a client's data)
     init_from: ClassVar[str | None] = None
-    #: whether the rule satisfies the Sync and Exact contracts (STRATEGIES.md)
+    #: whether the rule satisfies the Sync and Exact contracts (docs/strategies.md)
     exact: ClassVar[bool] = False
     #: whether the rule starts from per-rank-group weighted sums of the uploads (FLoRA: stacks)
     sums_uploads: ClassVar[bool] = True
@@ -226,7 +226,7 @@ class Strategy:
         return frozenset({sent})
 
     def _aggregation_error(self, clients: list[dict[str, list[exactness.Term]]], p: list[float]) -> float:
-        """The round's aggregation error (STRATEGIES.md), from the clients' changes (called right
+        """The round's aggregation error (docs/strategies.md), from the clients' changes (called right
         after ``_aggregate``); a rule whose inexactness lies elsewhere reports its own measure."""
         return exactness.aggregation_error({n: self.global_change(n) for n in self.layers}, clients, p)
 

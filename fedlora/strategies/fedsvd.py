@@ -13,7 +13,7 @@ The first round trains against the seeded Kaiming A (as FFA-LoRA); from the firs
 A has orthonormal rows, ordered by singular value. The re-factorisation runs after every round (the
 paper allows a period; its reference code's default is every round, B = U_rΣ_r, A = V_rᵀ, as here).
 
-Heterogeneous ranks follow STRATEGIES.md's leading-slice convention, which here is the best one:
+Heterogeneous ranks follow the leading-slice convention (docs/strategies.md), which here is the best one:
 a client of rank r trains ``B[:, :r]``
 against ``A[:r]``, the top-r right singular vectors of the global update, and its frozen base
 holds the trailing singular components ``tail_r = s·B[:, r:]·A[r:]`` (a factored reset delta each

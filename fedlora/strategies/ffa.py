@@ -4,7 +4,7 @@
 ``fedlora.lora.kaiming_a``, the same for every client) and never changes; ``B`` starts at 0. A
 client trains only B (its DP-SGD per-sample gradients are those of B alone) and uploads only B.
 
-Heterogeneous ranks (STRATEGIES.md's leading-slice convention): a client of rank r trains
+Heterogeneous ranks (leading-slice convention, docs/strategies.md): a client of rank r trains
 ``B[:, :r]`` against the frozen ``A[:r]``. For Sync its frozen base holds the tail it does not
 train, ``tail_r = s·B[:, r:]·A[r:]`` (sent as a factored reset delta whenever the global B moved
 since the version it holds). Each client's upload is completed by the global tail it held,

@@ -32,11 +32,30 @@ def register_strategy(cls: type[Strategy]) -> type[Strategy]:
     name = getattr(cls, "name", "")
     if not isinstance(name, str) or not name or name == "base" or not name.replace("-", "_").isidentifier():
         raise ValueError(f"{cls.__qualname__}.name must be a short identifier (e.g. 'ffa'), got {name!r}")
+    missing = [h for h in required_hooks(cls) if getattr(cls, h) is getattr(Strategy, h)]
+    if missing:
+        raise TypeError(f"strategy {name!r} ({cls.__qualname__}) does not implement {', '.join(missing)}: "
+                        "a rule implements the hooks of fedlora.strategies.base.Strategy (README: "
+                        "'Your own strategy'; tests/test_strategy_plugin.py is a complete example)")
     old = _REGISTRY.get(name)
     if old is not None and _origin(old) != _origin(cls):  # the same class imported twice is fine
         raise ValueError(f"strategy name {name!r} is taken by {old.__module__}.{old.__qualname__}")
     _REGISTRY[name] = cls
     return cls
+
+
+def required_hooks(cls: type[Strategy]) -> list[str]:
+    """The hooks ``cls`` must implement: payloads, the rule and its checkpoint state; with a global
+    model, its delta (evaluation, exports) and, unless the rule measures its own aggregation error,
+    the clients' and the global change (the exactness diagnostic)."""
+    from fedlora.strategies.base import Strategy
+
+    hooks = ["_payload", "_aggregate", "_state", "_load_state"]
+    if cls.has_global_model:
+        hooks.append("global_delta")
+        if cls._aggregation_error is Strategy._aggregation_error:
+            hooks += ["client_change", "global_change"]
+    return hooks
 
 
 def _origin(cls: type) -> tuple[str, str]:
@@ -53,8 +72,8 @@ def strategy_names() -> list[str]:
 
 def strategy_class(name: str) -> type[Strategy]:
     if name not in _REGISTRY:
-        raise ValueError(f"unknown strategy {name!r}; choose one of {strategy_names()} (or register "
-                         "your own: fedlora.strategies.register_strategy, config strategy.plugins)")
+        raise ValueError(f"unknown strategy {name!r}; choose one of {strategy_names()} (a plugin's "
+                         "strategy: list its file in strategy.plugins; README 'Your own strategy')")
     return _REGISTRY[name]
 
 

@@ -9,7 +9,7 @@ averages it, each upload completed by the global components it did not train (as
     odd t:   Ā = Σ p_i [A_i; A[r_i:]],        W_g(new) = W0 + s·B·Ā              = Σ p_i W_i
 
 Each round is linear in the trained factor, so both are exact. Heterogeneous ranks follow
-STRATEGIES.md's leading-slice convention: a client of rank r trains ``B[:, :r]`` or ``A[:r]`` and
+the leading-slice convention (docs/strategies.md): a client of rank r trains ``B[:, :r]`` or ``A[:r]`` and
 its frozen base holds ``tail_r = s·B[:, r:]·A[r:]`` (a factored reset delta whenever the global
 factors moved since the version it holds), as in ``ffa.py``. The alternation counts aggregated
 rounds (``Strategy.round``): a round in which every update was rejected does not flip it.
