@@ -152,7 +152,7 @@ def load_model(path: Path, num_layers: int | None = None, dtype: torch.dtype = t
             kw["device_map"] = {"": str(dev)}
     with _quiet_transformers():
         model = transformers.AutoModelForCausalLM.from_pretrained(str(path), **kw)
-    if quantize and kw["device_map"][""] == "cpu":
+    if quantize and torch.device(device or "cuda").type == "cpu":
         for m in model.modules():
             # bitsandbytes repacks a CPU 4-bit weight for inference at its first no-grad eval pass
             # (on AVX512-BF16 CPUs), after which backward drops the input's gradient (its gemv_4bit

@@ -39,6 +39,7 @@ Flower run-config keys are accepted as aliases (``strategy``, ``num-server-round
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import re
 import tomllib
@@ -261,17 +262,24 @@ class RunConfig(Section):
         cls = self.strategy_class()
         opts = self.strategy.options
         # (a comparison gives every strategy the same options: each takes its own, none may be a typo)
+        builtin = [k for k in opts if k in StrategySection.model_fields]
+        if builtin:
+            raise ValueError(f"strategy.options: {builtin} are [strategy] keys: set strategy.{builtin[0]} "
+                             "instead ([strategy.options] is for a plugin's own settings)")
         taken = {k for n in strategy_names() for k in strategy_class(n).config_keys}
         unknown = [k for k in opts if k not in taken]
         if unknown:
             raise ValueError(f"strategy.options: no strategy takes {unknown} (settings a rule takes: "
                              f"{sorted(taken)}); a plugin lists its own settings in config_keys")
-        missing = [k for k in cls.config_keys if k not in StrategySection.model_fields and k not in opts]
+        params = inspect.signature(cls.__init__).parameters
+        missing = [k for k in cls.config_keys if k not in StrategySection.model_fields and k not in opts
+                   and (k not in params or params[k].default is inspect.Parameter.empty)]
         if missing:
             raise ValueError(f"strategy {cls.name!r} needs the settings {missing}: set them in "
                              "[strategy.options] (e.g. --set strategy.options.{0}=...)".replace(
                                  "{0}", missing[0]))
-        return {k: opts[k] if k in opts else getattr(self.strategy, k) for k in cls.config_keys}
+        return {k: opts[k] if k in opts else getattr(self.strategy, k) for k in cls.config_keys
+                if k in opts or k in StrategySection.model_fields}
 
     def rank_for(self, partition_id: int) -> int:
         return self.clients.ranks[partition_id % len(self.clients.ranks)]

@@ -184,8 +184,8 @@ def _csv_header(path: Path, opts: dict[str, Any]) -> list[str]:
 
 
 def file_columns(path: Path) -> list[str]:
-    """The columns of a local data file, read cheaply (a CSV/TSV header, a JSON file's first record,
-    a Parquet schema): for checks before a run starts."""
+    """The columns of a local data file (a CSV/TSV header, a JSON-lines file's first record, a
+    Parquet schema; a JSON document is read whole): for checks before a run starts."""
     suffix = path.suffix.lower()
     builder = FILE_FORMATS.get(suffix)
     if builder is None:
@@ -196,19 +196,21 @@ def file_columns(path: Path) -> list[str]:
         import pyarrow.parquet as pq
 
         return list(pq.read_schema(path).names)
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8") as f:  # JSON lines: the first record
         first = next((line.strip() for line in f if line.strip()), "")
-        if first.startswith("["):  # a JSON list of records: its first record
-            f.seek(0)
-            records = json.load(f)
-            first = json.dumps(records[0]) if records else ""
     try:
-        row = json.loads(first) if first else None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{str(path)!r}: its first record is not JSON: {e}") from e
-    if not isinstance(row, dict):
-        raise ValueError(f"{str(path)!r}: expected JSON records (objects with named fields)")
-    return list(row)
+        row = json.loads(first)
+    except json.JSONDecodeError:
+        row = None
+    if isinstance(row, dict):
+        return list(row)
+    import pandas as pd  # a JSON document (a list of records, or columns): as the loader reads it
+
+    try:
+        return [str(c) for c in pd.read_json(path).columns]
+    except ValueError as e:
+        raise ValueError(f"{str(path)!r}: cannot read it as JSON lines or a JSON document of records: "
+                         f"{e}") from e
 
 
 def _load_file(path: Path, cols: list[str]):

@@ -25,7 +25,7 @@ class Pending:
 
 #: what the run's files keep of a reply's metrics: they are untrusted, and one reply must not bloat
 #: every line and checkpoint after it
-MAX_METRICS, MAX_KEY = 64, 100
+MAX_METRICS, MAX_KEY, MAX_ERROR = 64, 100, 500
 
 
 def client_metrics(met) -> dict:
@@ -68,6 +68,8 @@ class RoundLedger:
         return p
 
     def fail(self, stage: str, error: str, node: int, client: str | None = None) -> None:
+        if len(error) > MAX_ERROR:  # (an error reply's text, or one quoting a reply, is a client's word)
+            error = error[:MAX_ERROR] + f"... ({len(error) - MAX_ERROR} more characters)"
         entry = {"node": node, "stage": stage, "error": error}
         if client is not None:
             entry = {"client": client, **entry}

@@ -208,7 +208,8 @@ class PrivacyState:
             if not (math.isfinite(s) and s >= 0 and 0 < q <= 1 and n >= 0):
                 raise ValueError(f"privacy state: bad history entry (sigma={s}, q={q}, steps={n})")
         nm = d.get("noise_multiplier")
-        if nm is not None and not (isinstance(nm, int | float) and math.isfinite(nm) and nm >= 0):
+        if nm is not None and (isinstance(nm, bool) or not isinstance(nm, int | float)
+                               or not math.isfinite(nm) or nm < 0):
             raise ValueError(f"privacy state: noise_multiplier must be a finite number >= 0, got {nm!r}")
         return cls(history, None if nm is None else float(nm))
 

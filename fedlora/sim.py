@@ -60,8 +60,8 @@ def earlier_run(run_dir: Path) -> str | None:
     if summary.is_file():
         try:
             s = json.loads(summary.read_text())
-            return f"a finished {s.get('rounds', '?')}-round {s.get('strategy', '?')} run"
-        except (ValueError, OSError):
+            return f"a finished {s['rounds']}-round {s['strategy']} run"
+        except Exception:  # noqa: BLE001 - whatever the file holds, it is a finished run's
             return "a finished run"
     if metrics.is_file() and metrics.stat().st_size or any((run_dir / "checkpoints").glob("*.ckpt")):
         return "a stopped run"

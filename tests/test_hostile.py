@@ -362,3 +362,26 @@ def test_a_clients_own_accuracy_counts_only_within_0_and_1(tmp_path):
     want = (sum(c["metrics"]["eval-accuracy"] * c["metrics"]["eval-examples"] for c in honest)
             / sum(c["metrics"]["eval-examples"] for c in honest))
     assert row["accuracy"] == pytest.approx(want) and 0 <= row["accuracy"] <= 1
+
+
+def test_an_error_replys_text_is_kept_bounded(tmp_path):
+    """An error reply's reason (a client's word) is cut in metrics.jsonl and on the terminal."""
+    from flwr.app import Error, Message
+
+    from fedlora.config import load_config
+    from fedlora.loopback import load_apps, run_loopback
+
+    client_app, server_app = load_apps()
+
+    def app(msg, ctx):
+        if msg.metadata.message_type == "train" and int(ctx.node_config["partition-id"]) == 1:
+            return Message(Error(0, "x" * 100_000), reply_to=msg)
+        return client_app(msg, ctx)
+
+    cfg = load_config(None, values={"rounds": 2, "clients.num": 3, "train.local_steps": 2,
+                                    "run_dir": str(tmp_path / "run")})
+    run_loopback(cfg, apps=(app, server_app))
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    errors = [f["error"] for r in rows for f in r["failures"]]
+    assert len(errors) == 2 and all(len(e) < 600 and e.endswith("(99500 more characters)") for e in errors)
+    assert all(len(c) == 2 for r in rows for c in [[x for x in r["clients"] if x["accepted"]]])

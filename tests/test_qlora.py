@@ -31,12 +31,10 @@ def device(request, monkeypatch) -> str:
         if not torch.cuda.is_available():
             pytest.skip("needs CUDA")
         return "cuda"
-    try:  # an older bitsandbytes has no CPU kernels
-        layer = bnb.nn.Linear4bit(64, 8, bias=False, compute_dtype=torch.float32)
-        layer.weight = bnb.nn.Params4bit(torch.randn(8, 64), requires_grad=False).to("cpu")
-        layer(torch.randn(2, 64))
-    except Exception as e:  # noqa: BLE001 - whatever it raises, the CPU cases cannot run
-        pytest.skip(f"bitsandbytes {bnb.__version__} cannot run a 4-bit layer on the CPU: {e}")
+    from packaging.version import Version
+
+    if Version(bnb.__version__) < Version("0.48"):  # (older ones have no CPU kernels; newer ones must work)
+        pytest.skip(f"bitsandbytes {bnb.__version__} has no CPU kernels (0.48 or later has)")
     monkeypatch.setattr(causal_lm, "QUANTIZE_DEVICES", ("cuda", "cpu"))
     return "cpu"
 

@@ -73,7 +73,13 @@ def test_refused_nodes_reach_the_server_log_once(tmp_path, caplog):
     assert all(len(r["clients"]) == 2 for r in rows)  # the others go on
 
 
-def test_two_nodes_with_one_partition_id_are_named(tmp_path, caplog):
+@pytest.mark.parametrize("order", ["sent", "reversed"])
+def test_two_nodes_with_one_partition_id_are_named(tmp_path, caplog, monkeypatch, order):
+    from fedlora.loopback import LoopbackGrid
+
+    if order == "reversed":  # replies in another order than the queries went out
+        sr = LoopbackGrid.send_and_receive
+        monkeypatch.setattr(LoopbackGrid, "send_and_receive", lambda self, m, **kw: sr(self, m, **kw)[::-1])
     cfg = _cfg(tmp_path)
     with caplog.at_level(logging.WARNING, logger="fedlora.server"):
         run_loopback(cfg, node_extra={2: {"partition-id": 1}})

@@ -20,6 +20,7 @@ from fedlora.strategies import (
     BaseDelta,
     ClientPayload,
     ClientUpdate,
+    LayerSpec,
     LowRank,
     Strategy,
     create_strategy,
@@ -219,6 +220,10 @@ def test_a_rule_missing_a_hook_is_refused_when_it_registers_naming_the_hooks():
     with pytest.raises(TypeError, match=r"'half_test' \(.*Half\) does not implement _state, _load_state, "
                                         r"global_delta, client_change, global_change"):
         register_strategy(Half)
+    Half._aggregation_error = lambda self, clients, p: 0.0  # its own error measure: no global_change
+    with pytest.raises(TypeError, match=r"does not implement _state, _load_state, global_delta, "
+                                        r"client_change:"):  # (collected for the diagnostic anyway)
+        register_strategy(Half)
     Half.has_global_model = False  # (no global model: no delta or diagnostic to give)
     with pytest.raises(TypeError, match=r"does not implement _state, _load_state:"):
         register_strategy(Half)
@@ -237,6 +242,23 @@ def test_a_plugins_own_settings_arrive_through_strategy_options(tmp_path, trimme
         load_config(None, ["strategy.options.trimm=0.2"], values=base)
     with pytest.raises(ValueError, match=r"needs the settings \['trim'\]: set them in \[strategy.options\]"):
         load_config(None, values=base)
+    with pytest.raises(ValueError, match=r"strategy.options: \['hetlora_gamma'\] are \[strategy\] keys: "
+                                         r"set strategy.hetlora_gamma"):
+        load_config(None, ["strategy.options.trim=0.2", "strategy.options.hetlora_gamma=2.0"], values=base)
+
+
+def test_a_plugin_setting_with_a_default_may_be_left_out(tmp_path):
+    from fedlora.config import load_config
+
+    path = tmp_path / "trim_default.py"
+    path.write_text(TRIMMED.replace("trimmed_test", "trim_default_test")
+                    .replace("trim: float,", "trim: float = 0.3,"))
+    cfg = load_config(None, values={"strategy.name": "trim_default_test", "strategy.plugins": [str(path)],
+                                    "run_dir": str(tmp_path / "r")})
+    assert cfg.strategy_kwargs() == {}
+    s = create_strategy("trim_default_test", layers={"l": LayerSpec(3, 4)}, r_max=2, scale=1.0,
+                        **cfg.strategy_kwargs())
+    assert s.trim == 0.3
 
 
 def test_a_relative_plugin_path_is_found_next_to_the_config_or_else_in_the_working_directory(

@@ -46,15 +46,15 @@ def register_strategy(cls: type[Strategy]) -> type[Strategy]:
 
 def required_hooks(cls: type[Strategy]) -> list[str]:
     """The hooks ``cls`` must implement: payloads, the rule and its checkpoint state; with a global
-    model, its delta (evaluation, exports) and, unless the rule measures its own aggregation error,
-    the clients' and the global change (the exactness diagnostic)."""
+    model, its delta (evaluation, exports), the clients' changes (the exactness diagnostic collects
+    them) and, unless the rule measures its own aggregation error, the global change."""
     from fedlora.strategies.base import Strategy
 
     hooks = ["_payload", "_aggregate", "_state", "_load_state"]
     if cls.has_global_model:
-        hooks.append("global_delta")
+        hooks += ["global_delta", "client_change"]
         if cls._aggregation_error is Strategy._aggregation_error:
-            hooks += ["client_change", "global_change"]
+            hooks.append("global_change")
     return hooks
 
 
