@@ -10,8 +10,14 @@ shows a live table per round and leaves ``metrics.jsonl``, ``summary.json``, ``c
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shlex
+import signal
+import sys
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -119,15 +125,23 @@ def simulate(
         except BaseException as e:  # noqa: BLE001 - reported below
             result["rc"], result["error"] = 1, e
 
+    def next_step() -> str:
+        from fedlora.checkpoint import latest_valid_checkpoint
+
+        ck, _ = latest_valid_checkpoint(run_dir)
+        return (f"checkpoint {ck.name} kept; continue with: fedlora simulate --resume {run_dir}" if ck
+                else "no round was checkpointed yet")
+
     th = threading.Thread(target=work, daemon=True)
-    th.start()
     title = f"{cfg.name} · {cfg.strategy.name}"
     lm = cfg.model.task == "causal-lm"
-    with Live(round_table([], title, lm), console=console, refresh_per_second=2) as live:
-        for rows in follow(run_dir / "metrics.jsonl", stop=lambda: not th.is_alive()):
-            live.update(round_table(rows, title, lm))
-    console.print()  # the live table's last line is left open when the output is not a terminal
-    th.join()
+    with _stoppable(next_step):
+        th.start()
+        with Live(round_table([], title, lm), console=console, refresh_per_second=2) as live:
+            for rows in follow(run_dir / "metrics.jsonl", stop=lambda: not th.is_alive()):
+                live.update(round_table(rows, title, lm))
+        console.print()  # the live table's last line is left open when the output is not a terminal
+        th.join()
     summary = run_dir / "summary.json"
     if result.get("rc") != 0 or not summary.exists():
         # whatever ended the run reaches the terminal with its cause, not only "see the logs"
@@ -197,6 +211,35 @@ def _resume_note(run_dir: Path) -> None:
         raise typer.Exit(1)
     console.print(f"resuming from {path.name}" if path else f"--resume {run_dir}: no checkpoint yet, "
                   "starting from round 1")
+
+
+@contextlib.contextmanager
+def _stoppable(next_step: Callable[[], str]) -> Iterator[None]:
+    """Ctrl-C or SIGTERM ends the command with what it got to and how to continue, exit 130 / 143
+    (the processes it started are ended by their reaper, which sees this one go; an atomic
+    checkpoint is whole or absent)."""
+    got: list[int] = []
+
+    def on_term(signum, _frame) -> None:
+        got.append(signum)
+        raise KeyboardInterrupt
+
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, on_term) if main else None
+    try:
+        yield
+    except KeyboardInterrupt:
+        console.print()
+        console.print(f"stopped ({'SIGTERM' if got else 'Ctrl-C'}): {next_step()}", markup=False,
+                      style="yellow")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # at once: an in-process run's worker thread is inside torch, which aborts the interpreter's
+        # shutdown ("terminate called without an active exception")
+        os._exit(143 if got else 130)
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, old)
 
 
 def _fmt(value) -> str:
@@ -315,11 +358,13 @@ def compare(
             progress.advance(task)
             return d
 
+        again = shlex.join(["fedlora", *sys.argv[1:]] + ([] if resume else ["--resume"]))
         try:
-            if swept:
-                report = cmp.sweep(config, names, list(set_), *swept, run_one, centralized, target)
-            else:
-                report = cmp.compare(config, names, list(set_), run_one, centralized, target)
+            with _stoppable(lambda: f"finished runs are kept; continue with: {again}"):
+                if swept:
+                    report = cmp.sweep(config, names, list(set_), *swept, run_one, centralized, target)
+                else:
+                    report = cmp.compare(config, names, list(set_), run_one, centralized, target)
         except RuntimeError as e:
             _fail("run failed", e)
             raise typer.Exit(1) from e

@@ -104,3 +104,26 @@ def test_kill_9_of_fedlora_simulate_leaves_no_process_and_no_later_checkpoint(tm
         assert written[1].count("\n") < 40
     finally:
         kill_marked(token)
+
+
+@pytest.mark.parametrize("engine", ["inprocess", pytest.param("flower", marks=pytest.mark.slow)])
+def test_sigterm_to_fedlora_simulate_says_how_to_continue_and_leaves_no_process(tmp_path, engine):
+    token, env = marker_env()
+    env["FLWR_HOME"] = str(tmp_path / "flwr-home")
+    run_dir = tmp_path / "run"
+    cmd = [str(Path(sys.executable).with_name("fedlora")), "simulate", "--rounds", "200", "--engine", engine,
+           "--set", f'run-dir="{run_dir}"', "--set", "num-clients=2", "--set", "ranks=[2, 4]"]
+    try:
+        with open(tmp_path / "out.log", "wb") as out:
+            p = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT)
+            ckpts = run_dir / "checkpoints"
+            assert _wait_for(lambda: ckpts.is_dir() and any(ckpts.glob("*.ckpt")), 300), \
+                (tmp_path / "out.log").read_text()[-3000:]
+            p.send_signal(signal.SIGTERM)
+            assert p.wait(60) == 143
+        said = " ".join((tmp_path / "out.log").read_text().split())
+        assert "stopped (SIGTERM): checkpoint round-" in said, said[-2000:]
+        assert f"continue with: fedlora simulate --resume {run_dir}" in said
+        assert wait_none_marked(token, 10) == []
+    finally:
+        kill_marked(token)
