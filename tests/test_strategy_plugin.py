@@ -287,3 +287,13 @@ def test_fedlora_compare_runs_a_plugins_strategy(tmp_path, trimmed_plugin):
         cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "trimmed_test" in (tmp_path / "cmp" / "report.md").read_text()
+
+
+def test_a_plugin_that_registers_nothing_is_named(tmp_path):
+    from fedlora.config import load_config
+
+    path = tmp_path / "undecorated.py"
+    path.write_text(TRIMMED.replace("@register_strategy\n", "").replace("trimmed_test", "undecorated_test"))
+    with pytest.raises(ValueError, match=r"strategy.plugins: .*undecorated.py' could not be loaded: strategy "
+                                         r"plugin .* registers no strategy: decorate its Strategy subclass"):
+        load_config(None, values={"strategy.name": "undecorated_test", "strategy.plugins": [str(path)]})

@@ -88,19 +88,27 @@ def load_plugin(ref: str, base_dir: str | Path | None = None):
         if not path.is_file():
             raise ValueError(f"strategy plugin {ref!r}: no such file {str(path)!r}")
         mod_name = f"fedlora_plugin_{path.stem}_{hashlib.sha256(str(path).encode()).hexdigest()[:10]}"
-        if mod_name in sys.modules:
-            return sys.modules[mod_name]
-        spec = importlib.util.spec_from_file_location(mod_name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[mod_name] = module
+        module = sys.modules.get(mod_name)
+        if module is None:
+            spec = importlib.util.spec_from_file_location(mod_name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[mod_name] = module
+            try:
+                spec.loader.exec_module(module)
+            except Exception:
+                del sys.modules[mod_name]
+                raise
+    else:
         try:
-            spec.loader.exec_module(module)
-        except Exception:
-            del sys.modules[mod_name]
-            raise
-        return module
-    try:
-        return importlib.import_module(ref)
-    except ImportError as e:
-        raise ValueError(f"strategy plugin {ref!r} cannot be imported ({e}); give a module on the "
-                         "Python path or a path to a .py file") from e
+            module = importlib.import_module(ref)
+        except ImportError as e:
+            raise ValueError(f"strategy plugin {ref!r} cannot be imported ({e}); give a module on the "
+                             "Python path or a path to a .py file") from e
+    def registered(v) -> bool:  # (the same class loaded from the same file twice counts)
+        cls = _REGISTRY.get(getattr(v, "name", None)) if isinstance(v, type) else None
+        return cls is not None and _origin(cls) == _origin(v) and not v.__module__.startswith("fedlora.")
+
+    if not any(registered(v) for v in vars(module).values()):
+        raise ValueError(f"strategy plugin {ref!r} registers no strategy: decorate its Strategy "
+                         "subclass with @register_strategy")
+    return module
