@@ -331,6 +331,21 @@ def compare(
     console.print(f"[bold]fedlora compare[/bold] {len(runs)} runs -> {root}")
     for note in dict.fromkeys(n for n in notes.values() if n):
         console.print(note, markup=False)
+    planned = {c.resolved_run_dir().absolute() for c in every}
+    if not resume:  # what this comparison replaces, and what it leaves beside its report
+        from fedlora import sim
+
+        replaced = sorted(str(d.relative_to(root.absolute())) for d in planned
+                          if d.is_relative_to(root.absolute()) and sim.earlier_run(d))
+        if replaced:
+            console.print(f"replacing earlier runs in {root}: {', '.join(replaced)} (--resume keeps finished "
+                          "ones; --set name=... keeps comparisons apart)", markup=False, style="yellow")
+    top = root.absolute()
+    others = sorted(str(m.parent.relative_to(top)) for m in top.glob("**/metrics.jsonl")
+                    if m.parent not in planned) if top.is_dir() else []
+    if others:
+        console.print(f"{root} also holds runs this comparison does not make ({', '.join(others)}): they are "
+                      "not in its report", markup=False, style="yellow")
     if engine == "flower" and runs:
         _gpu_note(runs[0][1])
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
@@ -353,7 +368,8 @@ def compare(
             d = cmp.run_config(cfg, engine, resume=state == "resume")
             s = json.loads((d / "summary.json").read_text())
             metric = s.get("metric", "accuracy")
-            progress.console.print(f"  {d.name}: final {metric} {_fmt(s.get('final_' + metric))}, "
+            where = f"{d.parent.name}/{d.name}" if swept else d.name
+            progress.console.print(f"  {where}: final {metric} {_fmt(s.get('final_' + metric))}, "
                                    f"wall {s.get('wall_seconds', 0):.1f} s")
             progress.advance(task)
             return d
@@ -445,7 +461,8 @@ def dp_plan(
 
 @app.command()
 def report(
-    run_dirs: list[Path] = typer.Argument(..., help="run folders (each with metrics.jsonl)"),
+    run_dirs: list[Path] = typer.Argument(..., help="run folders (each with metrics.jsonl), or a "
+                                          "comparison's folder (its runs)"),
     out: Path = typer.Option(None, "--out", help="where report.md and the plots go (default: the "
                              "runs' common parent)"),
     target: float = typer.Option(None, "--target", help="accuracy for the rounds-to-target column"),
@@ -453,7 +470,11 @@ def report(
     """Regenerate report.md and the plots from metrics files."""
     from fedlora.report import write_report
 
-    out = out or Path(*Path(run_dirs[0]).absolute().parts[:-1])
+    # a comparison's folder stands for its runs (each sub-folder with metrics.jsonl)
+    run_dirs = [r for d in run_dirs for r in ([d] if (d / "metrics.jsonl").exists() or not d.is_dir() else
+                                              sorted(x for x in d.iterdir() if (x / "metrics.jsonl").exists())
+                                              or [d])]
+    out = out or Path(os.path.commonpath([Path(d).absolute().parent for d in run_dirs]))
     try:
         path = write_report(run_dirs, out, target=target)
     except FileNotFoundError as e:

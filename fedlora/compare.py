@@ -81,13 +81,11 @@ def compare(config: Path | None, strategies: list[str], overrides: list[str],
     root, runs = plan(config, strategies, overrides, centralized, values)
     dirs = [run_one(cfg) for _, cfg in runs]
     base = runs[0][1]
-    notes = (f"Config `{config or 'simulations/smoke.toml'}`"
-             + (f" with `{' '.join(overrides + [f'{k}={v}' for k, v in (values or {}).items()])}`"
-                if overrides or values else "")
-             + f": model `{base.model.name}`, data `{base.data.name}` ({base.data.partition}), "
-             f"{base.clients.num} clients of ranks {base.clients.ranks}, {base.rounds} rounds, "
-             f"{base.train.local_steps} local steps, seed {base.seed}."
-             + (" `centralized`: one client with all the data (same total steps)." if centralized else ""))
+    shown = overrides + [f"{k}={v}" for k, v in (values or {}).items() if k != "run_dir"]
+    notes = f"Config `{config or 'simulations/smoke.toml'}`" + (f" with `{' '.join(shown)}`" if shown else "")
+    notes += "."
+    if centralized:
+        notes += " `centralized`: one client with all the data (same total steps)."
     return write_report(dirs, root, title=f"fedlora compare: {base.name}", target=target, notes=notes)
 
 

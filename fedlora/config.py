@@ -661,6 +661,9 @@ def validate(cfg: RunConfig, config_path: str | Path | None = None, check_data: 
             _check(not missing, " / ".join(f"data.{k}" for k in missing),
                    f"{d.name!r} has no column {' or '.join(repr(getattr(d, k)) for k in missing)}; its "
                    f"columns are {have}: set " + ", ".join(f"data.{k}" for k in missing) + " to one of them")
+    _check(causal or d.name == "synthetic" or m == "minilm" or m.startswith("hf:"), "model.name",
+           f"data.name = {d.name!r} is text: use a pretrained model with a tokenizer (model.name = "
+           f"'minilm' or 'hf:<folder>'), not {m!r} (it reads data.name = 'synthetic' only)")
     t = cfg.train
     _check(t.local_steps >= 1, "train.local_steps", f"must be >= 1, got {t.local_steps}")
     _check(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")

@@ -36,6 +36,8 @@ class RunSeries:
     num_clients: int = 0
     personal: bool = False  # accuracy is the clients' personalised models' (FedSA), not a global one
     metric: str = "accuracy"  # or "perplexity" (causal LM)
+    config: dict = field(default_factory=dict)  # the run's config.toml, flattened ("train.lr": 0.01)
+    versions: dict = field(default_factory=dict)  # fedlora / torch / flwr that made it (summary.json)
 
     @property
     def higher_is_better(self) -> bool:
@@ -101,7 +103,55 @@ def load_run(run_dir: str | Path) -> RunSeries:
     s.epsilon = max(eps) if eps else summary.get("max_epsilon")
     s.delta = s.delta if s.delta is not None else summary.get("delta")
     s.wall_seconds = summary.get("wall_seconds")
+    s.versions = summary.get("versions") or {}
+    if (run_dir / "config.toml").is_file():
+        import tomllib
+
+        s.config = _flat(tomllib.loads((run_dir / "config.toml").read_text()))
     return s
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= _flat(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+#: what a run's config may differ in within one comparison (the rule, and where it went)
+_PER_RUN = {"strategy.name", "run_dir", "name", "data.root"}
+
+
+def differences(runs: list[RunSeries]) -> list[str]:
+    """The config keys in which the runs differ (the centralized baseline left out): a table of
+    such runs compares different experiments."""
+    cfgs = [s.config for s in runs if s.config and s.name != "centralized"]
+    keys = {k for c in cfgs for k in c} - _PER_RUN
+    return sorted(k for k in keys if len({repr(c.get(k)) for c in cfgs}) > 1)
+
+
+def settings(runs: list[RunSeries], varies: str = "") -> str:
+    """One line on how the runs were made: the settings a reader needs (as in the first run; a
+    sweep's ``varies`` key is said to vary), and the versions."""
+    c = next((s.config for s in runs if s.config), {})
+    if not c:
+        return ""
+    part = c.get("data.partition", "iid")
+    part += {"dirichlet": f" α={c.get('data.alpha')}", "natural": f" by {c.get('data.partition_by')}"}.get(
+        c.get("data.partition"), "")
+    items = [f"model `{c.get('model.name')}`", f"data `{c.get('data.name')}` ({part})",
+             f"{c.get('clients.num')} clients of ranks {c.get('clients.ranks')}", f"{c.get('rounds')} rounds",
+             f"{c.get('train.local_steps')} local steps of batch {c.get('train.batch_size')}",
+             f"lr {c.get('train.lr')}", f"seed {c.get('seed')}"]
+    v = next((s.versions for s in runs if s.versions), {})
+    if v:
+        items.append("fedlora " + v.get("fedlora", "?") + ", torch " + v.get("torch", "?")
+                     + ", flwr " + v.get("flwr", "?"))
+    return ("Settings" + (f" (as in the first run; {varies} varies)" if varies else "") + ": "
+            + "; ".join(items) + " (each run's config.toml has all of them).")
 
 
 def metric_of(rows: list[dict]) -> str:
@@ -122,7 +172,7 @@ def rounds_to_target(s: RunSeries, target: float) -> int | None:
 def table(runs: list[RunSeries], target: float | None = None) -> str:
     """The comparison table (Markdown)."""
     short = SHORT.get(runs[0].metric, runs[0].metric) if runs else "acc"
-    head = ["strategy", f"final {short}", f"best {short}"]
+    head = ["strategy", f"final {short}", f"best {short} (round)"]
     if target is not None:
         head.append(f"rounds to {target:.2f}")
     head += ["MB up", "MB down", "MB / client", "wall s", "ε (max) / δ"]
@@ -130,7 +180,11 @@ def table(runs: list[RunSeries], target: float | None = None) -> str:
     for s in runs:
         ev = s.evaluated()
         final = f"{ev[-1][1]:.4f}" if ev else "–"
-        best = f"{s.best([a for _, a, _ in ev]):.4f}" if ev else "–"
+        if ev:
+            b = s.best([a for _, a, _ in ev])
+            best = f"{b:.4f} ({next(r for r, a, _ in ev if a == b)})"
+        else:
+            best = "–"
         up, down = sum(s.bytes_up) / MB, sum(s.bytes_down) / MB
         per = (up + down) / s.num_clients if s.num_clients else float("nan")
         row = [s.strategy, final, best]
@@ -139,9 +193,17 @@ def table(runs: list[RunSeries], target: float | None = None) -> str:
             row.append(str(rt) if rt is not None else "not reached")
         eps = "–" if s.epsilon is None else f"{s.epsilon:.2f} / {s.delta:.1e}" if s.delta else \
             f"{s.epsilon:.2f}"
-        row += [f"{up:.3f}", f"{down:.3f}", f"{per:.3f}",
-                "–" if s.wall_seconds is None else f"{s.wall_seconds:.1f}", eps]
+        mbs = ["–"] * 3 if s.name == "centralized" else [f"{up:.3f}", f"{down:.3f}", f"{per:.3f}"]
+        row += [*mbs, "–" if s.wall_seconds is None else f"{s.wall_seconds:.1f}", eps]
         lines.append("| " + " | ".join(row) + " |")
+    metric = runs[0].metric if runs else "accuracy"
+    what = ("perplexity of the server's held-out rows, lower is better" if metric == "perplexity" else
+            "accuracy on the server's test split, higher is better")
+    lines.append(f"\n{short}: {what}; final: the last evaluated round; best: the best evaluated round "
+                 "on that same split (a selection on it, not a held-out result). MB: 10^6 bytes as sent, "
+                 "over all rounds; MB / client: (up + down) / the clients that took part"
+                 + ("; centralized: one client with all the data, nothing communicated"
+                    if any(s.name == "centralized" for s in runs) else "") + ".")
     return "\n".join(lines) + "\n"
 
 
@@ -166,7 +228,11 @@ def plots(runs: list[RunSeries], out_dir: str | Path) -> list[Path]:
             if ev:
                 ax.plot([e[xi] for e in ev], [e[1] for e in ev], marker="o", ms=3, label=s.strategy)
         if logx:
-            ax.set_xscale("log")
+            from matplotlib.ticker import LogFormatter
+
+            ax.set_xscale("log")  # plain numbers on its ticks (the default writes 3×10⁰)
+            ax.xaxis.set_major_formatter(LogFormatter())
+            ax.xaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
         else:
             from matplotlib.ticker import MaxNLocator
 
@@ -194,7 +260,11 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, title: str = "
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pngs = plots(runs, out_dir)
-    body = [f"# {title}\n", notes + "\n" if notes else "", table(runs, target), ""]
+    differ = differences(runs)
+    warn = (f"**These runs differ in {', '.join(differ)}**: the table compares different experiments.\n"
+            if differ else "")
+    body = [f"# {title}\n", warn, notes + "\n" if notes else "", settings(runs) + "\n",
+            table(runs, target), ""]
     if any(r.personal for r in runs):
         body.append(f"† personalised: no global model exists; the {runs[0].metric} is the weighted mean "
                     "of the sampled clients' own models on their own validation shards, not the server's "
@@ -224,7 +294,8 @@ def write_sweep_report(out_dir: str | Path, key: str, values: list[tuple[object,
             series.setdefault(s.strategy, []).append((v, s))
     head = ["strategy"] + [f"{key}={v}" for v, _ in values]
     metric = next((s.metric for ss in series.values() for _, s in ss), "accuracy")
-    lines = [f"# {title}\n", f"Each cell: final {metric} (best) · MB up+down"
+    lines = [f"# {title}\n", settings([s for ss in series.values() for _, s in ss], varies=key) + "\n",
+             f"Each cell: final {metric} (best) · MB up+down"
              + (" · ε (max over clients)" if any(s.epsilon is not None for ss in series.values()
                                                   for _, s in ss) else "") + ".\n",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -287,7 +358,8 @@ def write_seed_summary(out_dir: str | Path, values: list[tuple[object, list[str 
         sd = statistics.stdev(xs) if len(xs) > 1 else float("nan")
         return f"{statistics.fmean(xs):.4f} ± {sd:.4f}"
 
-    lines = [f"# {title}\n", f"Mean ± sample standard deviation over the seeds "
+    lines = [f"# {title}\n", settings([s for ss in series.values() for s in ss], varies="seed") + "\n",
+             f"Mean ± sample standard deviation over the seeds "
              f"({', '.join(str(v) for v, _ in values)}); MB: mean per run.\n",
              f"| strategy | n | final {short} | best {short} | MB up | MB down | ε (max) |",
              "|---|---|---|---|---|---|---|"]

@@ -407,8 +407,12 @@ class FedLoraStrategy(Strategy):
             lcfg, _ = rundata.lora_config(self.spec, self.model, self.fl.r_max)
             out["adapter"] = export_global(self.run_dir, self.fl, lcfg.targets, self.cfg.model.name,
                                            len(self.rows), spec=self.spec)
+        from flwr import __version__ as flwr_version
+
         summary = summarize(self.rows, {"name": self.cfg.name, "run_dir": str(self.run_dir),
-                                        "ranks": self.roster.ranks, **out})
+                                        "ranks": self.roster.ranks, **out,
+                                        "versions": {"fedlora": library_version(), "torch": torch.__version__,
+                                                     "flwr": flwr_version}})
         write_summary(self.run_dir, summary)
         self.trackers.close(summary)
         return summary

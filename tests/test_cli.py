@@ -145,3 +145,14 @@ def test_a_data_file_without_the_configured_columns_is_a_config_error(tmp_path, 
     assert res.exit_code == 2, res.output
     assert "data.label_col: " in res.output and "has no column 'label'" in res.output
     assert "'review', 'sentiment'" in res.output and not (tmp_path / "run").exists()
+
+
+def test_a_comparison_says_which_earlier_runs_it_replaces_and_which_it_leaves_out(tmp_path):
+    root = tmp_path / "cmp"
+    args = ["compare", "--rounds", "1", "--set", f'run_dir="{root}"', *FAST]
+    assert _run(*args, "--strategies", "fedavg,fedex").exit_code == 0
+    res = _run(*args, "--strategies", "fedavg")
+    assert res.exit_code == 0, res.output
+    assert f"replacing earlier runs in {root}: fedavg" in res.output
+    assert f"{root} also holds runs this comparison does not make (fedex): they are not in its" in res.output
+    assert "| fedex |" not in (root / "report.md").read_text()

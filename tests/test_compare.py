@@ -48,7 +48,8 @@ def test_compare_writes_report_whose_numbers_equal_the_metrics(tmp_path):
         line = next(x for x in report.splitlines() if x.startswith(f"| {name} |"))
         cells = [c.strip() for c in line.split("|")[1:-1]]
         accs = [r["accuracy"] for r in rows]
-        assert cells[1] == f"{accs[-1]:.4f}" and cells[2] == f"{max(accs):.4f}"
+        assert cells[1] == f"{accs[-1]:.4f}"
+        assert cells[2] == f"{max(accs):.4f} ({[r['round'] for r in rows if r['accuracy'] == max(accs)][0]})"
         assert cells[3] == f"{sum(r['bytes_up'] for r in rows) / 1e6:.3f}"
         assert cells[4] == f"{sum(r['bytes_down'] for r in rows) / 1e6:.3f}"
 

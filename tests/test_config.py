@@ -133,3 +133,11 @@ def test_a_model_folder_without_hf_prefix_is_named_with_the_fix(tmp_path):
     msg = rf"choose one of \['minilm', 'tiny', 'hf:<path>'\] \(a local folder is named hf:{tmp_path}\)"
     with pytest.raises(ValueError, match=msg):
         load_config(None, [f'model.name="{tmp_path}"'])
+
+
+def test_text_data_with_a_model_that_has_no_tokenizer_is_a_config_error(tmp_path):
+    path = tmp_path / "rows.csv"
+    path.write_text("sentence,label\ngood,pos\nbad,neg\n")
+    with pytest.raises(ValueError, match=r"model.name: data.name = .* is text: use a pretrained model with a "
+                                         r"tokenizer \(model.name = 'minilm' or 'hf:<folder>'\), not 'tiny'"):
+        load_config(None, [f'data.name="{path}"'])
