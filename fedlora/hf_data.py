@@ -245,7 +245,10 @@ def check(d, num_partitions: int, causal: bool = False) -> None:
     for key in ("train_split", "test_split"):
         if getattr(d, key) not in splits:
             raise ValueError(f"data.{key}: {getattr(d, key)!r} is not a split of {d.name!r}; its splits "
-                             f"are {splits}")
+                             f"are {splits}: set data.{key} to one of them"
+                             + (f" (a folder's splits are its files' names: add {getattr(d, key)}.csv, or "
+                                "give one local file as data.name, of which fedlora holds out 10% for the "
+                                "server)" if looks_local else ""))
     features = builder.info.features
     if features is None and looks_local:  # a folder of CSV files has none until it is read
         from datasets import load_dataset
