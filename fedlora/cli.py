@@ -129,8 +129,9 @@ def simulate(
         from fedlora.checkpoint import latest_valid_checkpoint
 
         ck, _ = latest_valid_checkpoint(run_dir)
-        return (f"checkpoint {ck.name} kept; continue with: fedlora simulate --resume {run_dir}" if ck
-                else "no round was checkpointed yet")
+        again = shlex.join(["fedlora", "simulate", "--resume", str(run_dir)]
+                           + (["--engine", engine] if engine != "flower" else []))
+        return f"checkpoint {ck.name} kept; continue with: {again}" if ck else "no round was checkpointed yet"
 
     th = threading.Thread(target=work, daemon=True)
     title = f"{cfg.name} · {cfg.strategy.name}"
@@ -229,14 +230,18 @@ def _stoppable(next_step: Callable[[], str]) -> Iterator[None]:
     try:
         yield
     except KeyboardInterrupt:
+        console.show_cursor(True)  # (a live table or progress bar hid it)
         console.print()
         console.print(f"stopped ({'SIGTERM' if got else 'Ctrl-C'}): {next_step()}", markup=False,
                       style="yellow")
+        code = 143 if got else 130
+        if not _ENTRY_POINT:  # called as a library (a notebook, a test): leave its process alone
+            raise typer.Exit(code) from None
         sys.stdout.flush()
         sys.stderr.flush()
         # at once: an in-process run's worker thread is inside torch, which aborts the interpreter's
         # shutdown ("terminate called without an active exception")
-        os._exit(143 if got else 130)
+        os._exit(code)
     finally:
         if main:
             signal.signal(signal.SIGTERM, old)
@@ -338,8 +343,9 @@ def compare(
         replaced = sorted(str(d.relative_to(root.absolute())) for d in planned
                           if d.is_relative_to(root.absolute()) and sim.earlier_run(d))
         if replaced:
+            apart = "run_dir" if runs[0][1].run_dir else "name"
             console.print(f"replacing earlier runs in {root}: {', '.join(replaced)} (--resume keeps finished "
-                          "ones; --set name=... keeps comparisons apart)", markup=False, style="yellow")
+                          f"ones; --set {apart}=... keeps comparisons apart)", markup=False, style="yellow")
     top = root.absolute()
     others = sorted(str(m.parent.relative_to(top)) for m in top.glob("**/metrics.jsonl")
                     if m.parent not in planned) if top.is_dir() else []
@@ -471,13 +477,21 @@ def report(
     from fedlora.report import write_report
 
     # a comparison's folder stands for its runs (each sub-folder with metrics.jsonl)
-    run_dirs = [r for d in run_dirs for r in ([d] if (d / "metrics.jsonl").exists() or not d.is_dir() else
-                                              sorted(x for x in d.iterdir() if (x / "metrics.jsonl").exists())
-                                              or [d])]
-    out = out or Path(os.path.commonpath([Path(d).absolute().parent for d in run_dirs]))
+    def runs_in(d: Path) -> list[Path]:  # (the centralized baseline last, as compare writes it)
+        if (d / "metrics.jsonl").exists() or not d.is_dir():
+            return [d]
+        found = [x for x in d.iterdir() if (x / "metrics.jsonl").exists()]
+        return sorted(found, key=lambda x: (x.name == "centralized", x.name)) or [d]
+
+    run_dirs = [r for d in run_dirs for r in runs_in(d)]
+    if out is None:
+        try:
+            out = Path(os.path.commonpath([Path(d).absolute().parent for d in run_dirs]))
+        except ValueError:  # (runs on different drives)
+            out = Path(run_dirs[0]).absolute().parent
     try:
         path = write_report(run_dirs, out, target=target)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, PermissionError) as e:
         console.print(f"[red]{escape(str(e))}[/red]")
         raise typer.Exit(2) from e
     console.print(path.read_text(), markup=False)
@@ -516,7 +530,13 @@ def export(
         raise typer.Exit(2) from e
 
 
+#: whether this process is the `fedlora` command (main), which a stop signal may end at once
+_ENTRY_POINT = False
+
+
 def main() -> None:
+    global _ENTRY_POINT
+    _ENTRY_POINT = True
     app()
 
 

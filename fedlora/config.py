@@ -640,6 +640,9 @@ def validate(cfg: RunConfig, config_path: str | Path | None = None, check_data: 
                    f"{DATA_ENV}=/that/folder or --set data.root=/that/folder"
                    + (f"; or use the Hugging Face copy (needs the Hub): {spec.hub}" if spec.hub else ""))
     if hf_data.is_hf(d.name):
+        _check(d.test_split != d.train_split, "data.test_split",
+               f"is the clients' training split ({d.train_split!r}): the server would evaluate on rows "
+               "the clients train on; give a held-out split")
         if check_data:
             hf_data.check(d, c.num, causal=causal)
     elif causal:

@@ -244,11 +244,13 @@ def check(d, num_partitions: int, causal: bool = False) -> None:
                          f"{type(e).__name__}: {str(e)[:300]}") from e
     for key in ("train_split", "test_split"):
         if getattr(d, key) not in splits:
+            others = [x for x in splits if x != d.train_split] if key == "test_split" else splits
             raise ValueError(f"data.{key}: {getattr(d, key)!r} is not a split of {d.name!r}; its splits "
-                             f"are {splits}: set data.{key} to one of them"
-                             + (f" (a folder's splits are its files' names: add {getattr(d, key)}.csv, or "
-                                "give one local file as data.name, of which fedlora holds out 10% for the "
-                                "server)" if looks_local else ""))
+                             f"are {splits}" + (f": set data.{key} to one of {others}" if others else "")
+                             + (f" (a folder's splits are its files' names: add {getattr(d, key)}.csv"
+                                + (", or give one local file as data.name, of which fedlora holds out 10% "
+                                   "for the server" if d.partition in ("iid", "dirichlet", "shards") else "")
+                                + ")" if looks_local else ""))
     features = builder.info.features
     if features is None and looks_local:  # a folder of CSV files has none until it is read
         from datasets import load_dataset

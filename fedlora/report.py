@@ -70,7 +70,10 @@ def load_run(run_dir: str | Path) -> RunSeries:
     run_dir = Path(run_dir)
     path = run_dir / "metrics.jsonl"
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: is {run_dir} a fedlora run directory?")
+        subs = sorted(x.name for x in run_dir.iterdir() if x.is_dir()) if run_dir.is_dir() else []
+        raise FileNotFoundError(f"{path} does not exist: is {run_dir} a fedlora run directory?"
+                                + (f" (a sweep's or seeds' folder: give one of its folders {subs})"
+                                   if subs else ""))
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     rows = [r for r in rows if "round" in r]
     summary = {}
@@ -136,7 +139,7 @@ def differences(runs: list[RunSeries]) -> list[str]:
 def settings(runs: list[RunSeries], varies: str = "") -> str:
     """One line on how the runs were made: the settings a reader needs (as in the first run; a
     sweep's ``varies`` key is said to vary), and the versions."""
-    c = next((s.config for s in runs if s.config), {})
+    c = next((s.config for s in runs if s.config and s.name != "centralized"), {})
     if not c:
         return ""
     part = c.get("data.partition", "iid")
@@ -225,14 +228,16 @@ def plots(runs: list[RunSeries], out_dir: str | Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
         for s in runs:
             ev = s.evaluated()
-            if ev:
+            if ev and not (logx and s.name == "centralized"):  # (it communicates nothing)
                 ax.plot([e[xi] for e in ev], [e[1] for e in ev], marker="o", ms=3, label=s.strategy)
         if logx:
-            from matplotlib.ticker import LogFormatter
+            from matplotlib.ticker import FuncFormatter
 
             ax.set_xscale("log")  # plain numbers on its ticks (the default writes 3×10⁰)
-            ax.xaxis.set_major_formatter(LogFormatter())
-            ax.xaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+            lo, hi = ax.get_xlim()
+            if hi < 10 * lo:  # within one decade the labelled ticks are the minor ones
+                ax.xaxis.set_minor_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
         else:
             from matplotlib.ticker import MaxNLocator
 

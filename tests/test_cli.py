@@ -156,3 +156,13 @@ def test_a_comparison_says_which_earlier_runs_it_replaces_and_which_it_leaves_ou
     assert f"replacing earlier runs in {root}: fedavg" in res.output
     assert f"{root} also holds runs this comparison does not make (fedex): they are not in its" in res.output
     assert "| fedex |" not in (root / "report.md").read_text()
+
+
+def test_a_stop_inside_a_host_process_ends_the_command_not_the_host():
+    import typer
+
+    from fedlora.cli import _stoppable
+
+    with pytest.raises(typer.Exit) as e, _stoppable(lambda: "continue with: x"):
+        raise KeyboardInterrupt
+    assert e.value.exit_code == 130

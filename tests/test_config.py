@@ -141,3 +141,9 @@ def test_text_data_with_a_model_that_has_no_tokenizer_is_a_config_error(tmp_path
     with pytest.raises(ValueError, match=r"model.name: data.name = .* is text: use a pretrained model with a "
                                          r"tokenizer \(model.name = 'minilm' or 'hf:<folder>'\), not 'tiny'"):
         load_config(None, [f'data.name="{path}"'])
+
+
+def test_an_hf_test_split_that_is_the_training_split_is_refused():
+    with pytest.raises(ValueError, match=r"data.test_split: is the clients' training split \('train'\)"):
+        load_config(None, ['data.name="hf:/nowhere"', 'data.test_split="train"', 'model.name="minilm"'],
+                    validate_data=False)

@@ -297,3 +297,16 @@ def test_a_plugin_that_registers_nothing_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"strategy.plugins: .*undecorated.py' could not be loaded: strategy "
                                          r"plugin .* registers no strategy: decorate its Strategy subclass"):
         load_config(None, values={"strategy.name": "undecorated_test", "strategy.plugins": [str(path)]})
+
+
+def test_a_plugin_package_that_registers_in_a_submodule_is_accepted(tmp_path, monkeypatch):
+    from fedlora.strategies import load_plugin
+
+    pkg = tmp_path / "myrules_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("from . import rules  # noqa: F401\n")
+    (pkg / "rules.py").write_text(TRIMMED.replace("trimmed_test", "pkg_rule_test"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    load_plugin("myrules_pkg")
+    load_plugin("myrules_pkg")  # (imported before: still a plugin that registered its rule)
+    assert "pkg_rule_test" in strategy_names()

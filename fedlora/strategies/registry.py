@@ -80,6 +80,25 @@ def strategy_class(name: str) -> type[Strategy]:
 def load_plugin(ref: str, base_dir: str | Path | None = None):
     """Import a module that registers strategies: a dotted module name or a ``.py`` file path
     (relative paths against ``base_dir``, else the working directory)."""
+    before = set(_REGISTRY)
+    module = _load_module(ref, base_dir)
+    found = _PLUGIN_NAMES.setdefault(module.__name__, set(_REGISTRY) - before)
+
+    def registered(v) -> bool:  # (a module imported before this call: its own registered classes)
+        cls = _REGISTRY.get(getattr(v, "name", None)) if isinstance(v, type) else None
+        return cls is not None and _origin(cls) == _origin(v) and not v.__module__.startswith("fedlora.")
+
+    if not found and not any(registered(v) for v in vars(module).values()):
+        raise ValueError(f"strategy plugin {ref!r} registers no strategy: decorate its Strategy "
+                         "subclass with @register_strategy")
+    return module
+
+
+#: the strategy names each plugin module registered when it was loaded
+_PLUGIN_NAMES: dict[str, set[str]] = {}
+
+
+def _load_module(ref: str, base_dir: str | Path | None):
     if ref.endswith(".py"):
         path = Path(ref).expanduser()
         if not path.is_absolute():
@@ -104,11 +123,4 @@ def load_plugin(ref: str, base_dir: str | Path | None = None):
         except ImportError as e:
             raise ValueError(f"strategy plugin {ref!r} cannot be imported ({e}); give a module on the "
                              "Python path or a path to a .py file") from e
-    def registered(v) -> bool:  # (the same class loaded from the same file twice counts)
-        cls = _REGISTRY.get(getattr(v, "name", None)) if isinstance(v, type) else None
-        return cls is not None and _origin(cls) == _origin(v) and not v.__module__.startswith("fedlora.")
-
-    if not any(registered(v) for v in vars(module).values()):
-        raise ValueError(f"strategy plugin {ref!r} registers no strategy: decorate its Strategy "
-                         "subclass with @register_strategy")
     return module
