@@ -276,8 +276,7 @@ class RunConfig(Section):
                    and (k not in params or params[k].default is inspect.Parameter.empty)]
         if missing:
             raise ValueError(f"strategy {cls.name!r} needs the settings {missing}: set them in "
-                             "[strategy.options] (e.g. --set strategy.options.{0}=...)".replace(
-                                 "{0}", missing[0]))
+                             f"[strategy.options] (e.g. --set strategy.options.{missing[0]}=...)")
         return {k: opts[k] if k in opts else getattr(self.strategy, k) for k in cls.config_keys
                 if k in opts or k in StrategySection.model_fields}
 

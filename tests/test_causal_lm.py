@@ -25,16 +25,6 @@ from fedlora.train import _loss, evaluate, token_nll  # noqa: E402
 STRATEGIES = ["fedavg", "fedex", "flora", "fedsb", "fedsa", "ffa", "rolora", "fedsvd", "flexlora", "hetlora"]
 
 
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory) -> Path:
-    return lm_helpers.llama(tmp_path_factory.mktemp("llama") / "m")
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory) -> Path:
-    return lm_helpers.write_jsonl(tmp_path_factory.mktemp("d") / "rows.jsonl", lm_helpers.rows())
-
-
 def _cfg(model_dir: Path, data: Path, run_dir: Path, *sets: str):
     return load_config(None, [
         'model.task="causal-lm"', f"model.name={json.dumps(f'hf:{model_dir}')}",

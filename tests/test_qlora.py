@@ -14,7 +14,6 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-import lm_helpers  # noqa: E402
 
 from fedlora import causal_lm  # noqa: E402
 from fedlora.config import load_config  # noqa: E402
@@ -37,16 +36,6 @@ def device(request, monkeypatch) -> str:
         pytest.skip(f"bitsandbytes {bnb.__version__} has no CPU kernels (0.48 or later has)")
     monkeypatch.setattr(causal_lm, "QUANTIZE_DEVICES", ("cuda", "cpu"))
     return "cpu"
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory) -> Path:
-    return lm_helpers.llama(tmp_path_factory.mktemp("llama") / "m")
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory) -> Path:
-    return lm_helpers.write_jsonl(tmp_path_factory.mktemp("d") / "rows.jsonl", lm_helpers.rows())
 
 
 def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
